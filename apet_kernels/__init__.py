@@ -1,0 +1,11 @@
+"""apet-kernels: sparse-delta fine-tuning (APET) without dense masks, deltas or weight gradients."""
+
+from .functional import sparse_delta_linear
+from .layers import DenseMaskLinear, SparseDeltaLinear
+from .ops.dispatch import backends
+from .selection import select_indices, split_budget
+
+__version__ = "0.1.0"
+
+__all__ = ["DenseMaskLinear", "SparseDeltaLinear", "backends", "select_indices",
+           "sparse_delta_linear", "split_budget", "__version__"]

@@ -1,0 +1,35 @@
+"""Functional entry point: y = x (W + S)^T + b with autograd for x, the delta values and the bias."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_index_content, check_linear_inputs, validate_requested
+from .ops import library  # noqa: F401  (registers torch.ops.apet.*)
+from .ops.dispatch import resolve
+from .ops.layout import DeltaLayout
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        values: torch.Tensor, indices: torch.Tensor, *, backend: str = "auto",
+                        weight_is_merged: bool = False, layout: DeltaLayout | None = None,
+                        validate: bool | None = None) -> torch.Tensor:
+    """``x @ (weight + S).T + bias`` where S holds ``values`` at flat row-major ``indices``.
+
+    x may have any leading dimensions; x and weight share one floating dtype; values are
+    usually fp32 and are accumulated in fp32. Gradients flow to x, values and (if it
+    requires grad) bias, never to weight, and the backward never allocates an
+    out x in tensor. ``weight_is_merged=True`` says weight already holds W + S (the merged
+    strategy); the forward is then a plain linear and only the SDDMM is extra.
+    ``validate`` reads the indices to check range/order (default: only for CPU tensors
+    or when ``APET_VALIDATE=1``, so GPU steps never sync on it).
+    """
+    check_linear_inputs(x, weight, bias, values, indices)
+    if validate_requested(validate, indices):
+        check_index_content(indices, weight.numel())
+    name = resolve(backend, x.device)
+    out_features, in_features = weight.shape
+    row_ptr, col_ptr, col_perm = layout if layout is not None else (None, None, None)
+    y = torch.ops.apet.sparse_delta_linear(x.reshape(-1, in_features), weight, bias, values, indices,
+                                           row_ptr, col_ptr, col_perm, weight_is_merged, name)
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,31 @@
+"""Index orderings the kernels walk, computed once per set of indices (not per step).
+
+Sorted row-major indices are already grouped by row, so ``row_ptr`` (CSR offsets,
+length out+1) is a search. ``spmm_t`` walks the deltas grouped by column instead:
+``col_perm`` lists the deltas in column order (stable, so rows stay ascending within
+a column) and ``col_ptr`` (length in+1) its offsets.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class DeltaLayout(NamedTuple):
+    row_ptr: torch.Tensor
+    col_ptr: torch.Tensor
+    col_perm: torch.Tensor
+
+
+def build_layout(indices: torch.Tensor, shape: tuple[int, int]) -> DeltaLayout:
+    out_features, in_features = (int(s) for s in shape)
+    idx = indices.long()
+    rows, cols = idx // in_features, idx % in_features
+    # int32 offsets are enough: at most K <= out*in entries, and int32 indices imply < 2**31
+    ptr_dtype = indices.dtype
+    row_ptr = torch.searchsorted(rows, torch.arange(out_features + 1, device=idx.device))
+    col_perm = torch.sort(cols, stable=True).indices
+    col_ptr = torch.searchsorted(cols[col_perm], torch.arange(in_features + 1, device=idx.device))
+    return DeltaLayout(row_ptr.to(ptr_dtype), col_ptr.to(ptr_dtype), col_perm.to(ptr_dtype))

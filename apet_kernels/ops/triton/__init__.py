@@ -1,0 +1,1 @@
+"""Triton implementations of the op set (GPU; CPU tensors under TRITON_INTERPRET=1)."""

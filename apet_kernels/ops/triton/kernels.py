@@ -1,0 +1,301 @@
+"""Triton kernels for sddmm, spmm, spmm_t and the fused unmerged linear.
+
+Layout choices (why):
+- The kernels gather whole token rows of x^T / dy^T (one transpose per call): each
+  delta then reads T contiguous elements instead of T strided 2-byte reads, which on
+  the CPU and GPU alike wasted a whole sector per element.
+- spmm and spmm_t are one kernel: an output tile (tokens x BLOCK_D output columns)
+  owns the deltas whose destination falls in it (row_ptr, or col_ptr/col_perm for
+  the transpose), so there are no atomics. The deltas of a chunk are applied as a
+  tensor-core product with a one-hot (chunk x BLOCK_D) matrix holding the values.
+- Values stay fp32: for bf16/fp16 activations the one-hot matrix is split into a
+  high and a low half in the activation dtype (two products, fp32 accumulation), so v
+  is applied to ~16 bits, not rounded to 8; fp32 activations use exact fp32 dots.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def _exact_f32(dtype: torch.dtype) -> bool:
+    """fp32 activations use fp32 dots. So does bf16 under the interpreter, whose bf16
+    tl.dot returns garbage (Triton 3.8, seen here); fp16 keeps the hi/lo path there."""
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def _configs(full: list[dict], small: dict) -> list[triton.Config]:
+    """Autotune list; under the interpreter one small config keeps CI fast."""
+    chosen = [small] if INTERPRET else full
+    out = []
+    for c in chosen:
+        c = dict(c)
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+        out.append(triton.Config(c, num_warps=warps, num_stages=stages))
+    return out
+
+
+@triton.jit
+def _dot_exact_values(g, v, acc, EXACT_F32: tl.constexpr):
+    """acc += g @ v with g in the activation dtype and v fp32 (see module docstring)."""
+    if EXACT_F32:
+        acc = tl.dot(g.to(tl.float32), v, acc, input_precision="ieee")
+    else:
+        hi = v.to(g.dtype)
+        lo = (v - hi.to(tl.float32)).to(g.dtype)
+        acc = tl.dot(g, hi, acc)
+        acc = tl.dot(g, lo, acc)
+    return acc
+
+
+# --------------------------------------------------------------------------- sddmm
+@triton.autotune(
+    configs=_configs([dict(BLOCK_K=32, BLOCK_T=128, num_warps=4), dict(BLOCK_K=64, BLOCK_T=128, num_warps=4),
+                      dict(BLOCK_K=64, BLOCK_T=64, num_warps=4), dict(BLOCK_K=16, BLOCK_T=256, num_warps=4)],
+                     dict(BLOCK_K=16, BLOCK_T=32)),
+    key=["K", "T_CHUNK"])
+@triton.jit
+def _sddmm_kernel(dy_t, x_t, idx, partial, K, T, T_CHUNK, in_features, s_dy, s_x,
+                  BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_k, pid_t = tl.program_id(0), tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    p = tl.load(idx + offs_k, mask=mk, other=0).to(tl.int64)
+    r = p // in_features
+    c = p - r * in_features
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    t_start = pid_t * T_CHUNK
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = mk[:, None] & (offs_t[None, :] < t_end)
+        a = tl.load(dy_t + r[:, None] * s_dy + offs_t[None, :], mask=m, other=0.0)
+        b = tl.load(x_t + c[:, None] * s_x + offs_t[None, :], mask=m, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
+    tl.store(partial + pid_t * K + offs_k, acc, mask=mk)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
+          **layout) -> torch.Tensor:
+    """dv[k] = sum_t dy[t, r_k] x[t, c_k] in fp32. ``out`` (K, fp32) may be given."""
+    n_k, n_t = indices.numel(), dy.shape[0]
+    if out is None:
+        out = torch.empty(n_k, dtype=torch.float32, device=dy.device)
+    if n_k == 0:
+        return out
+    if n_t == 0:
+        return out.zero_()
+    dy_t, x_t = dy.t().contiguous(), x.t().contiguous()
+    # Split the token loop over programs when K alone cannot fill the GPU (small K);
+    # chunks are multiples of 256 so every BLOCK_T divides them.
+    k_blocks = triton.cdiv(n_k, 32)
+    n_split = max(1, min(triton.cdiv(n_t, 256), triton.cdiv(4 * _num_sms(dy.device), k_blocks)))
+    t_chunk = triton.cdiv(triton.cdiv(n_t, n_split), 256) * 256
+    n_split = triton.cdiv(n_t, t_chunk)
+    partial = out.view(1, n_k) if n_split == 1 else torch.empty(n_split, n_k, dtype=torch.float32,
+                                                                 device=dy.device)
+    grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_K"]), n_split)
+    _sddmm_kernel[grid](dy_t, x_t, indices, partial, n_k, n_t, t_chunk, x.shape[1],
+                        dy_t.stride(0), x_t.stride(0))
+    if n_split > 1:
+        torch.sum(partial, dim=0, out=out)
+    return out
+
+
+# --------------------------------------------------------------------------- spmm / spmm_t
+@triton.autotune(
+    configs=_configs([dict(BLOCK_T=128, BLOCK_D=16, BLOCK_J=32, num_warps=4),
+                      dict(BLOCK_T=128, BLOCK_D=32, BLOCK_J=32, num_warps=4),
+                      dict(BLOCK_T=64, BLOCK_D=16, BLOCK_J=64, num_warps=4),
+                      dict(BLOCK_T=256, BLOCK_D=16, BLOCK_J=32, num_warps=8)],
+                     dict(BLOCK_T=16, BLOCK_D=16, BLOCK_J=16)),
+    key=["T", "N_DST", "K"])
+@triton.jit
+def _group_spmm_kernel(out, src_t, group_ptr, perm, idx, vals, T, N_DST, K, in_features, s_out, s_src,
+                       SRC_IS_COL: tl.constexpr, USE_PERM: tl.constexpr, EXACT_F32: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[t, d] += sum over deltas j with destination d of v_j * src_t[source_j, t]."""
+    pid_t, pid_d = tl.program_id(0), tl.program_id(1)
+    d0 = pid_d * BLOCK_D
+    start = tl.load(group_ptr + d0).to(tl.int64)
+    end = tl.load(group_ptr + tl.minimum(d0 + BLOCK_D, N_DST)).to(tl.int64)
+    if start < end:
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mt = offs_t < T
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            mj = offs_j < end
+            if USE_PERM:
+                j = tl.load(perm + offs_j, mask=mj, other=0).to(tl.int64)
+            else:
+                j = offs_j
+            p = tl.load(idx + j, mask=mj, other=0).to(tl.int64)
+            v = tl.load(vals + j, mask=mj, other=0.0).to(tl.float32)
+            r = p // in_features
+            c = p - r * in_features
+            if SRC_IS_COL:
+                src, dst = c, r
+            else:
+                src, dst = r, c
+            # (BLOCK_T, BLOCK_J) tile of the gathered source rows, already transposed
+            g = tl.load(src_t + src[None, :] * s_src + offs_t[:, None], mask=mj[None, :] & mt[:, None], other=0.0)
+            onehot = tl.where((dst[:, None] == offs_d[None, :]) & mj[:, None], v[:, None], 0.0)
+            acc = _dot_exact_values(g, onehot, acc, EXACT_F32)
+        ptrs = out + offs_t[:, None] * s_out + offs_d[None, :]
+        m = mt[:, None] & (offs_d[None, :] < N_DST)
+        prev = tl.load(ptrs, mask=m, other=0.0)
+        tl.store(ptrs, (prev.to(tl.float32) + acc).to(out.dtype.element_ty), mask=m)
+
+
+def _group_spmm(out, src, indices, values, group_ptr, perm, in_features: int, src_is_col: bool) -> None:
+    n_t, n_dst = out.shape
+    if indices.numel() == 0 or n_t == 0:
+        return
+    if out.stride(1) != 1:
+        raise ValueError("spmm output must have unit stride along its last dimension")
+    src_t = src.t().contiguous()
+    vals = values.contiguous()
+    grid = lambda meta: (triton.cdiv(n_t, meta["BLOCK_T"]), triton.cdiv(n_dst, meta["BLOCK_D"]))
+    _group_spmm_kernel[grid](out, src_t, group_ptr, perm if perm is not None else group_ptr, indices, vals,
+                             n_t, n_dst, indices.numel(), in_features, out.stride(0), src_t.stride(0),
+                             SRC_IS_COL=src_is_col, USE_PERM=perm is not None,
+                             EXACT_F32=_exact_f32(src.dtype))
+
+
+def _layout_or_build(indices, shape, row_ptr=None, col_ptr=None, col_perm=None):
+    if row_ptr is None or col_ptr is None or col_perm is None:
+        from ..layout import build_layout
+        built = build_layout(indices, shape)
+        row_ptr = built.row_ptr if row_ptr is None else row_ptr
+        col_ptr, col_perm = (built.col_ptr, built.col_perm) if col_ptr is None or col_perm is None \
+            else (col_ptr, col_perm)
+    return row_ptr, col_ptr, col_perm
+
+
+def spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+          row_ptr=None, **layout) -> None:
+    """out[:, r] += sum_{k in row r} v_k x[:, c_k] (row-grouped: each output tile owns its rows)."""
+    if row_ptr is None:
+        row_ptr, _, _ = _layout_or_build(indices, (out.shape[1], x.shape[1]))
+    _group_spmm(out, x, indices, values, row_ptr, None, x.shape[1], src_is_col=True)
+
+
+def spmm_t_(out: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+            col_ptr=None, col_perm=None, **layout) -> None:
+    """out[:, c] += sum_{k in col c} v_k dy[:, r_k] (column-grouped through col_perm)."""
+    if col_ptr is None or col_perm is None:
+        _, col_ptr, col_perm = _layout_or_build(indices, (dy.shape[1], out.shape[1]))
+    _group_spmm(out, dy, indices, values, col_ptr, col_perm, out.shape[1], src_is_col=False)
+
+
+# scatter_merge is K writes: index_put_ already runs at memory speed (a kernel did not beat it).
+scatter_merge_ = reference.scatter_merge_
+
+
+# --------------------------------------------------------------------------- fused unmerged linear
+@triton.autotune(
+    configs=_configs([dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_J=32, num_warps=8, num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_J=32, num_warps=4, num_stages=4),
+                      dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_J=32, num_warps=4, num_stages=4)],
+                     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)),
+    key=["M", "N", "KD", "K"])
+@triton.jit
+def _fused_linear_kernel(x, w, bias, y, x_t, row_ptr, idx, vals, M, N, KD, K,
+                         s_xm, s_xk, s_wn, s_wk, s_ym, s_xt,
+                         HAS_BIAS: tl.constexpr, EXACT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    """y = x W^T (+ b) with the sparse term added in the epilogue of each output tile."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mm, mn = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x + offs_m[:, None] * s_xm + kk[None, :] * s_xk, mask=mm[:, None] & (kk[None, :] < KD), other=0.0)
+        b = tl.load(w + offs_n[None, :] * s_wn + kk[:, None] * s_wk, mask=mn[None, :] & (kk[:, None] < KD), other=0.0)
+        if EXACT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    # epilogue: the deltas whose rows fall in this tile's columns of y
+    n0 = pid_n * BLOCK_N
+    start = tl.load(row_ptr + n0).to(tl.int64)
+    end = tl.load(row_ptr + tl.minimum(n0 + BLOCK_N, N)).to(tl.int64)
+    for j0 in range(start, end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mj = offs_j < end
+        p = tl.load(idx + offs_j, mask=mj, other=0).to(tl.int64)
+        v = tl.load(vals + offs_j, mask=mj, other=0.0).to(tl.float32)
+        r = p // KD
+        c = p - r * KD
+        g = tl.load(x_t + c[None, :] * s_xt + offs_m[:, None], mask=mj[None, :] & mm[:, None], other=0.0)
+        onehot = tl.where((r[:, None] == offs_n[None, :]) & mj[:, None], v[:, None], 0.0)
+        acc = _dot_exact_values(g, onehot, acc, EXACT_F32)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(y.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor,
+                 row_ptr=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch: y = x (W + S)^T + b. ``out`` (T, out_features) may be given."""
+    n_t, n_in = x.shape
+    n_out = weight.shape[0]
+    if row_ptr is None:
+        row_ptr, _, _ = _layout_or_build(indices, (n_out, n_in))
+    if out is None:
+        out = torch.empty(n_t, n_out, dtype=x.dtype, device=x.device)
+    if n_t == 0:
+        return out
+    x_t = x.t().contiguous()
+    grid = lambda meta: (triton.cdiv(n_t, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
+    _fused_linear_kernel[grid](x, weight, bias if bias is not None else x, out, x_t, row_ptr, indices,
+                               values.contiguous(), n_t, n_out, n_in, indices.numel(),
+                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+                               x_t.stride(0), HAS_BIAS=bias is not None, EXACT_F32=_exact_f32(x.dtype))
+    return out
+
+
+def split_linear(x, weight, bias, indices, values, row_ptr=None) -> torch.Tensor:
+    """Two launches: the vendor GEMM, then spmm_ into its output."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    spmm_(y, x, indices, values, row_ptr=row_ptr)
+    return y
+
+
+# Which unmerged forward runs per shape. Default: split (vendor GEMM + spmm) until the
+# benchmark (bench/gpu_check.sh, bench/results/) shows the fused kernel faster for a shape.
+FUSED_POLICY = os.environ.get("APET_FUSED", "auto")
+
+
+def use_fused(n_t: int, n_out: int, n_in: int, k: int, device: torch.device) -> bool:
+    if FUSED_POLICY in ("1", "always"):
+        return True
+    if FUSED_POLICY in ("0", "never"):
+        return False
+    return device.type != "cuda"  # on CPU (interpreter) always exercise the fused path
+
+
+def linear_unmerged(x, weight, bias, indices, values, row_ptr=None) -> torch.Tensor:
+    if use_fused(x.shape[0], weight.shape[0], weight.shape[1], indices.numel(), x.device):
+        return fused_linear(x, weight, bias, indices, values, row_ptr=row_ptr)
+    return split_linear(x, weight, bias, indices, values, row_ptr=row_ptr)

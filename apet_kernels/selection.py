@@ -1,0 +1,158 @@
+"""Choosing which weight positions are tunable, in O(k) memory.
+
+Every method returns sorted, unique, row-major flat indices. None of them ever
+materialises a permutation or a mask of the whole weight, so selecting 2,000
+positions of a 60000x50000 weight costs kilobytes, not gigabytes.
+
+Determinism: the random stream is seeded from a SHA-256 of (method, seed, key,
+shape, k) and drawn from torch's CPU Mersenne Twister, which gives the same
+numbers on every machine. An adapter file can therefore store the seed and
+regenerate the indices instead of storing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+METHODS = ("random", "rows", "cols", "blocks")
+BLOCK_SHAPE = (16, 16)  # tile of the `blocks` method: one tensor-core fragment
+
+INT32_LIMIT = 2**31
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 while every flat position fits, else int64 (DESIGN.md)."""
+    return torch.int32 if numel < INT32_LIMIT else torch.int64
+
+
+def _generator(method: str, seed: int, key: str, shape, k: int) -> torch.Generator:
+    tag = f"apet:{method}:{int(seed)}:{key}:{tuple(int(s) for s in shape)}:{int(k)}"
+    digest = hashlib.sha256(tag.encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return gen
+
+
+def _sample_distinct(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """m distinct integers drawn uniformly from [0, n), in random order, int64.
+
+    Draws with replacement, keeps the distinct values and shuffles a uniform
+    m-subset out of them: by symmetry every m-subset is equally likely. Memory
+    O(m). When m is more than half of n the output is O(n) anyway, so a
+    permutation is cheaper than rejection.
+    """
+    if m == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if 2 * m > n:
+        return torch.randperm(n, generator=gen)[:m]
+    found = torch.empty(0, dtype=torch.int64)
+    while found.numel() < m:
+        # expected distinct fraction of draws is > 1/2 here; 1.3x + slack rarely loops
+        draws = torch.randint(0, n, (int(1.3 * (m - found.numel())) + 16,), generator=gen)
+        found = torch.unique(torch.cat([found, draws]))
+    # unique() sorts; a random m-subset in random order keeps the result uniform
+    return found[torch.randperm(found.numel(), generator=gen)[:m]]
+
+
+def _check_args(shape, k: int, method: str) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"select_indices expects a 2-D weight shape (out, in), got {tuple(shape)}")
+    rows, cols = (int(s) for s in shape)
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"weight shape must be positive, got {tuple(shape)}")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if k < 0 or k > rows * cols:
+        raise ValueError(f"k={k} is out of range for a weight of shape {tuple(shape)} (0 <= k <= {rows * cols})")
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; choose one of {METHODS}")
+    return rows, cols
+
+
+def _whole_lines(n_lines: int, line_len: int, k: int, gen) -> torch.Tensor:
+    """(line, offset) pairs filling ceil(k/line_len) random lines, truncated to k."""
+    chosen = _sample_distinct(n_lines, math.ceil(k / line_len), gen)
+    offsets = torch.arange(line_len, dtype=torch.int64)
+    return (chosen[:, None] * line_len + offsets[None, :]).reshape(-1)[:k]
+
+
+def _blocks(rows: int, cols: int, k: int, gen) -> torch.Tensor:
+    bh, bw = min(BLOCK_SHAPE[0], rows), min(BLOCK_SHAPE[1], cols)
+    grid_r, grid_c = math.ceil(rows / bh), math.ceil(cols / bw)
+    n_tiles = grid_r * grid_c
+    want = math.ceil(k / (bh * bw))
+    while True:
+        # edge tiles are smaller, so take a few spare tiles and cut at k
+        tiles = _sample_distinct(n_tiles, min(n_tiles, want), gen)
+        tr, tc = tiles // grid_c, tiles % grid_c
+        r = tr[:, None, None] * bh + torch.arange(bh)[None, :, None]
+        c = tc[:, None, None] * bw + torch.arange(bw)[None, None, :]
+        valid = ((r < rows) & (c < cols)).reshape(-1)
+        flat = (r * cols + c).reshape(-1)[valid]
+        if flat.numel() >= k or want >= n_tiles:
+            return flat[:k]
+        want = min(n_tiles, 2 * want)
+
+
+def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed: int = 0,
+                   key: str = "") -> torch.Tensor:
+    """Sorted unique flat (row-major) indices of ``k`` tunable positions in a weight of ``shape``.
+
+    method: ``random`` (uniform, the paper's APET), ``rows`` / ``cols`` (whole random
+    rows / columns, the last one cut at k), ``blocks`` (random 16x16 tiles).
+    ``key`` (e.g. the module's qualified name) decorrelates layers that share a seed.
+    Returns int32 while the weight has fewer than 2**31 elements, else int64.
+    """
+    rows, cols = _check_args(shape, k, method)
+    gen = _generator(method, seed, key, (rows, cols), k)
+    if method == "random":
+        flat = _sample_distinct(rows * cols, k, gen)
+    elif method == "rows":
+        flat = _whole_lines(rows, cols, k, gen)
+    elif method == "cols":
+        pos = _whole_lines(cols, rows, k, gen)  # pos = col * rows + row
+        flat = (pos % rows) * cols + pos // rows
+    else:
+        flat = _blocks(rows, cols, k, gen)
+    return torch.sort(flat).values.to(index_dtype(rows * cols))
+
+
+def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | None = None,
+                 density: float | None = None) -> dict[str, int]:
+    """Split a model-level budget over weights in proportion to their size.
+
+    ``shapes`` maps a name to a weight shape (or an element count). Give exactly one
+    of ``num_params`` or ``density``; the result sums exactly to ``num_params`` (or
+    ``round(density * total)``), using largest remainders, and no weight gets more
+    than it has elements.
+    """
+    if (num_params is None) == (density is None):
+        raise ValueError("split_budget needs exactly one of num_params or density")
+    sizes = {name: (math.prod(s) if not isinstance(s, int) else int(s)) for name, s in shapes.items()}
+    total = sum(sizes.values())
+    if density is not None:
+        if not 0.0 <= float(density) <= 1.0:
+            raise ValueError(f"density must lie in [0, 1], got {density}")
+        num_params = round(float(density) * total)
+    if not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be a non-negative int, got {num_params!r}")
+    if num_params > total:
+        raise ValueError(f"num_params={num_params} exceeds the {total} elements of the target weights")
+    if total == 0:
+        return {name: 0 for name in sizes}
+    exact = {name: num_params * n / total for name, n in sizes.items()}
+    budget = {name: math.floor(q) for name, q in exact.items()}
+    left = num_params - sum(budget.values())
+    # largest remainder first; ties broken by name so the split is deterministic
+    order = sorted(sizes, key=lambda n: (-(exact[n] - budget[n]), n))
+    for name in order:
+        if left == 0:
+            break
+        if budget[name] < sizes[name]:
+            budget[name] += 1
+            left -= 1
+    return budget

@@ -1,0 +1,38 @@
+"""Independent dense oracles and tolerances shared by the tests."""
+
+import torch
+
+# relative Frobenius error allowed per dtype (METHOD.md: fp32 << 1e-3, bf16 1e-3..1e-2)
+REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "result has NaN/inf (unwritten or poisoned element?)"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_close_rel(a, b, dtype, factor=1.0):
+    err = rel_err(a, b)
+    assert err <= REL_TOL[dtype] * factor, f"relative error {err:.3g} > {REL_TOL[dtype] * factor:.3g} ({dtype})"
+
+
+def dense_delta(indices, values, shape) -> torch.Tensor:
+    """S as a dense float64 matrix (the oracle may be dense; the code under test may not)."""
+    s = torch.zeros(shape[0] * shape[1], dtype=torch.float64)
+    s[indices.long().cpu()] = values.detach().double().cpu()
+    return s.view(shape)
+
+
+def random_indices(shape, k, gen_seed=0, dtype=torch.int32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(gen_seed)
+    return torch.sort(torch.randperm(shape[0] * shape[1], generator=g)[:k]).values.to(dtype)
+
+
+def oracle_linear(x, weight, bias, values, indices):
+    """float64 forward and the three gradients for upstream gradient dy, densely."""
+    w = weight.detach().double() + dense_delta(indices, values, weight.shape)
+    y = x.detach().double() @ w.t()
+    if bias is not None:
+        y = y + bias.detach().double()
+    return y, w

@@ -1,0 +1,247 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from _helpers import assert_close_rel, oracle_linear, random_indices
+from apet_kernels import DenseMaskLinear, SparseDeltaLinear
+
+STRATEGIES = ["merged", "unmerged"]
+
+
+def _linear(in_f=19, out_f=23, bias=True, dtype=torch.float32):
+    return nn.Linear(in_f, out_f, bias=bias).to(dtype)
+
+
+def _randomize(layer):
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_at_start_equals_wrapped_linear_exactly(strategy, dtype):
+    lin = _linear(dtype=dtype)
+    x = torch.randn(3, 7, 19).to(dtype)
+    expected = lin(x)
+    layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy=strategy)
+    assert torch.equal(layer(x), expected)
+
+
+def test_from_linear_reuses_parameters_and_freezes_them():
+    lin = _linear()
+    layer = SparseDeltaLinear.from_linear(lin, density=0.05, seed=1, key="q")
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["delta_values"]
+    assert layer.delta_values.dtype == torch.float32 and not layer.delta_values.any()
+    assert layer.delta_indices.numel() == round(0.05 * 19 * 23)
+    assert "k=22" in repr(layer) and "strategy=merged" in repr(layer)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_backward_matches_dense_oracle(strategy):
+    lin = _linear()
+    layer = _randomize(SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=60, strategy=strategy))
+    x = torch.randn(11, 19, requires_grad=True)
+    y = layer(x)
+    y_ref, w_eff = oracle_linear(x, lin.weight, lin.bias, layer.delta_values, layer.delta_indices)
+    assert_close_rel(y, y_ref, torch.float32)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close_rel(x.grad, dy.double() @ w_eff, torch.float32)
+    dv = (dy.double().t() @ x.detach().double()).reshape(-1)[layer.delta_indices.long()]
+    assert_close_rel(layer.delta_values.grad, dv, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_equals_unmerged(dtype):
+    lin = _linear(dtype=dtype)
+    merged = _randomize(SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=50, strategy="merged"))
+    unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=50, strategy="unmerged")
+    with torch.no_grad():
+        unmerged.delta_values.copy_(merged.delta_values)
+    x = torch.randn(9, 19).to(dtype)
+    # merged rounds W + v to the weight dtype, unmerged applies v in fp32: equal to rounding
+    assert_close_rel(merged(x), unmerged(x).double(), dtype)
+    merged(x).sum().backward()
+    unmerged(x).sum().backward()
+    assert_close_rel(merged.delta_values.grad, unmerged.delta_values.grad.double(), dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dense_mask_equivalence(strategy):
+    lin = _linear()
+    sparse = _randomize(SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=70, strategy=strategy))
+    dense = DenseMaskLinear.from_linear(copy.deepcopy(lin), sparse.delta_indices)
+    with torch.no_grad():
+        dense.delta.copy_(sparse.delta_weight() + torch.randn(23, 19) * ~dense.mask)  # off-mask noise is inert
+    x = torch.randn(13, 19)
+    ys, yd = sparse(x), dense(x)
+    assert_close_rel(ys, yd.double(), torch.float32)
+    dy = torch.randn_like(ys)
+    ys.backward(dy)
+    yd.backward(dy)
+    g = dense.delta.grad
+    assert_close_rel(sparse.delta_values.grad, g.view(-1)[sparse.delta_indices.long()].double(), torch.float32)
+    assert not g[~dense.mask].any()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_tracks_dense_mask_apet(strategy):
+    lin = _linear()
+    sparse = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=80, strategy=strategy, seed=3)
+    dense = DenseMaskLinear.from_linear(copy.deepcopy(lin), sparse.delta_indices)
+    opt_s = torch.optim.AdamW(sparse.parameters(), lr=1e-2, weight_decay=0.0)
+    opt_d = torch.optim.AdamW([dense.delta], lr=1e-2, weight_decay=0.0)
+    x, target = torch.randn(32, 19), torch.randn(32, 23)
+    losses = []
+    for _ in range(5):
+        ls = ((sparse(x) - target) ** 2).mean()
+        ld = ((dense(x) - target) ** 2).mean()
+        losses.append((ls.item(), ld.item()))
+        for opt, loss in ((opt_s, ls), (opt_d, ld)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert losses[-1][0] < losses[0][0]  # it trains
+    for ls, ld in losses:
+        assert abs(ls - ld) <= 1e-5 * abs(ld)
+    assert torch.allclose(sparse.delta_values, dense.delta.view(-1)[sparse.delta_indices.long()], atol=1e-6)
+
+
+def test_optimizer_step_reaches_next_merged_forward():
+    layer = SparseDeltaLinear.from_linear(_linear(), k=30, strategy="merged")
+    x = torch.randn(4, 19)
+    y0 = layer(x)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    y0.sum().backward()
+    opt.step()
+    y1 = layer(x)
+    assert not torch.equal(y0, y1)
+    unmerged = copy.deepcopy(layer)
+    unmerged.unmerge()
+    assert_close_rel(y1, unmerged(x).double(), torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradient_accumulation(strategy):
+    layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=30, strategy=strategy))
+    x1, x2 = torch.randn(5, 19), torch.randn(6, 19)
+    layer(x1).sum().backward()
+    layer(x2).sum().backward()
+    acc = layer.delta_values.grad.clone()
+    layer.delta_values.grad = None
+    layer(torch.cat([x1, x2])).sum().backward()
+    torch.testing.assert_close(acc, layer.delta_values.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("src", STRATEGIES)
+@pytest.mark.parametrize("dst", STRATEGIES)
+def test_state_dict_roundtrip(src, dst):
+    lin = _linear()
+    a = _randomize(SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy=src, seed=1))
+    x = torch.randn(6, 19)
+    ya = a(x)  # merged: weight now holds W + S
+    b = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy=dst, seed=2)  # other positions
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.delta_indices, a.delta_indices)
+    assert_close_rel(b(x), ya.double(), torch.float32)
+    b.unmerge()
+    assert torch.equal(b.weight, lin.weight), "loading must not leave deltas baked into W"
+
+
+def test_unmerge_restores_weight_bit_exactly():
+    lin = _linear(dtype=torch.bfloat16)
+    layer = _randomize(SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=100, strategy="merged"))
+    layer(torch.randn(2, 19).bfloat16())
+    assert not torch.equal(layer.weight, lin.weight)
+    layer.unmerge()
+    assert torch.equal(layer.weight, lin.weight) and layer.strategy == "unmerged"
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.weight, lin.weight)
+
+
+def test_delta_weight_is_dense_delta():
+    layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=10))
+    dw = layer.delta_weight()
+    assert dw.shape == (23, 19) and int((dw != 0).sum()) == 10
+    assert torch.equal(dw.view(-1)[layer.delta_indices.long()], layer.delta_values.detach())
+
+
+def test_trainable_state_bytes_with_adam():
+    k = 500
+    layer = SparseDeltaLinear.from_linear(_linear(64, 128, dtype=torch.bfloat16), k=k)
+    opt = torch.optim.Adam([layer.delta_values])
+    layer(torch.randn(4, 64).bfloat16()).sum().backward()
+    opt.step()
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() == k]
+    tensors = [layer.delta_values, layer.delta_values.grad, layer.delta_indices, layer.delta_base, *state]
+    per_param = sum(t.numel() * t.element_size() for t in tensors) / k
+    # values 4 + grad 4 + Adam moments 8 + int32 index 4 + bf16 base 2
+    assert per_param == 22 <= 24
+
+
+def test_bad_indices_rejected_and_nothing_changed():
+    lin = _linear()
+    w = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="duplicate"):
+        SparseDeltaLinear.from_linear(lin, indices=torch.tensor([1, 1, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        SparseDeltaLinear.from_linear(lin, indices=torch.tensor([1, 19 * 23], dtype=torch.int32))
+    with pytest.raises(ValueError, match="exactly one"):
+        SparseDeltaLinear.from_linear(lin)
+    assert torch.equal(lin.weight, w)
+    layer = _randomize(SparseDeltaLinear.from_linear(lin, k=3, strategy="merged"))
+    layer(torch.randn(1, 19))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = dict(layer.state_dict())
+    bad["delta_indices"] = bad["delta_indices"].flip(0)
+    with pytest.raises(ValueError, match="unsorted"):
+        layer.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_merged_rejected_for_shared_weight():
+    lin = _linear()
+    lin.weight._apet_shared = True
+    with pytest.raises(ValueError, match="shared"):
+        SparseDeltaLinear.from_linear(lin, k=3, strategy="merged")
+    assert SparseDeltaLinear.from_linear(lin, k=3).strategy == "unmerged"
+
+
+def test_gpt2_conv1d_without_copy():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    conv = Conv1D(23, 19)  # nf=out, nx=in; weight stored (in, out)
+    x = torch.randn(5, 19)
+    expected = conv(x)
+    layer = SparseDeltaLinear.from_linear(conv, k=30)
+    assert layer.weight is conv.weight and layer.weight_transposed
+    assert torch.equal(layer(x), expected)
+    _randomize(layer)
+    w_oi = conv.weight.detach().t().double().clone()
+    layer.unmerge()
+    y_ref, _ = oracle_linear(x, conv.weight.t(), conv.bias, layer.delta_values, layer.delta_indices)
+    layer.merge()
+    assert_close_rel(layer(x), y_ref, torch.float32)
+    layer.unmerge()
+    assert torch.equal(conv.weight.t().double(), w_oi)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torch_compile_matches_eager(strategy):
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    model[0] = _randomize(SparseDeltaLinear.from_linear(model[0], k=40, strategy=strategy))
+    x = torch.randn(6, 16)
+    eager = copy.deepcopy(model)
+    y_e = eager(x)
+    y_e.sum().backward()
+    compiled = torch.compile(model)  # inductor: the backend users get
+    y_c = compiled(x)
+    y_c.sum().backward()
+    torch.testing.assert_close(y_c, y_e)
+    torch.testing.assert_close(model[0].delta_values.grad, eager[0].delta_values.grad)
