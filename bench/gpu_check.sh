@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (H100/H200; no network): versions, build, GPU tests,
+# kernel microbenchmarks and layer steps. Results go to $OUT (when set) or bench/results/.
+# Sized to finish in about 8 minutes; each step has its own time limit so one slow step
+# still leaves the others' results.
+#   bash bench/gpu_check.sh
+# Overrides for a quick dry run: SHAPES="512x384" TOKENS=256 DENSITIES="1e-3" bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+SHAPES="${SHAPES:-4096x4096 11008x4096 4096x11008}"
+TOKENS="${TOKENS:-4096}"
+DENSITIES="${DENSITIES:-1e-4 1e-3 1e-2}"
+LAYER_DENSITIES="${LAYER_DENSITIES:-1e-3 1e-2}"
+log="$OUT/gpu_check.log"
+: > "$log"
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
+
+step "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+  "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+} 2>&1 | tee -a "$log"
+
+step "build (native extension if the project has one)"
+timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -5 | tee -a "$log" \
+  || echo "pip install -e . failed; using the source tree on PYTHONPATH" | tee -a "$log"
+"$PY" -c "import apet_kernels, json; print(json.dumps(apet_kernels.backends(), indent=1))" 2>&1 | tee -a "$log"
+
+step "pytest -m gpu"
+timeout 150 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
+
+step "kernel microbenchmarks + layer steps (issue 3 shapes)"
+TRITON_PRINT_AUTOTUNING=1 timeout 270 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES --tokens "$TOKENS" \
+  --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b 2>&1 | tee -a "$log"
+
+step "issue 2 layer: 3072x768, T=2048, density 0.1%, bf16 and fp32"
+for dt in bfloat16 float32; do
+  timeout 45 "$PY" bench/kernels.py --device cuda --dtype "$dt" --layer-only --shapes 3072x768 --tokens 2048 \
+    --layer-densities 1e-3 --out "$OUT" --tag "issue2_$dt" 2>&1 | tee -a "$log"
+done
+step "done"
+ls -la "$OUT" | tee -a "$log"

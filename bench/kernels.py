@@ -1,0 +1,211 @@
+"""Kernel microbenchmarks and single-layer steps, side by side in one process.
+
+    python bench/kernels.py --device cuda            # LLaMA-7B layer shapes, T=4096, bf16
+    python bench/kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32
+
+Prints a markdown table and writes CSV + markdown to --out (default bench/results/).
+Layer step = forward + backward with x requiring grad (the frozen row computes the same
+forward and input gradient, no weight gradient); ratios are to the frozen step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import copy_bandwidth_gbs, median_ms, sddmm_bytes, spmm_bytes  # noqa: E402
+
+import apet_kernels  # noqa: E402
+from apet_kernels import DenseMaskLinear, SparseDeltaLinear, select_indices  # noqa: E402
+from apet_kernels.ops.layout import build_layout  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _shape(s: str) -> tuple[int, int]:
+    out_f, in_f = s.lower().split("x")
+    return int(out_f), int(in_f)
+
+
+def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
+    out_f, in_f = shape
+    k = max(1, round(density * out_f * in_f))
+    idx = select_indices(shape, k, seed=0, key="bench").to(device)
+    layout = build_layout(idx, shape)
+    v = torch.randn(k, device=device)
+    x = torch.randn(t, in_f, device=device, dtype=dtype)
+    dy = torch.randn(t, out_f, device=device, dtype=dtype)
+    y = torch.randn(t, out_f, device=device, dtype=dtype)
+    elt = x.element_size()
+    rows = []
+    for name in backends:
+        impl = apet_kernels.ops.dispatch.implementation(name)
+        ops = {
+            "sddmm": (lambda: impl.sddmm(dy, x, idx, row_ptr=layout.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
+            "spmm": (lambda: impl.spmm_(y, x, idx, v, row_ptr=layout.row_ptr), spmm_bytes(t, idx, in_f, elt)),
+            "spmm_t": (lambda: impl.spmm_t_(x, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm),
+                       spmm_bytes(t, idx, out_f, elt)),
+        }
+        for op, (fn, nbytes) in ops.items():
+            ms = median_ms(fn, device)
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(dict(kind="kernel", op=op, backend=name, shape=f"{out_f}x{in_f}", tokens=t,
+                             density=density, k=k, dtype=str(dtype).replace("torch.", ""), ms=ms,
+                             us=ms * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs if copy_gbs else float("nan")))
+    return rows
+
+
+def trainable_state_bytes(module) -> int:
+    """Parameters + gradients + Adam's two fp32 moments + the index/base/mask buffers."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    total = sum(2 * p.numel() * p.element_size() + 8 * p.numel() for p in params)
+    total += sum(b.numel() * b.element_size() for n, b in module.named_buffers()
+                 if n in ("delta_indices", "delta_base", "mask"))
+    return total
+
+
+def _step(module, x, dy):
+    def run():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(dy)
+    return run
+
+
+def layer_rows(shape, t, density, dtype, device, backend):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    base = torch.nn.Linear(in_f, out_f, bias=False).to(device, dtype)
+    base.weight.requires_grad_(False)
+    k = max(1, round(density * out_f * in_f))
+    x = torch.randn(t, in_f, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(t, out_f, device=device, dtype=dtype)
+    variants = {"frozen": base}
+    merged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="merged", backend=backend)
+    variants["sparse merged"] = merged
+    unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="unmerged", backend=backend)
+    variants["sparse unmerged"] = unmerged
+    for m in (merged, unmerged):
+        with torch.no_grad():
+            m.delta_values.normal_(0, 1e-3)
+    variants["dense-mask"] = DenseMaskLinear.from_linear(copy.deepcopy(base), merged.delta_indices)
+    rows = []
+    modes = [("", None)]
+    if device.type == "cuda" and backend in ("triton", "auto"):
+        from apet_kernels.ops.triton import kernels as tk
+        modes = [("split", "never"), ("fused", "always")]
+    times = {}
+    for name, module in variants.items():
+        for suffix, policy in (modes if name == "sparse unmerged" else [("", None)]):
+            if policy is not None:
+                tk.FUSED_POLICY = policy
+            label = f"{name} ({suffix})" if suffix else name
+            times[label] = median_ms(_step(module, x, dy), device)
+            rows.append(dict(kind="layer", op=label, backend=backend, shape=f"{out_f}x{in_f}", tokens=t,
+                             density=density, k=k, dtype=str(dtype).replace("torch.", ""),
+                             ms=times[label], us=times[label] * 1e3,
+                             trainable_state_bytes_adam=trainable_state_bytes(module)))
+        if device.type == "cuda" and backend in ("triton", "auto"):
+            tk.FUSED_POLICY = "auto"
+    for r in rows:
+        r["ratio_to_frozen"] = r["ms"] / times["frozen"]
+    return rows
+
+
+def environment(device) -> dict:
+    env = dict(date=dt.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
+               machine=platform.machine(), cpu_threads=torch.get_num_threads())
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "absent"
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return env
+
+
+def markdown(rows, keys) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"],
+                    help="out x in of the layer (LLaMA-7B: 4096x4096, 11008x4096, 4096x11008)")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--densities", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--layer-densities", type=float, nargs="+", default=[1e-3, 1e-2])
+    ap.add_argument("--backend", default="triton", help="backend for the layer rows")
+    ap.add_argument("--kernel-backends", nargs="+", default=None)
+    ap.add_argument("--layer-only", action="store_true")
+    ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    env = environment(device)
+    print("environment:", env, flush=True)
+    print("backends:", apet_kernels.backends(), flush=True)
+    rows = []
+    copy_gbs = 0.0
+    if not args.layer_only:
+        copy_gbs = copy_bandwidth_gbs(device)
+        print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)", flush=True)
+        kb = args.kernel_backends or (["triton", "reference"] if device.type == "cuda" else ["reference"])
+        for shape in args.shapes:
+            for density in args.densities:
+                new = kernel_rows(_shape(shape), args.tokens, density, dtype, device, kb, copy_gbs)
+                rows += new
+                print(markdown(new, ["op", "backend", "shape", "density", "k", "us", "gbs", "pct_copy"]), flush=True)
+    if not args.kernels_only:
+        for shape in args.shapes:
+            for density in args.layer_densities:
+                new = layer_rows(_shape(shape), args.tokens, density, dtype, device, args.backend)
+                rows += new
+                print(markdown(new, ["op", "shape", "density", "k", "ms", "ratio_to_frozen",
+                                     "trainable_state_bytes_adam"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels_{args.device}{('_' + args.tag) if args.tag else ''}"
+    keys = sorted({k for r in rows for k in r})
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / f"{stem}.md", "w") as f:
+        f.write(f"# bench/kernels.py on {env['device']}\n\n{env}\n\ncopy bandwidth {copy_gbs:.0f} GB/s\n\n")
+        kr = [r for r in rows if r["kind"] == "kernel"]
+        lr = [r for r in rows if r["kind"] == "layer"]
+        if kr:
+            f.write(markdown(kr, ["op", "backend", "shape", "tokens", "density", "k", "dtype", "us", "gbs",
+                                  "pct_copy"]) + "\n\n")
+        if lr:
+            f.write(markdown(lr, ["op", "backend", "shape", "tokens", "density", "k", "dtype", "ms",
+                                  "ratio_to_frozen", "trainable_state_bytes_adam"]) + "\n")
+    print(f"wrote {out / stem}.csv and .md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Triton kernels against the reference: interpreter on CPU (small), real sizes on a GPU (marked gpu)."""
+
+import copy
+
+import pytest
+import torch
+
+from _helpers import assert_close_rel, random_indices
+from apet_kernels import DenseMaskLinear, SparseDeltaLinear
+from apet_kernels.ops import reference as ref
+from apet_kernels.ops.layout import build_layout
+
+tk = pytest.importorskip("apet_kernels.ops.triton.kernels", reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+
+def _pattern(name, shape, k, index_dtype):
+    out_f, in_f = shape
+    if name == "random":
+        idx = random_indices(shape, k, dtype=torch.int64)
+    elif name == "one_row":  # one row holds every delta
+        idx = 3 * in_f + torch.sort(torch.randperm(in_f)[:k]).values
+    elif name == "few_rows":  # most rows and columns have no delta
+        rows = torch.tensor([1, out_f - 2])
+        cols = torch.sort(torch.randperm(in_f)[: k // 2]).values
+        idx = torch.sort((rows[:, None] * in_f + cols[None, :]).reshape(-1)).values
+    else:
+        idx = torch.empty(0, dtype=torch.int64)
+    return idx.to(index_dtype).to(DEVICE)
+
+
+# (T, out, in, k, pattern): T=1, K=0, empty rows, a full row, sizes off every block multiple
+CASES = [(1, 37, 29, 50, "random"), (70, 45, 53, 300, "random"), (33, 40, 24, 20, "one_row"),
+         (17, 33, 65, 40, "few_rows"), (9, 21, 18, 0, "empty")]
+
+
+def _data(t, out_f, in_f, k, pattern, dtype, index_dtype):
+    idx = _pattern(pattern, (out_f, in_f), k, index_dtype)
+    v = torch.randn(idx.numel(), device=DEVICE)
+    x = torch.randn(t, in_f, device=DEVICE).to(dtype)
+    dy = torch.randn(t, out_f, device=DEVICE).to(dtype)
+    return x, dy, idx, v
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
+def test_sddmm(case, dtype, index_dtype):
+    x, dy, idx, v = _data(*case, dtype, index_dtype)
+    out = torch.full((idx.numel(),), float("nan"), device=DEVICE)  # poison
+    got = tk.sddmm(dy, x, idx, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == torch.float32
+    if idx.numel():
+        assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
+def test_spmm_and_spmm_t(case, dtype, index_dtype):
+    x, dy, idx, v = _data(*case, dtype, index_dtype)
+    t, out_f, in_f = case[:3]
+    layout = build_layout(idx, (out_f, in_f))
+    y0 = torch.randn(t, out_f, device=DEVICE).to(dtype)
+    y = y0.clone()
+    tk.spmm_(y, x, idx, v, row_ptr=layout.row_ptr)
+    expected = y0.double().clone()
+    ref.spmm_(expected, x.double(), idx, v.double())
+    assert_close_rel(y, expected, dtype)
+    d0 = torch.randn(t, in_f, device=DEVICE).to(dtype)
+    d = d0.clone()
+    tk.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
+    expected = d0.double().clone()
+    ref.spmm_t_(expected, dy.double(), idx, v.double())
+    assert_close_rel(d, expected, dtype)
+    # without a precomputed layout the kernels build one themselves
+    y2 = y0.clone()
+    tk.spmm_(y2, x, idx, v)
+    assert torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
+def test_fused_linear(case, dtype, bias):
+    x, _, idx, v = _data(*case, dtype, torch.int32)
+    t, out_f, in_f = case[:3]
+    w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).to(dtype)
+    b = torch.randn(out_f, device=DEVICE).to(dtype) if bias else None
+    out = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=dtype)  # poison
+    tk.fused_linear(x, w, b, idx, v, out=out)
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    ref.spmm_(expected, x.double(), idx, v.double())
+    assert_close_rel(out, expected, dtype)
+
+
+def test_values_keep_fp32_precision_in_half_dtypes():
+    # a delta far below half precision's resolution at 1.0 must still arrive (hi/lo split)
+    x = torch.ones(16, 32, device=DEVICE, dtype=torch.float16)
+    idx = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    v = torch.tensor([1.0 + 2.0 ** -14], device=DEVICE)
+    out = torch.full((16, 8), 1.0, device=DEVICE, dtype=torch.float16)
+    tk.spmm_(out, x, idx, v)
+    # row 0 gets 1 + v = 2 + 2^-14, which rounds to 2.0 in fp16, but had v been rounded to
+    # fp16 first (1.0) the sum would be 2.0 too, so check a case that tells them apart:
+    out2 = torch.full((16, 8), -1.0, device=DEVICE, dtype=torch.float16)
+    tk.spmm_(out2, x, idx, v)
+    # -1 + (1 + 2^-14) = 2^-14, representable in fp16; v rounded to fp16 would give 0
+    assert torch.all(out2[:, 0] == 2.0 ** -14)
+    assert torch.all(out[:, 0] == 2.0)
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_with_triton_matches_dense_mask(strategy, dtype):
+    lin = torch.nn.Linear(29, 37).to(DEVICE, dtype)
+    layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=90, strategy=strategy, backend="triton")
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    dense = DenseMaskLinear.from_linear(copy.deepcopy(lin), layer.delta_indices)
+    with torch.no_grad():
+        dense.delta.copy_(layer.delta_weight())
+    x = torch.randn(3, 11, 29, device=DEVICE).to(dtype)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = layer(xs), dense(xd)
+    assert_close_rel(ys, yd.double(), dtype)
+    dy = torch.randn_like(ys)
+    ys.backward(dy)
+    yd.backward(dy)
+    assert_close_rel(xs.grad, xd.grad.double(), dtype)
+    dv_dense = dense.delta.grad.view(-1)[layer.delta_indices.long()]
+    assert_close_rel(layer.delta_values.grad, dv_dense.double(), dtype)
+
+
+# ---------------------------------------------------------------- real sizes, GPU only
+GPU_SHAPES = [(4096, 4096, 4096), (4096, 11008, 4096), (4096, 4096, 11008), (3001, 4096, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1e-4, 1e-3, 1e-2])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_real_sizes_against_reference(shape, density):
+    t, out_f, in_f = shape
+    k = int(density * out_f * in_f)
+    idx = random_indices((out_f, in_f), k).to(DEVICE)
+    v = torch.randn(k, device=DEVICE)
+    x = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(t, out_f, device=DEVICE, dtype=torch.bfloat16)
+    w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).bfloat16()
+    layout = build_layout(idx, (out_f, in_f))
+    got = tk.sddmm(dy, x, idx, out=torch.full((k,), float("nan"), device=DEVICE))
+    assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
+    y = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    tk.fused_linear(x, w, None, idx, v, row_ptr=layout.row_ptr, out=y)
+    expected = torch.nn.functional.linear(x.float(), w.float())
+    ref.spmm_(expected, x.float(), idx, v)
+    assert_close_rel(y, expected, torch.bfloat16)
+    d0 = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
+    d = d0.clone()
+    tk.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
+    expected = d0.float()
+    ref.spmm_t_(expected, dy.float(), idx, v)
+    assert_close_rel(d, expected, torch.bfloat16)
