@@ -31,6 +31,8 @@ timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | t
 
 step "pytest -m gpu"
 timeout 150 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
+step "small kernel tests on the GPU (bf16 hi/lo path, layer vs dense-mask)"
+timeout 90 "$PY" -m pytest -q tests/test_triton_ops.py -k "precision or layer_with_triton" -p no:cacheprovider 2>&1 | tail -15 | tee -a "$log"
 
 step "kernel microbenchmarks + layer steps (issue 3 shapes)"
 TRITON_PRINT_AUTOTUNING=1 timeout 270 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES --tokens "$TOKENS" \
