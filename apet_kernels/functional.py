@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_index_content, check_linear_inputs, validate_requested
-from .ops import library  # noqa: F401  (registers torch.ops.apet.*)
+from .ops import library
 from .ops.dispatch import resolve
 from .ops.layout import DeltaLayout
 
@@ -30,6 +30,10 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     name = resolve(backend, x.device)
     out_features, in_features = weight.shape
     row_ptr, col_ptr, col_perm = layout if layout is not None else (None, None, None)
-    y = torch.ops.apet.sparse_delta_linear(x.reshape(-1, in_features), weight, bias, values, indices,
-                                           row_ptr, col_ptr, col_perm, weight_is_merged, name)
+    args = (x.reshape(-1, in_features), weight, bias, values, indices, row_ptr, col_ptr, col_perm,
+            weight_is_merged, name)
+    if torch.compiler.is_compiling():
+        y = torch.ops.apet.sparse_delta_linear(*args)
+    else:
+        y = library.EagerSparseDeltaLinear.apply(*args)
     return y.reshape(*x.shape[:-1], out_features)

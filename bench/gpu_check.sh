@@ -36,7 +36,8 @@ timeout 90 "$PY" -m pytest -q tests/test_triton_ops.py -k "precision or layer_wi
 
 step "kernel microbenchmarks + layer steps (issue 3 shapes)"
 TRITON_PRINT_AUTOTUNING=1 timeout 270 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES --tokens "$TOKENS" \
-  --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b 2>&1 | tee -a "$log"
+  --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b --profile 2>&1 \
+  | grep -v "^Autotuning kernel" | tee -a "$log"
 
 step "issue 2 layer: 3072x768, T=2048, density 0.1%, bf16 and fp32"
 for dt in bfloat16 float32; do

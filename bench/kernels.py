@@ -124,6 +124,34 @@ def layer_rows(shape, t, density, dtype, device, backend):
     return rows
 
 
+def profile_steps(shape, t, density, dtype, device, backend) -> str:
+    """Kernel-by-kernel GPU time of one merged and one unmerged step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    out_f, in_f = shape
+    base = torch.nn.Linear(in_f, out_f, bias=False).to(device, dtype)
+    k = max(1, round(density * out_f * in_f))
+    x = torch.randn(t, in_f, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(t, out_f, device=device, dtype=dtype)
+    report = []
+    for strategy in ("merged", "unmerged"):
+        layer = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy=strategy, backend=backend)
+        step = _step(layer, x, dy)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        try:
+            table = averages.table(sort_by="device_time_total", row_limit=14, max_name_column_width=60)
+        except Exception:  # older torch names the key cuda_time_total
+            table = averages.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        report.append(f"## {strategy} step, {out_f}x{in_f}, T={t}, density {density} (5 steps)\n\n{table}")
+    return "\n".join(report)
+
+
 def environment(device) -> dict:
     env = dict(date=dt.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
                machine=platform.machine(), cpu_threads=torch.get_num_threads())
@@ -162,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table (CUDA)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -188,6 +217,11 @@ def main(argv=None):
                                      "trainable_state_bytes_adam"]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.profile and device.type == "cuda":
+        text = profile_steps(_shape(args.shapes[0]), args.tokens, args.layer_densities[0], dtype, device,
+                             args.backend)
+        print(text, flush=True)
+        (out / f"profile_{args.tag or 'run'}.txt").write_text(text)
     stem = f"kernels_{args.device}{('_' + args.tag) if args.tag else ''}"
     keys = sorted({k for r in rows for k in r})
     with open(out / f"{stem}.csv", "w", newline="") as f:

@@ -49,12 +49,17 @@ def _native_status() -> tuple[bool, str]:
     return True, "compiled extension apet_kernels._C"
 
 
+@functools.lru_cache(maxsize=None)
+def _status(interpreting: bool) -> tuple:
+    # cached: probing CUDA and imports costs host time, and resolve() runs on every forward
+    return (("reference", (True, "plain PyTorch, any device")),
+            ("triton", _triton_status()),
+            ("native", _native_status()))
+
+
 def backends() -> dict[str, dict[str, object]]:
     """Each backend name -> {"available": bool, "reason": str}."""
-    status = {"reference": (True, "plain PyTorch, any device"),
-              "triton": _triton_status(),
-              "native": _native_status()}
-    return {name: {"available": ok, "reason": why} for name, (ok, why) in status.items()}
+    return {name: {"available": ok, "reason": why} for name, (ok, why) in _status(triton_interpreting())}
 
 
 @torch.compiler.assume_constant_result  # a pure function of its arguments and the environment

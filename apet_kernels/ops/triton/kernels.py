@@ -15,6 +15,7 @@ Layout choices (why):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -58,59 +59,87 @@ def _dot_exact_values(g, v, acc, EXACT_F32: tl.constexpr):
 
 # --------------------------------------------------------------------------- sddmm
 @triton.autotune(
-    configs=_configs([dict(BLOCK_K=32, BLOCK_T=128, num_warps=4), dict(BLOCK_K=64, BLOCK_T=128, num_warps=4),
-                      dict(BLOCK_K=64, BLOCK_T=64, num_warps=4), dict(BLOCK_K=16, BLOCK_T=256, num_warps=4)],
-                     dict(BLOCK_K=16, BLOCK_T=32)),
-    key=["K", "T_CHUNK"])
+    configs=_configs([dict(BLOCK_R=16, BLOCK_J=64, BLOCK_T=64, num_warps=4),
+                      dict(BLOCK_R=16, BLOCK_J=32, BLOCK_T=128, num_warps=4),
+                      dict(BLOCK_R=16, BLOCK_J=128, BLOCK_T=64, num_warps=8),
+                      dict(BLOCK_R=32, BLOCK_J=64, BLOCK_T=64, num_warps=4)],
+                     dict(BLOCK_R=16, BLOCK_J=16, BLOCK_T=16)),
+    key=["K", "N_ROWS", "T_CHUNK"])
 @triton.jit
-def _sddmm_kernel(dy_t, x_t, idx, partial, K, T, T_CHUNK, in_features, s_dy, s_x,
-                  BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_k, pid_t = tl.program_id(0), tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    p = tl.load(idx + offs_k, mask=mk, other=0).to(tl.int64)
-    r = p // in_features
-    c = p - r * in_features
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+def _sddmm_kernel(dy, x_t, idx, row_ptr, partial, K, N_ROWS, T, T_CHUNK, in_features, s_dy, s_x,
+                  EXACT_F32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+    """partial[pid_t, k] = sum over this program's tokens of dy[t, r_k] * x[t, c_k].
+
+    A program owns the deltas of BLOCK_R consecutive rows. Per token tile it reads the
+    (BLOCK_T, BLOCK_R) slab of dy once, coalesced and untransposed, gathers the deltas'
+    rows of x^T, and forms G @ dy_slab on the tensor cores; delta k then keeps the entry
+    of its own row. dy is never transposed and each of its elements is read once per
+    chunk of BLOCK_J deltas.
+    """
+    pid_r, pid_t = tl.program_id(0), tl.program_id(1)
+    r0 = pid_r * BLOCK_R
+    start = tl.load(row_ptr + r0).to(tl.int64)
+    end = tl.load(row_ptr + tl.minimum(r0 + BLOCK_R, N_ROWS)).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
     t_start = pid_t * T_CHUNK
     t_end = tl.minimum(t_start + T_CHUNK, T)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        m = mk[:, None] & (offs_t[None, :] < t_end)
-        a = tl.load(dy_t + r[:, None] * s_dy + offs_t[None, :], mask=m, other=0.0)
-        b = tl.load(x_t + c[:, None] * s_x + offs_t[None, :], mask=m, other=0.0)
-        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
-    tl.store(partial + pid_t * K + offs_k, acc, mask=mk)
+    for j0 in range(start, end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mj = offs_j < end
+        p = tl.load(idx + offs_j, mask=mj, other=0).to(tl.int64)
+        r = p // in_features
+        c = p - r * in_features
+        acc = tl.zeros([BLOCK_J, BLOCK_R], dtype=tl.float32)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mt = offs_t < t_end
+            g = tl.load(x_t + c[:, None] * s_x + offs_t[None, :], mask=mj[:, None] & mt[None, :], other=0.0)
+            d = tl.load(dy + offs_t[:, None] * s_dy + offs_r[None, :],
+                        mask=mt[:, None] & (offs_r[None, :] < N_ROWS), other=0.0)
+            if EXACT_F32:
+                acc = tl.dot(g.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(g, d, acc)  # half-precision products are exact in fp32
+        own = tl.sum(tl.where(r[:, None] == offs_r[None, :], acc, 0.0), axis=1)
+        tl.store(partial + pid_t * K + offs_j, own, mask=mj)
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
-          **layout) -> torch.Tensor:
+          row_ptr=None, **layout) -> torch.Tensor:
     """dv[k] = sum_t dy[t, r_k] x[t, c_k] in fp32. ``out`` (K, fp32) may be given."""
-    n_k, n_t = indices.numel(), dy.shape[0]
+    n_k, (n_t, n_rows) = indices.numel(), dy.shape
     if out is None:
         out = torch.empty(n_k, dtype=torch.float32, device=dy.device)
     if n_k == 0:
         return out
     if n_t == 0:
         return out.zero_()
-    dy_t, x_t = dy.t().contiguous(), x.t().contiguous()
-    # Split the token loop over programs when K alone cannot fill the GPU (small K);
+    if row_ptr is None:
+        row_ptr, _, _ = _layout_or_build(indices, (n_rows, x.shape[1]))
+    dy = dy if dy.stride(1) == 1 else dy.contiguous()
+    x_t = x.t().contiguous()
+    # Split the token loop over programs when the row blocks alone cannot fill the GPU;
     # chunks are multiples of 256 so every BLOCK_T divides them.
-    k_blocks = triton.cdiv(n_k, 32)
-    n_split = max(1, min(triton.cdiv(n_t, 256), triton.cdiv(4 * _num_sms(dy.device), k_blocks)))
+    row_blocks = triton.cdiv(n_rows, 16)
+    n_split = max(1, min(triton.cdiv(n_t, 256), triton.cdiv(4 * _num_sms(dy.device), row_blocks)))
     t_chunk = triton.cdiv(triton.cdiv(n_t, n_split), 256) * 256
     n_split = triton.cdiv(n_t, t_chunk)
     partial = out.view(1, n_k) if n_split == 1 else torch.empty(n_split, n_k, dtype=torch.float32,
                                                                  device=dy.device)
-    grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_K"]), n_split)
-    _sddmm_kernel[grid](dy_t, x_t, indices, partial, n_k, n_t, t_chunk, x.shape[1],
-                        dy_t.stride(0), x_t.stride(0))
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_split)
+    _sddmm_kernel[grid](dy, x_t, indices, row_ptr, partial, n_k, n_rows, n_t, t_chunk, x.shape[1],
+                        dy.stride(0), x_t.stride(0), EXACT_F32=_exact_f32(dy.dtype))
     if n_split > 1:
         torch.sum(partial, dim=0, out=out)
     return out
@@ -123,7 +152,8 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.T
                       dict(BLOCK_T=64, BLOCK_D=16, BLOCK_J=64, num_warps=4),
                       dict(BLOCK_T=256, BLOCK_D=16, BLOCK_J=32, num_warps=8)],
                      dict(BLOCK_T=16, BLOCK_D=16, BLOCK_J=16)),
-    key=["T", "N_DST", "K"])
+    key=["T", "N_DST", "K"],
+    restore_value=["out"])  # the kernel accumulates into out: benchmarking must not add twice
 @triton.jit
 def _group_spmm_kernel(out, src_t, group_ptr, perm, idx, vals, T, N_DST, K, in_features, s_out, s_src,
                        SRC_IS_COL: tl.constexpr, USE_PERM: tl.constexpr, EXACT_F32: tl.constexpr,
@@ -282,8 +312,10 @@ def split_linear(x, weight, bias, indices, values, row_ptr=None) -> torch.Tensor
     return y
 
 
-# Which unmerged forward runs per shape. Default: split (vendor GEMM + spmm) until the
-# benchmark (bench/gpu_check.sh, bench/results/) shows the fused kernel faster for a shape.
+# Which unmerged forward runs. Measured on an H100 (bench/results/h100-2026-11-26): the
+# fused kernel lost to split (cuBLAS GEMM + spmm) at every LLaMA-7B shape and density,
+# 1.1x-2.9x slower (its one-hot epilogue does BLOCK_N times the sparse work), so CUDA uses
+# split; the interpreter keeps exercising the fused kernel in CI.
 FUSED_POLICY = os.environ.get("APET_FUSED", "auto")
 
 
