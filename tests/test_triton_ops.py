@@ -164,3 +164,12 @@ def test_gpu_real_sizes_against_reference(shape, density):
     expected = d0.float()
     ref.spmm_t_(expected, dy.float(), idx, v)
     assert_close_rel(d, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 130), (65, 64), (100, 3)])
+def test_transpose(shape, dtype):
+    t = torch.randn(*shape, device=DEVICE).to(dtype)
+    got = tk.transpose(t)
+    assert got.is_contiguous() and torch.equal(got, t.t())
+    assert torch.equal(tk.transpose(t.t().contiguous().t()), t.t())  # non-unit column stride input
