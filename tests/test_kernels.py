@@ -1,4 +1,8 @@
-"""Triton kernels against the reference: interpreter on CPU (small), real sizes on a GPU (marked gpu)."""
+"""Every kernel backend (Triton, native) against the reference, one test matrix.
+
+On the CPU: Triton runs in the interpreter and native runs its C++ kernels (small shapes).
+On a GPU: the same tests run on CUDA tensors, plus real sizes (marked gpu).
+"""
 
 import copy
 
@@ -6,11 +10,28 @@ import pytest
 import torch
 
 from _helpers import assert_close_rel, random_indices
-from apet_kernels import DenseMaskLinear, SparseDeltaLinear
+from apet_kernels import DenseMaskLinear, SparseDeltaLinear, backends
 from apet_kernels.ops import reference as ref
+from apet_kernels.ops.dispatch import implementation
 from apet_kernels.ops.layout import build_layout
 
-tk = pytest.importorskip("apet_kernels.ops.triton.kernels", reason="triton is not installed")
+KERNEL_BACKENDS = ["triton", "native"]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def impl(request):
+    status = backends()[request.param]
+    if not status["available"]:
+        pytest.skip(f"{request.param} unavailable: {status['reason']}")
+    return implementation(request.param)
+
+
+@pytest.fixture
+def tk():
+    status = backends()["triton"]
+    if not status["available"]:
+        pytest.skip(f"triton unavailable: {status['reason']}")
+    return implementation("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -48,10 +69,10 @@ def _data(t, out_f, in_f, k, pattern, dtype, index_dtype):
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
-def test_sddmm(case, dtype, index_dtype):
+def test_sddmm(impl, case, dtype, index_dtype):
     x, dy, idx, v = _data(*case, dtype, index_dtype)
     out = torch.full((idx.numel(),), float("nan"), device=DEVICE)  # poison
-    got = tk.sddmm(dy, x, idx, out=out)
+    got = impl.sddmm(dy, x, idx, out=out)
     assert got.data_ptr() == out.data_ptr() and got.dtype == torch.float32
     if idx.numel():
         assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
@@ -60,32 +81,48 @@ def test_sddmm(case, dtype, index_dtype):
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
-def test_spmm_and_spmm_t(case, dtype, index_dtype):
+def test_spmm_and_spmm_t(impl, case, dtype, index_dtype):
     x, dy, idx, v = _data(*case, dtype, index_dtype)
     t, out_f, in_f = case[:3]
     layout = build_layout(idx, (out_f, in_f))
     y0 = torch.randn(t, out_f, device=DEVICE).to(dtype)
     y = y0.clone()
-    tk.spmm_(y, x, idx, v, row_ptr=layout.row_ptr)
+    impl.spmm_(y, x, idx, v, row_ptr=layout.row_ptr)
     expected = y0.double().clone()
     ref.spmm_(expected, x.double(), idx, v.double())
     assert_close_rel(y, expected, dtype)
     d0 = torch.randn(t, in_f, device=DEVICE).to(dtype)
     d = d0.clone()
-    tk.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
+    impl.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
     expected = d0.double().clone()
     ref.spmm_t_(expected, dy.double(), idx, v.double())
     assert_close_rel(d, expected, dtype)
     # without a precomputed layout the kernels build one themselves
     y2 = y0.clone()
-    tk.spmm_(y2, x, idx, v)
+    impl.spmm_(y2, x, idx, v)
     assert torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_merge(impl, dtype, transposed):
+    shape = (23, 31)
+    w = torch.randn(*shape, device=DEVICE).to(dtype)
+    storage = w.t().contiguous() if transposed else w.clone()
+    view = storage.t() if transposed else storage  # the (out, in) view, strides as in GPT-2 Conv1D
+    idx = random_indices(shape, 100).to(DEVICE)
+    base = w.view(-1)[idx.long()].clone()
+    v = torch.randn(100, device=DEVICE)
+    impl.scatter_merge_(view, idx, base, v)
+    expected = w.clone()
+    expected.view(-1)[idx.long()] = (base.float() + v).to(dtype)
+    assert torch.equal(view, expected)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
-def test_fused_linear(case, dtype, bias):
+def test_fused_linear(tk, case, dtype, bias):
     x, _, idx, v = _data(*case, dtype, torch.int32)
     t, out_f, in_f = case[:3]
     w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).to(dtype)
@@ -97,17 +134,17 @@ def test_fused_linear(case, dtype, bias):
     assert_close_rel(out, expected, dtype)
 
 
-def test_values_keep_fp32_precision_in_half_dtypes():
+def test_values_keep_fp32_precision_in_half_dtypes(impl):
     # a delta far below half precision's resolution at 1.0 must still arrive (hi/lo split)
     x = torch.ones(16, 32, device=DEVICE, dtype=torch.float16)
     idx = torch.tensor([5], dtype=torch.int32, device=DEVICE)
     v = torch.tensor([1.0 + 2.0 ** -14], device=DEVICE)
     out = torch.full((16, 8), 1.0, device=DEVICE, dtype=torch.float16)
-    tk.spmm_(out, x, idx, v)
+    impl.spmm_(out, x, idx, v)
     # row 0 gets 1 + v = 2 + 2^-14, which rounds to 2.0 in fp16, but had v been rounded to
     # fp16 first (1.0) the sum would be 2.0 too, so check a case that tells them apart:
     out2 = torch.full((16, 8), -1.0, device=DEVICE, dtype=torch.float16)
-    tk.spmm_(out2, x, idx, v)
+    impl.spmm_(out2, x, idx, v)
     # -1 + (1 + 2^-14) = 2^-14, representable in fp16; v rounded to fp16 would give 0
     assert torch.all(out2[:, 0] == 2.0 ** -14)
     assert torch.all(out[:, 0] == 2.0)
@@ -115,9 +152,12 @@ def test_values_keep_fp32_precision_in_half_dtypes():
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_with_triton_matches_dense_mask(strategy, dtype):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_layer_matches_dense_mask(backend, strategy, dtype):
+    if not backends()[backend]["available"]:
+        pytest.skip(f"{backend} unavailable: {backends()[backend]['reason']}")
     lin = torch.nn.Linear(29, 37).to(DEVICE, dtype)
-    layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=90, strategy=strategy, backend="triton")
+    layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=90, strategy=strategy, backend=backend)
     with torch.no_grad():
         layer.delta_values.normal_()
     dense = DenseMaskLinear.from_linear(copy.deepcopy(lin), layer.delta_indices)
@@ -142,7 +182,7 @@ GPU_SHAPES = [(4096, 4096, 4096), (4096, 11008, 4096), (4096, 4096, 11008), (300
 @pytest.mark.gpu
 @pytest.mark.parametrize("density", [1e-4, 1e-3, 1e-2])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gpu_real_sizes_against_reference(shape, density):
+def test_gpu_real_sizes_against_reference(impl, shape, density):
     t, out_f, in_f = shape
     k = int(density * out_f * in_f)
     idx = random_indices((out_f, in_f), k).to(DEVICE)
@@ -151,24 +191,40 @@ def test_gpu_real_sizes_against_reference(shape, density):
     dy = torch.randn(t, out_f, device=DEVICE, dtype=torch.bfloat16)
     w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).bfloat16()
     layout = build_layout(idx, (out_f, in_f))
-    got = tk.sddmm(dy, x, idx, out=torch.full((k,), float("nan"), device=DEVICE))
+    got = impl.sddmm(dy, x, idx, out=torch.full((k,), float("nan"), device=DEVICE), row_ptr=layout.row_ptr)
     assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
-    y = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    tk.fused_linear(x, w, None, idx, v, row_ptr=layout.row_ptr, out=y)
+    y = torch.nn.functional.linear(x, w)
+    impl.spmm_(y, x, idx, v, row_ptr=layout.row_ptr)
     expected = torch.nn.functional.linear(x.float(), w.float())
     ref.spmm_(expected, x.float(), idx, v)
     assert_close_rel(y, expected, torch.bfloat16)
     d0 = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
     d = d0.clone()
-    tk.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
+    impl.spmm_t_(d, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm)
     expected = d0.float()
     ref.spmm_t_(expected, dy.float(), idx, v)
     assert_close_rel(d, expected, torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1e-3, 1e-2])
+def test_gpu_fused_linear_real_sizes(tk, density):
+    t, out_f, in_f = 4096, 4096, 4096
+    k = int(density * out_f * in_f)
+    idx = random_indices((out_f, in_f), k).to(DEVICE)
+    v = torch.randn(k, device=DEVICE)
+    x = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
+    w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).bfloat16()
+    y = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    tk.fused_linear(x, w, None, idx, v, out=y)
+    expected = torch.nn.functional.linear(x.float(), w.float())
+    ref.spmm_(expected, x.float(), idx, v)
+    assert_close_rel(y, expected, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 130), (65, 64), (100, 3)])
-def test_transpose(shape, dtype):
+def test_transpose(tk, shape, dtype):
     t = torch.randn(*shape, device=DEVICE).to(dtype)
     got = tk.transpose(t)
     assert got.is_contiguous() and torch.equal(got, t.t())

@@ -1,0 +1,172 @@
+// Schemas of the native op set (namespace apet_native) and their CPU implementations.
+// The Python-level ops (torch.ops.apet.*) stay the single public schema; they forward to
+// these when backend="native", so no schema is defined twice.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace apet {
+namespace {
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t* y, const acc_t* x, acc_t v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += v * x[i];
+}
+
+// Rows of x^T / dy^T in the accumulation type, contiguous: every delta then reads T
+// contiguous values (one transpose per call instead of T strided reads per delta).
+at::Tensor transposed_acc(const at::Tensor& t) { return t.t().to(acc_type(t.scalar_type())).contiguous(); }
+
+}  // namespace
+
+void sddmm_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+               const at::Tensor& row_ptr) {
+  const char* op = "apet_native::sddmm_";
+  check_sparse_args(dy, x, indices, "dy", "x", op);
+  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
+  check_sddmm_out(out, dy, indices, op);
+  const int64_t n_rows = dy.size(1), in_f = x.size(1), n_t = dy.size(0), n_k = indices.numel();
+  TORCH_CHECK(row_ptr.numel() == n_rows + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ", n_rows + 1);
+  if (n_k == 0) return;
+  auto dy_t = transposed_acc(dy), x_t = transposed_acc(x);
+  auto idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "apet_sddmm_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "apet_sddmm_cpu_idx", [&] {
+      const scalar_t *a = dy_t.data_ptr<scalar_t>(), *b = x_t.data_ptr<scalar_t>();
+      const index_t *p = idx.data_ptr<index_t>(), *rp = row_ptr.data_ptr<index_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      // rows own their deltas: each row of dy^T is read once, no two threads write one output
+      at::parallel_for(0, n_rows, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t k = rp[r]; k < rp[r + 1]; ++k)
+            o[k] = dot(a + r * n_t, b + (static_cast<int64_t>(p[k]) - r * in_f) * n_t, n_t);
+      });
+    });
+  });
+}
+
+namespace {
+// out[:, d] += sum_{j in group d} v_j src[:, source_j], with groups given by group_ptr
+// (and an optional permutation). Each destination column is owned by one thread.
+void group_spmm_cpu(at::Tensor& out, const at::Tensor& src, const at::Tensor& indices, const at::Tensor& values,
+                    const at::Tensor& group_ptr, const at::Tensor* perm, int64_t in_f, bool src_is_col) {
+  const int64_t n_t = out.size(0), n_dst = out.size(1);
+  if (indices.numel() == 0 || n_t == 0) return;
+  auto acc = acc_type(out.scalar_type());
+  auto src_t = transposed_acc(src);
+  auto acc_t = at::zeros({n_dst, n_t}, out.options().dtype(acc));
+  auto vals = values.to(acc).contiguous();
+  auto idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "apet_spmm_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "apet_spmm_cpu_idx", [&] {
+      const scalar_t *s = src_t.data_ptr<scalar_t>(), *v = vals.data_ptr<scalar_t>();
+      const index_t *p = idx.data_ptr<index_t>(), *gp = group_ptr.data_ptr<index_t>();
+      const index_t* pm = perm ? perm->data_ptr<index_t>() : nullptr;
+      scalar_t* a = acc_t.data_ptr<scalar_t>();
+      at::parallel_for(0, n_dst, 64, [&](int64_t d0, int64_t d1) {
+        for (int64_t d = d0; d < d1; ++d)
+          for (int64_t j = gp[d]; j < gp[d + 1]; ++j) {
+            const int64_t k = pm ? static_cast<int64_t>(pm[j]) : j;
+            const int64_t flat = p[k], r = flat / in_f, c = flat - r * in_f;
+            axpy(a + d * n_t, s + (src_is_col ? c : r) * n_t, v[k], n_t);
+          }
+      });
+    });
+  });
+  out.add_(acc_t.t());
+}
+}  // namespace
+
+void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
+              const at::Tensor& row_ptr) {
+  const char* op = "apet_native::spmm_";
+  check_sparse_args(out, x, indices, "out", "x", op);
+  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
+  TORCH_CHECK(values.numel() == indices.numel(), op, ": values has ", values.numel(), " entries but indices ",
+              indices.numel());
+  TORCH_CHECK(row_ptr.numel() == out.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
+              out.size(1) + 1);
+  group_spmm_cpu(out, x, indices, values, row_ptr, nullptr, x.size(1), /*src_is_col=*/true);
+}
+
+void spmm_t_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& indices, const at::Tensor& values,
+                const at::Tensor& col_ptr, const at::Tensor& col_perm) {
+  const char* op = "apet_native::spmm_t_";
+  check_sparse_args(out, dy, indices, "out", "dy", op);
+  check_same_index_dtype(indices, col_ptr, "col_ptr", op);
+  check_same_index_dtype(indices, col_perm, "col_perm", op);
+  TORCH_CHECK(values.numel() == indices.numel() && col_perm.numel() == indices.numel(), op,
+              ": values, col_perm and indices must have the same length");
+  TORCH_CHECK(col_ptr.numel() == out.size(1) + 1, op, ": col_ptr has ", col_ptr.numel(), " entries, expected ",
+              out.size(1) + 1);
+  group_spmm_cpu(out, dy, indices, values, col_ptr, &col_perm, out.size(1), /*src_is_col=*/false);
+}
+
+void scatter_merge_cpu(at::Tensor weight, const at::Tensor& indices, const at::Tensor& base, const at::Tensor& values) {
+  const char* op = "apet_native::scatter_merge_";
+  check_matrix(weight, "weight", op);
+  check_indices(indices, op);
+  TORCH_CHECK(base.numel() == indices.numel() && values.numel() == indices.numel(), op,
+              ": base, values and indices must have the same length");
+  TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
+  const int64_t n_k = indices.numel(), in_f = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
+  if (n_k == 0) return;
+  auto acc = acc_type(weight.scalar_type());
+  auto vals = values.to(acc).contiguous();
+  auto b = base.contiguous();
+  auto idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "apet_scatter_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "apet_scatter_cpu_idx", [&] {
+      scalar_t* w = weight.data_ptr<scalar_t>();
+      const scalar_t* bp = b.data_ptr<scalar_t>();
+      const acc_t* v = vals.data_ptr<acc_t>();
+      const index_t* p = idx.data_ptr<index_t>();
+      at::parallel_for(0, n_k, 4096, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t flat = p[k], r = flat / in_f, c = flat - r * in_f;
+          w[r * s0 + c * s1] = static_cast<scalar_t>(static_cast<acc_t>(bp[k]) + v[k]);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace apet
+
+TORCH_LIBRARY(apet_native, m) {
+  m.def("sddmm_(Tensor(a!) out, Tensor dy, Tensor x, Tensor indices, Tensor row_ptr) -> ()");
+  m.def("spmm_(Tensor(a!) out, Tensor x, Tensor indices, Tensor values, Tensor row_ptr) -> ()");
+  m.def("spmm_t_(Tensor(a!) out, Tensor dy, Tensor indices, Tensor values, Tensor col_ptr, Tensor col_perm) -> ()");
+  m.def("scatter_merge_(Tensor(a!) weight, Tensor indices, Tensor base, Tensor values) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(apet_native, CPU, m) {
+  m.impl("sddmm_", &apet::sddmm_cpu);
+  m.impl("spmm_", &apet::spmm_cpu);
+  m.impl("spmm_t_", &apet::spmm_t_cpu);
+  m.impl("scatter_merge_", &apet::scatter_merge_cpu);
+}
+
+// A plain Python module: importing apet_kernels._C loads the library and runs the
+// registrations above. No pybind11 needed, which keeps the build short.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "apet-kernels native op set (apet_native::*)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}

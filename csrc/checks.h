@@ -1,0 +1,57 @@
+// Input checks shared by the CPU and CUDA implementations: each names the problem.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace apet {
+
+inline void check_indices(const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(indices.dim() == 1, op, ": indices must be 1-D, got shape ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+              ": indices must be int32 or int64, got ", indices.scalar_type());
+}
+
+inline void check_same_index_dtype(const at::Tensor& indices, const at::Tensor& other, const char* what,
+                                   const char* op) {
+  TORCH_CHECK(other.scalar_type() == indices.scalar_type(), op, ": ", what, " has dtype ", other.scalar_type(),
+              " but indices have ", indices.scalar_type(), "; build both with apet_kernels.ops.build_layout");
+  TORCH_CHECK(other.dim() == 1 && other.is_contiguous(), op, ": ", what, " must be a contiguous 1-D tensor");
+}
+
+inline void check_matrix(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+inline void check_device(const at::Tensor& a, const at::Tensor& b, const char* na, const char* nb, const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", na, " is on ", a.device(), " but ", nb, " is on ", b.device());
+}
+
+// The accumulation type: fp32 for fp32/bf16/fp16 data, fp64 for fp64.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Common checks of sddmm/spmm/spmm_t arguments; returns nothing, throws with a message.
+inline void check_sparse_args(const at::Tensor& dense_a, const at::Tensor& dense_b, const at::Tensor& indices,
+                              const char* name_a, const char* name_b, const char* op) {
+  check_matrix(dense_a, name_a, op);
+  check_matrix(dense_b, name_b, op);
+  check_indices(indices, op);
+  TORCH_CHECK(dense_a.size(0) == dense_b.size(0), op, ": ", name_a, " has ", dense_a.size(0), " tokens but ",
+              name_b, " has ", dense_b.size(0));
+  TORCH_CHECK(dense_a.scalar_type() == dense_b.scalar_type(), op, ": ", name_a, " (", dense_a.scalar_type(),
+              ") and ", name_b, " (", dense_b.scalar_type(), ") must share one dtype");
+  check_device(dense_a, dense_b, name_a, name_b, op);
+  check_device(dense_a, indices, name_a, "indices", op);
+}
+
+inline void check_sddmm_out(const at::Tensor& out, const at::Tensor& dy, const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(out.dim() == 1 && out.numel() == indices.numel() && out.is_contiguous(), op,
+              ": out must be a contiguous 1-D tensor with one entry per index (", indices.numel(), "), got shape ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == acc_type(dy.scalar_type()), op, ": out must have dtype ",
+              acc_type(dy.scalar_type()), " for ", dy.scalar_type(), " inputs, got ", out.scalar_type());
+  check_device(out, dy, "out", "dy", op);
+}
+
+}  // namespace apet

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+import apet_kernels
+from apet_kernels.ops import dispatch
+
+
+def test_backends_report_availability_and_reasons():
+    status = apet_kernels.backends()
+    assert set(status) == {"reference", "triton", "native"}
+    for name, entry in status.items():
+        assert isinstance(entry["available"], bool) and isinstance(entry["reason"], str) and entry["reason"]
+    assert status["reference"]["available"]
+
+
+def test_auto_on_cpu_prefers_native_then_reference():
+    expected = "native" if apet_kernels.backends()["native"]["available"] else "reference"
+    assert dispatch.resolve("auto", torch.device("cpu")) == expected
+
+
+def test_env_override_and_bad_names(monkeypatch):
+    monkeypatch.setenv("APET_BACKEND", "reference")
+    assert dispatch.resolve("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("APET_BACKEND", "fast")
+    with pytest.raises(ValueError, match="APET_BACKEND"):
+        dispatch.resolve("auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.resolve("cuda", torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.resolve("triton", torch.device("cpu"))
+
+
+def test_native_ops_have_cpu_and_cuda_kernels():
+    status = apet_kernels.backends()["native"]
+    if not status["available"]:
+        pytest.skip(f"native unavailable: {status['reason']}")
+    from apet_kernels.ops import native
+    keys = ["CPU"] + (["CUDA"] if torch.version.cuda else [])
+    for op in native.OPS:
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"apet_native::{op}", key), (op, key)
+
+
+def test_native_errors_name_the_problem():
+    status = apet_kernels.backends()["native"]
+    if not status["available"]:
+        pytest.skip(f"native unavailable: {status['reason']}")
+    x, dy = torch.randn(4, 6), torch.randn(4, 5)
+    idx = torch.tensor([1, 7], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="row_ptr has"):
+        torch.ops.apet_native.sddmm_(torch.empty(2), dy, x, idx, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        torch.ops.apet_native.sddmm_(torch.empty(2), dy, x.double(), idx, torch.zeros(6, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        torch.ops.apet_native.sddmm_(torch.empty(2), dy, x, idx.float(), torch.zeros(6, dtype=torch.int32))
