@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H100/H200; no network): versions, build, GPU tests,
 # kernel microbenchmarks and layer steps. Results go to $OUT (when set) or bench/results/.
-# Sized to finish in about 8 minutes; each step has its own time limit so one slow step
+# Sized to finish in about 6 minutes; each step has its own time limit so one slow step
 # still leaves the others' results.
 #   bash bench/gpu_check.sh
 # Overrides for a quick dry run: SHAPES="512x384" TOKENS=256 DENSITIES="1e-3" bash bench/gpu_check.sh
@@ -24,25 +24,26 @@ step "machine"
   "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } 2>&1 | tee -a "$log"
 
-step "build (native extension if the project has one)"
-timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -5 | tee -a "$log" \
+step "build the native extension (csrc/) for this GPU"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" APET_REQUIRE_EXT=1
+timeout 150 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -15 | tee -a "$log" \
   || echo "pip install -e . failed; using the source tree on PYTHONPATH" | tee -a "$log"
 "$PY" -c "import apet_kernels, json; print(json.dumps(apet_kernels.backends(), indent=1))" 2>&1 | tee -a "$log"
 
-step "pytest -m gpu"
-timeout 150 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
-step "small kernel tests on the GPU (bf16 hi/lo path, layer vs dense-mask)"
-timeout 90 "$PY" -m pytest -q tests/test_triton_ops.py -k "precision or layer_with_triton" -p no:cacheprovider 2>&1 | tail -15 | tee -a "$log"
+step "pytest -m gpu (real sizes, every kernel backend against the reference)"
+timeout 110 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
 
-step "kernel microbenchmarks + layer steps (issue 3 shapes)"
-TRITON_PRINT_AUTOTUNING=1 timeout 270 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES --tokens "$TOKENS" \
-  --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b --profile 2>&1 \
-  | grep -v "^Autotuning kernel" | tee -a "$log"
+step "kernel microbenchmarks + layer steps, triton and native side by side"
+TRITON_PRINT_AUTOTUNING=1 timeout 170 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES \
+  --tokens "$TOKENS" --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b \
+  --profile 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
 
-step "issue 2 layer: 3072x768, T=2048, density 0.1%, bf16 and fp32"
-for dt in bfloat16 float32; do
-  timeout 45 "$PY" bench/kernels.py --device cuda --dtype "$dt" --layer-only --shapes 3072x768 --tokens 2048 \
-    --layer-densities 1e-3 --out "$OUT" --tag "issue2_$dt" 2>&1 | tee -a "$log"
-done
+step "small kernel tests on CUDA tensors (hi/lo values, scatter, layer vs dense-mask)"
+timeout 60 "$PY" -m pytest -q tests/test_kernels.py -k "precision or layer_matches or scatter" -p no:cacheprovider \
+  2>&1 | tail -15 | tee -a "$log"
+
+step "issue 2 layer: 3072x768, T=2048, density 0.1%, bf16"
+timeout 40 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --layer-only --shapes 3072x768 --tokens 2048 \
+  --layer-densities 1e-3 --out "$OUT" --tag issue2_bfloat16 2>&1 | tee -a "$log"
 step "done"
 ls -la "$OUT" | tee -a "$log"

@@ -1,7 +1,8 @@
 """Kernel microbenchmarks and single-layer steps, side by side in one process.
 
     python bench/kernels.py --device cuda            # LLaMA-7B layer shapes, T=4096, bf16
-    python bench/kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32
+    python bench/kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32 \
+      --layer-densities 1e-3
 
 Prints a markdown table and writes CSV + markdown to --out (default bench/results/).
 Layer step = forward + backward with x requiring grad (the frozen row computes the same
@@ -84,7 +85,28 @@ def _step(module, x, dy):
     return run
 
 
-def layer_rows(shape, t, density, dtype, device, backend):
+def layer_variants(base, k, device, backends):
+    """(label, module, fused policy or None) for every configuration of one layer."""
+    variants = [("frozen", base, None)]
+    first = None
+    for backend in backends:
+        merged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="merged", backend=backend)
+        unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="unmerged", backend=backend)
+        for m in (merged, unmerged):
+            with torch.no_grad():
+                m.delta_values.normal_(0, 1e-3)
+        first = first or merged
+        variants.append((f"sparse merged [{backend}]", merged, None))
+        if backend == "triton" and device.type == "cuda":
+            variants.append((f"sparse unmerged split [{backend}]", unmerged, "never"))
+            variants.append((f"sparse unmerged fused [{backend}]", unmerged, "always"))
+        else:
+            variants.append((f"sparse unmerged [{backend}]", unmerged, None))
+    variants.append(("dense-mask", DenseMaskLinear.from_linear(copy.deepcopy(base), first.delta_indices), None))
+    return variants
+
+
+def layer_rows(shape, t, density, dtype, device, backends):
     out_f, in_f = shape
     torch.manual_seed(0)
     base = torch.nn.Linear(in_f, out_f, bias=False).to(device, dtype)
@@ -92,33 +114,20 @@ def layer_rows(shape, t, density, dtype, device, backend):
     k = max(1, round(density * out_f * in_f))
     x = torch.randn(t, in_f, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(t, out_f, device=device, dtype=dtype)
-    variants = {"frozen": base}
-    merged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="merged", backend=backend)
-    variants["sparse merged"] = merged
-    unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="unmerged", backend=backend)
-    variants["sparse unmerged"] = unmerged
-    for m in (merged, unmerged):
-        with torch.no_grad():
-            m.delta_values.normal_(0, 1e-3)
-    variants["dense-mask"] = DenseMaskLinear.from_linear(copy.deepcopy(base), merged.delta_indices)
-    rows = []
-    modes = [("", None)]
-    if device.type == "cuda" and backend in ("triton", "auto"):
-        from apet_kernels.ops.triton import kernels as tk
-        modes = [("split", "never"), ("fused", "always")]
-    times = {}
-    for name, module in variants.items():
-        for suffix, policy in (modes if name == "sparse unmerged" else [("", None)]):
-            if policy is not None:
-                tk.FUSED_POLICY = policy
-            label = f"{name} ({suffix})" if suffix else name
+    rows, times = [], {}
+    for label, module, policy in layer_variants(base, k, device, backends):
+        if policy is not None:
+            from apet_kernels.ops.triton import kernels as tk
+            tk.FUSED_POLICY = policy
+        try:
             times[label] = median_ms(_step(module, x, dy), device)
-            rows.append(dict(kind="layer", op=label, backend=backend, shape=f"{out_f}x{in_f}", tokens=t,
-                             density=density, k=k, dtype=str(dtype).replace("torch.", ""),
-                             ms=times[label], us=times[label] * 1e3,
-                             trainable_state_bytes_adam=trainable_state_bytes(module)))
-        if device.type == "cuda" and backend in ("triton", "auto"):
-            tk.FUSED_POLICY = "auto"
+        finally:
+            if policy is not None:
+                tk.FUSED_POLICY = "auto"
+        rows.append(dict(kind="layer", op=label, backend=",".join(backends), shape=f"{out_f}x{in_f}", tokens=t,
+                         density=density, k=k, dtype=str(dtype).replace("torch.", ""),
+                         ms=times[label], us=times[label] * 1e3,
+                         trainable_state_bytes_adam=trainable_state_bytes(module)))
     for r in rows:
         r["ratio_to_frozen"] = r["ms"] / times["frozen"]
     return rows
@@ -184,7 +193,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--densities", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--layer-densities", type=float, nargs="+", default=[1e-3, 1e-2])
-    ap.add_argument("--backend", default="triton", help="backend for the layer rows")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="backends for the layer rows (default: every available one but reference on CUDA)")
     ap.add_argument("--kernel-backends", nargs="+", default=None)
     ap.add_argument("--layer-only", action="store_true")
     ap.add_argument("--kernels-only", action="store_true")
@@ -202,16 +212,20 @@ def main(argv=None):
     if not args.layer_only:
         copy_gbs = copy_bandwidth_gbs(device)
         print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)", flush=True)
-        kb = args.kernel_backends or (["triton", "reference"] if device.type == "cuda" else ["reference"])
+        kb = args.kernel_backends or [n for n, st in apet_kernels.backends().items() if st["available"]
+                                      and not (device.type == "cuda" and n == "reference")]
         for shape in args.shapes:
             for density in args.densities:
                 new = kernel_rows(_shape(shape), args.tokens, density, dtype, device, kb, copy_gbs)
                 rows += new
                 print(markdown(new, ["op", "backend", "shape", "density", "k", "us", "gbs", "pct_copy"]), flush=True)
+    available = [n for n, st in apet_kernels.backends().items() if st["available"]]
+    default = [n for n in available if n != "reference"] if device.type == "cuda" else available
+    layer_backends = args.backends or default
     if not args.kernels_only:
         for shape in args.shapes:
             for density in args.layer_densities:
-                new = layer_rows(_shape(shape), args.tokens, density, dtype, device, args.backend)
+                new = layer_rows(_shape(shape), args.tokens, density, dtype, device, layer_backends)
                 rows += new
                 print(markdown(new, ["op", "shape", "density", "k", "ms", "ratio_to_frozen",
                                      "trainable_state_bytes_adam"]), flush=True)
@@ -219,7 +233,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.profile and device.type == "cuda":
         text = profile_steps(_shape(args.shapes[0]), args.tokens, args.layer_densities[0], dtype, device,
-                             args.backend)
+                             layer_backends[0])
         print(text, flush=True)
         (out / f"profile_{args.tag or 'run'}.txt").write_text(text)
     stem = f"kernels_{args.device}{('_' + args.tag) if args.tag else ''}"

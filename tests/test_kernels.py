@@ -176,7 +176,7 @@ def test_layer_matches_dense_mask(backend, strategy, dtype):
 
 
 # ---------------------------------------------------------------- real sizes, GPU only
-GPU_SHAPES = [(4096, 4096, 4096), (4096, 11008, 4096), (4096, 4096, 11008), (3001, 4096, 1024)]
+GPU_SHAPES = [(4096, 4096, 4096), (3001, 4096, 1024)]
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -74,7 +74,8 @@ def resolve(backend: str, device: torch.device) -> str:
     status = backends()
     if backend == "auto":
         if device.type == "cuda":
-            # Triton first on CUDA: the only GPU backend built so far (see bench/results).
+            if status["triton"]["available"] and status["native"]["available"]:
+                return CUDA_AUTO  # per op, the faster of the two (CUDA_AUTO_CHOICE)
             order = ("triton", "native", "reference")
         else:
             order = ("native", "reference")
@@ -87,8 +88,21 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def implementation(backend: str) -> ModuleType:
+CUDA_AUTO = "cuda-auto"
+# Which GPU backend `auto` uses per op when both are built, from bench/gpu_check.sh runs
+# (bench/results/): the faster one at the LLaMA-7B shapes, bf16, T=4096.
+CUDA_AUTO_CHOICE = {"sddmm": "triton", "spmm_": "triton", "spmm_t_": "triton", "scatter_merge_": "triton"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_auto() -> SimpleNamespace:
+    return SimpleNamespace(**{op: getattr(implementation(name), op) for op, name in CUDA_AUTO_CHOICE.items()})
+
+
+def implementation(backend: str):
     """The module holding sddmm / spmm_ / spmm_t_ / scatter_merge_ for a resolved backend."""
+    if backend == CUDA_AUTO:
+        return _cuda_auto()
     if backend == "reference":
         from . import reference
         return reference
