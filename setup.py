@@ -63,14 +63,14 @@ def _extensions():
         _log("torch is not importable at build time (isolated build?): pure Python install; "
              "use `pip install --no-build-isolation .` to compile the extension")
         return [], {}
-    cxx = ["-O3", "-fopenmp-simd"]  # the C++ standard is torch's choice (2.14 needs C++20)
+    cxx = ["-O3", "-fopenmp-simd", "-Werror=return-type"]  # the C++ standard is torch's choice (2.14 needs C++20)
     use_cuda = bool(torch.version.cuda) and bool(cu) and cuda_home is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         _log(f"building CUDAExtension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
              f"with CUDA_HOME={os.environ['CUDA_HOME']}")
         ext = CUDAExtension("apet_kernels._C", cpp + cu, include_dirs=_nvidia_wheel_includes(),
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-Xcompiler", "-Werror=return-type"]})
     else:
         why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
         _log(f"building the CPU-only CppExtension: {why}")

@@ -49,6 +49,7 @@ at::Tensor transpose_cuda(const at::Tensor& t_in) {
                                                           cols, t.stride(0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 template <typename acc_t>
@@ -207,6 +208,7 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
   const char* op = "apet_native::spmm_";
   check_sparse_args(out, x, indices, "out", "x", op);
   check_same_index_dtype(indices, row_ptr, "row_ptr", op);
+  check_values(values, indices, op);
   TORCH_CHECK(row_ptr.numel() == out.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
               out.size(1) + 1);
   c10::cuda::CUDAGuard guard(out.device());
@@ -219,6 +221,8 @@ void spmm_t_cuda(at::Tensor out, const at::Tensor& dy, const at::Tensor& indices
   check_sparse_args(out, dy, indices, "out", "dy", op);
   check_same_index_dtype(indices, col_ptr, "col_ptr", op);
   check_same_index_dtype(indices, col_perm, "col_perm", op);
+  check_values(values, indices, op);
+  TORCH_CHECK(col_perm.numel() == indices.numel(), op, ": col_perm and indices must have the same length");
   TORCH_CHECK(col_ptr.numel() == out.size(1) + 1, op, ": col_ptr has ", col_ptr.numel(), " entries, expected ",
               out.size(1) + 1);
   c10::cuda::CUDAGuard guard(out.device());
@@ -233,6 +237,9 @@ void scatter_merge_cuda(at::Tensor weight, const at::Tensor& indices, const at::
   TORCH_CHECK(base.numel() == indices.numel() && values.numel() == indices.numel(), op,
               ": base, values and indices must have the same length");
   TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
+  check_values(values, indices, op);
+  check_device(weight, indices, "weight", "indices", op);
+  check_device(weight, base, "weight", "base", op);
   c10::cuda::CUDAGuard guard(weight.device());
   const int64_t n_k = indices.numel();
   if (n_k == 0) return;

@@ -97,8 +97,7 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
   const char* op = "apet_native::spmm_";
   check_sparse_args(out, x, indices, "out", "x", op);
   check_same_index_dtype(indices, row_ptr, "row_ptr", op);
-  TORCH_CHECK(values.numel() == indices.numel(), op, ": values has ", values.numel(), " entries but indices ",
-              indices.numel());
+  check_values(values, indices, op);
   TORCH_CHECK(row_ptr.numel() == out.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
               out.size(1) + 1);
   group_spmm_cpu(out, x, indices, values, row_ptr, nullptr, x.size(1), /*src_is_col=*/true);
@@ -110,8 +109,8 @@ void spmm_t_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& indices,
   check_sparse_args(out, dy, indices, "out", "dy", op);
   check_same_index_dtype(indices, col_ptr, "col_ptr", op);
   check_same_index_dtype(indices, col_perm, "col_perm", op);
-  TORCH_CHECK(values.numel() == indices.numel() && col_perm.numel() == indices.numel(), op,
-              ": values, col_perm and indices must have the same length");
+  check_values(values, indices, op);
+  TORCH_CHECK(col_perm.numel() == indices.numel(), op, ": col_perm and indices must have the same length");
   TORCH_CHECK(col_ptr.numel() == out.size(1) + 1, op, ": col_ptr has ", col_ptr.numel(), " entries, expected ",
               out.size(1) + 1);
   group_spmm_cpu(out, dy, indices, values, col_ptr, &col_perm, out.size(1), /*src_is_col=*/false);
@@ -124,6 +123,9 @@ void scatter_merge_cpu(at::Tensor weight, const at::Tensor& indices, const at::T
   TORCH_CHECK(base.numel() == indices.numel() && values.numel() == indices.numel(), op,
               ": base, values and indices must have the same length");
   TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
+  check_values(values, indices, op);
+  check_device(weight, indices, "weight", "indices", op);
+  check_device(weight, base, "weight", "base", op);
   const int64_t n_k = indices.numel(), in_f = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
   if (n_k == 0) return;
   auto acc = acc_type(weight.scalar_type());

@@ -16,6 +16,17 @@ inline void check_same_index_dtype(const at::Tensor& indices, const at::Tensor& 
   TORCH_CHECK(other.scalar_type() == indices.scalar_type(), op, ": ", what, " has dtype ", other.scalar_type(),
               " but indices have ", indices.scalar_type(), "; build both with apet_kernels.ops.build_layout");
   TORCH_CHECK(other.dim() == 1 && other.is_contiguous(), op, ": ", what, " must be a contiguous 1-D tensor");
+  TORCH_CHECK(other.device() == indices.device(), op, ": ", what, " is on ", other.device(), " but indices are on ",
+              indices.device());
+}
+
+inline void check_values(const at::Tensor& values, const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(values.dim() == 1 && values.numel() == indices.numel(), op, ": values have shape ", values.sizes(),
+              " but there are ", indices.numel(), " indices");
+  TORCH_CHECK(at::isFloatingType(values.scalar_type()), op, ": values must be floating point, got ",
+              values.scalar_type());
+  TORCH_CHECK(values.device() == indices.device(), op, ": values are on ", values.device(), " but indices are on ",
+              indices.device());
 }
 
 inline void check_matrix(const at::Tensor& t, const char* name, const char* op) {
