@@ -58,3 +58,22 @@ def test_native_errors_name_the_problem():
         torch.ops.apet_native.sddmm_(torch.empty(2), dy, x.double(), idx, torch.zeros(6, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="int32 or int64"):
         torch.ops.apet_native.sddmm_(torch.empty(2), dy, x, idx.float(), torch.zeros(6, dtype=torch.int32))
+
+
+def test_cuda_auto_picks_per_op_by_size(monkeypatch):
+    status = apet_kernels.backends()
+    if not (status["triton"]["available"] and status["native"]["available"]):
+        pytest.skip("needs both triton and native")
+    calls = []
+    from apet_kernels.ops import native
+    from apet_kernels.ops.triton import kernels
+    monkeypatch.setattr(native, "sddmm", lambda *a, **k: calls.append("native"))
+    monkeypatch.setattr(kernels, "sddmm", lambda *a, **k: calls.append("triton"))
+    dispatch._cuda_auto.cache_clear()
+    try:
+        auto = dispatch.implementation(dispatch.CUDA_AUTO)
+        auto.sddmm(torch.empty(2, 64), torch.empty(2, 32), None)
+        auto.sddmm(torch.empty(2, 8192), torch.empty(2, 4096), None)
+    finally:
+        dispatch._cuda_auto.cache_clear()
+    assert calls == ["native", "triton"]

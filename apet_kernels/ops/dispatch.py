@@ -89,14 +89,34 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 CUDA_AUTO = "cuda-auto"
-# Which GPU backend `auto` uses per op when both are built, from bench/gpu_check.sh runs
-# (bench/results/): the faster one at the LLaMA-7B shapes, bf16, T=4096.
-CUDA_AUTO_CHOICE = {"sddmm": "triton", "spmm_": "triton", "spmm_t_": "triton", "scatter_merge_": "triton"}
+# `auto` on CUDA when both GPU backends are built: per op, the one that made the layer step
+# faster on an H100 (bench/results/h100-2026-11-26-run3, bf16, merged and unmerged steps).
+# Small layers are bound by host time per launch, where the C++ ops win (768x3072, T=2048:
+# merged 2.96x vs 5.72x of frozen); large ones by kernel time, where Triton wins (11008x4096,
+# T=4096: merged 1.11x vs 1.18x). Weights of at most NATIVE_MAX_NUMEL[op] elements go native.
+NATIVE_MAX_NUMEL = {"sddmm": 4096 * 4096, "spmm_": 4096 * 4096 - 1, "spmm_t_": 4096 * 4096 - 1}
+
+
+def _by_size(op: str, numel_of):
+    triton_fn = getattr(implementation("triton"), op)
+    native_fn = getattr(implementation("native"), op)
+
+    def run(*args, **kwargs):
+        fn = native_fn if numel_of(*args) <= NATIVE_MAX_NUMEL[op] else triton_fn
+        return fn(*args, **kwargs)
+
+    run.__name__ = op
+    return run
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_auto() -> SimpleNamespace:
-    return SimpleNamespace(**{op: getattr(implementation(name), op) for op, name in CUDA_AUTO_CHOICE.items()})
+    return SimpleNamespace(
+        sddmm=_by_size("sddmm", lambda dy, x, *a: dy.shape[1] * x.shape[1]),
+        spmm_=_by_size("spmm_", lambda out, x, *a: out.shape[1] * x.shape[1]),
+        spmm_t_=_by_size("spmm_t_", lambda out, dy, *a: dy.shape[1] * out.shape[1]),
+        # K writes once per optimizer step; not separately measured: index_put_ as in Triton's
+        scatter_merge_=implementation("triton").scatter_merge_)
 
 
 def implementation(backend: str):
