@@ -37,11 +37,8 @@ at::Tensor transposed_acc(const at::Tensor& t) { return t.t().to(acc_type(t.scal
 void sddmm_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
                const at::Tensor& row_ptr) {
   const char* op = "apet_native::sddmm_";
-  check_sparse_args(dy, x, indices, "dy", "x", op);
-  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
-  check_sddmm_out(out, dy, indices, op);
+  check_sddmm(out, dy, x, indices, row_ptr, op);
   const int64_t n_rows = dy.size(1), in_f = x.size(1), n_t = dy.size(0), n_k = indices.numel();
-  TORCH_CHECK(row_ptr.numel() == n_rows + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ", n_rows + 1);
   if (n_k == 0) return;
   auto dy_t = transposed_acc(dy), x_t = transposed_acc(x);
   auto idx = indices.contiguous();
@@ -95,37 +92,20 @@ void group_spmm_cpu(at::Tensor& out, const at::Tensor& src, const at::Tensor& in
 void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
               const at::Tensor& row_ptr) {
   const char* op = "apet_native::spmm_";
-  check_sparse_args(out, x, indices, "out", "x", op);
-  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
-  check_values(values, indices, op);
-  TORCH_CHECK(row_ptr.numel() == out.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
-              out.size(1) + 1);
+  check_spmm(out, x, indices, values, row_ptr, op);
   group_spmm_cpu(out, x, indices, values, row_ptr, nullptr, x.size(1), /*src_is_col=*/true);
 }
 
 void spmm_t_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& indices, const at::Tensor& values,
                 const at::Tensor& col_ptr, const at::Tensor& col_perm) {
   const char* op = "apet_native::spmm_t_";
-  check_sparse_args(out, dy, indices, "out", "dy", op);
-  check_same_index_dtype(indices, col_ptr, "col_ptr", op);
-  check_same_index_dtype(indices, col_perm, "col_perm", op);
-  check_values(values, indices, op);
-  TORCH_CHECK(col_perm.numel() == indices.numel(), op, ": col_perm and indices must have the same length");
-  TORCH_CHECK(col_ptr.numel() == out.size(1) + 1, op, ": col_ptr has ", col_ptr.numel(), " entries, expected ",
-              out.size(1) + 1);
+  check_spmm_t(out, dy, indices, values, col_ptr, col_perm, op);
   group_spmm_cpu(out, dy, indices, values, col_ptr, &col_perm, out.size(1), /*src_is_col=*/false);
 }
 
 void scatter_merge_cpu(at::Tensor weight, const at::Tensor& indices, const at::Tensor& base, const at::Tensor& values) {
   const char* op = "apet_native::scatter_merge_";
-  check_matrix(weight, "weight", op);
-  check_indices(indices, op);
-  TORCH_CHECK(base.numel() == indices.numel() && values.numel() == indices.numel(), op,
-              ": base, values and indices must have the same length");
-  TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
-  check_values(values, indices, op);
-  check_device(weight, indices, "weight", "indices", op);
-  check_device(weight, base, "weight", "base", op);
+  check_scatter_merge(weight, indices, base, values, op);
   const int64_t n_k = indices.numel(), in_f = weight.size(1), s0 = weight.stride(0), s1 = weight.stride(1);
   if (n_k == 0) return;
   auto acc = acc_type(weight.scalar_type());

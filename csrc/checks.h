@@ -65,4 +65,46 @@ inline void check_sddmm_out(const at::Tensor& out, const at::Tensor& dy, const a
   check_device(out, dy, "out", "dy", op);
 }
 
+// Full argument checks of each op, shared by the CPU and CUDA implementations.
+inline void check_sddmm(const at::Tensor& out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+                        const at::Tensor& row_ptr, const char* op) {
+  check_sparse_args(dy, x, indices, "dy", "x", op);
+  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
+  check_sddmm_out(out, dy, indices, op);
+  TORCH_CHECK(row_ptr.numel() == dy.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
+              dy.size(1) + 1);
+}
+
+inline void check_spmm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& indices,
+                       const at::Tensor& values, const at::Tensor& row_ptr, const char* op) {
+  check_sparse_args(out, x, indices, "out", "x", op);
+  check_same_index_dtype(indices, row_ptr, "row_ptr", op);
+  check_values(values, indices, op);
+  TORCH_CHECK(row_ptr.numel() == out.size(1) + 1, op, ": row_ptr has ", row_ptr.numel(), " entries, expected ",
+              out.size(1) + 1);
+}
+
+inline void check_spmm_t(const at::Tensor& out, const at::Tensor& dy, const at::Tensor& indices,
+                         const at::Tensor& values, const at::Tensor& col_ptr, const at::Tensor& col_perm,
+                         const char* op) {
+  check_sparse_args(out, dy, indices, "out", "dy", op);
+  check_same_index_dtype(indices, col_ptr, "col_ptr", op);
+  check_same_index_dtype(indices, col_perm, "col_perm", op);
+  check_values(values, indices, op);
+  TORCH_CHECK(col_perm.numel() == indices.numel(), op, ": col_perm and indices must have the same length");
+  TORCH_CHECK(col_ptr.numel() == out.size(1) + 1, op, ": col_ptr has ", col_ptr.numel(), " entries, expected ",
+              out.size(1) + 1);
+}
+
+inline void check_scatter_merge(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& base,
+                                const at::Tensor& values, const char* op) {
+  check_matrix(weight, "weight", op);
+  check_indices(indices, op);
+  check_values(values, indices, op);
+  TORCH_CHECK(base.numel() == indices.numel(), op, ": base and indices must have the same length");
+  TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
+  check_device(weight, indices, "weight", "indices", op);
+  check_device(weight, base, "weight", "base", op);
+}
+
 }  // namespace apet
