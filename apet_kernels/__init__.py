@@ -1,11 +1,13 @@
 """apet-kernels: sparse-delta fine-tuning (APET) without dense masks, deltas or weight gradients."""
 
+from .config import ApetConfig
 from .functional import sparse_delta_linear
+from .hf import ApetModel, get_apet_model, load_apet
 from .layers import DenseMaskLinear, SparseDeltaLinear
 from .ops.dispatch import backends
 from .selection import select_indices, split_budget
 
 __version__ = "0.1.0"
 
-__all__ = ["DenseMaskLinear", "SparseDeltaLinear", "backends", "select_indices",
-           "sparse_delta_linear", "split_budget", "__version__"]
+__all__ = ["ApetConfig", "ApetModel", "DenseMaskLinear", "SparseDeltaLinear", "backends", "get_apet_model",
+           "load_apet", "select_indices", "sparse_delta_linear", "split_budget", "__version__"]

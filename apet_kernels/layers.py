@@ -80,6 +80,7 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError(f"strategy 'merged' is not legal here: {why}")
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
         self._merged_version: int | None = None  # delta_values._version last scattered; None = W pure
+        self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
 
@@ -195,6 +196,9 @@ class SparseDeltaLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apet_disabled:
+            self._restore_base()  # the next enabled merged forward re-scatters
+            return F.linear(x, self._weight_oi(), self.bias)
         merged = self.strategy == "merged"
         if merged:
             self._sync_merged()

@@ -1,0 +1,81 @@
+"""ApetConfig: what to tune and how, saved as JSON next to an adapter (PEFT's config role)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .ops.dispatch import CHOICES
+from .selection import METHODS
+
+CONFIG_NAME = "apet_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ApetConfig:
+    """Budget (exactly one of ``num_params``, ``density``, ``budget_like``), targets and strategy.
+
+    ``budget_like`` sets ``num_params`` to another PET method's parameter count on the same
+    model, as the paper does: ``"lora:r=8"`` (on the same target modules), ``"bitfit"`` (all
+    biases), ``"adapter:d=24"`` (two bottleneck adapters per layer), ``"prompt:n=100"``.
+    ``target_modules``: ``"all-linear"`` (every nn.Linear / GPT-2 Conv1D except output heads),
+    a list of module-name suffixes, or a regex matched against the full name.
+    """
+
+    num_params: int | None = None
+    density: float | None = None
+    budget_like: str | None = None
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    method: str = "random"
+    seed: int = 0
+    strategy: str = "auto"
+    backend: str = "auto"
+    modules_to_save: list[str] | None = None
+    # filled by get_apet_model: per target layer its shape, k and an index checksum
+    layers: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        given = [n for n in ("num_params", "density", "budget_like") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"ApetConfig needs exactly one of num_params, density, budget_like; got {given or 'none'}")
+        if self.num_params is not None and (not isinstance(self.num_params, int) or self.num_params < 0):
+            raise ValueError(f"num_params must be a non-negative int, got {self.num_params!r}")
+        if self.density is not None and not 0.0 <= float(self.density) <= 1.0:
+            raise ValueError(f"density must lie in [0, 1], got {self.density}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.strategy not in ("auto", "merged", "unmerged"):
+            raise ValueError(f"unknown strategy {self.strategy!r}")
+        if self.backend not in CHOICES:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {CHOICES}")
+
+    def to_dict(self) -> dict:
+        return {"apet_format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "ApetConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+        if not isinstance(data, dict) or data.pop("apet_format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{path} is not an apet-kernels config of format version {FORMAT_VERSION}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,335 @@
+"""Hugging Face glue: patch a transformers model with SparseDeltaLinear layers, PEFT-style.
+
+    model = get_apet_model(AutoModelForCausalLM.from_pretrained(...), ApetConfig(density=1e-3))
+    model.print_trainable_parameters()
+    ...train...
+    model.save_apet("out/")                    # adapter_model.safetensors + apet_config.json
+    model = load_apet(fresh_base_model, "out/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
+from .layers import SparseDeltaLinear
+from .selection import select_indices, split_budget
+
+# Output layers that "all-linear" leaves alone (PEFT excludes the output layer too).
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features); GPT-2's Conv1D stores its weight as (in, out)."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+
+
+def _matches(name: str, spec) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _within(name: str, spec) -> bool:
+    """True if module ``name`` or one of its ancestors matches ``spec``."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), spec) for i in range(1, len(parts) + 1))
+
+
+def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
+    """Qualified name -> linear-like module to patch, in model order."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        heads.add(id(out_emb))
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if config.target_modules == "all-linear":
+            if id(module) in heads or any(part in HEAD_NAMES for part in name.split(".")):
+                continue
+        elif not _matches(name, config.target_modules):
+            continue
+        if _matches(name, config.exclude_modules) or _matches(name, config.modules_to_save):
+            continue
+        targets[name] = module
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D in this model")
+    return targets
+
+
+def _model_dims(model: nn.Module) -> tuple[int, int]:
+    cfg = getattr(model, "config", None)
+    hidden = next((getattr(cfg, a) for a in ("hidden_size", "n_embd", "d_model") if getattr(cfg, a, None)), None)
+    layers = next((getattr(cfg, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if getattr(cfg, a, None)),
+                  None)
+    if hidden is None or layers is None:
+        raise ValueError("budget_like adapter/prompt needs model.config with a hidden size and a layer count")
+    layers += getattr(cfg, "num_decoder_layers", 0) if getattr(cfg, "is_encoder_decoder", False) else 0
+    return hidden, layers
+
+
+def budget_like_count(model: nn.Module, spec: str, targets: dict[str, nn.Module]) -> int:
+    """The trainable-parameter count of another PET method on this model (the paper's budgets)."""
+    kind, _, arg = spec.partition(":")
+    params = dict(p.split("=") for p in arg.split(",") if p) if arg else {}
+    try:
+        if kind == "lora":
+            r = int(params["r"])
+            return sum(r * (o + i) for o, i in (linear_shape(m) for m in targets.values()))
+        if kind == "bitfit":
+            return sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+        if kind == "adapter":
+            d = int(params["d"])
+            hidden, layers = _model_dims(model)
+            return layers * 2 * (2 * hidden * d + d + hidden)  # two bottleneck adapters per layer
+        if kind == "prompt":
+            hidden, _ = _model_dims(model)
+            return int(params["n"]) * hidden
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"cannot read budget_like={spec!r}: {exc}") from None
+    raise ValueError(f"unknown budget_like {spec!r}; use lora:r=R, bitfit, adapter:d=D or prompt:n=N")
+
+
+def index_checksum(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {pid for pid, n in counts.items() if n > 1}
+
+
+class ApetModel(nn.Module):
+    """A transformers model whose target linears are SparseDeltaLinear (what get_apet_model returns).
+
+    Attribute access and calls fall through to the wrapped model, so Trainer, generate() and
+    friends work on it as on the base model.
+    """
+
+    def __init__(self, model: nn.Module, config: ApetConfig, originals: dict[str, nn.Module],
+                 requires_grad: dict[str, bool]):
+        super().__init__()
+        self.base_model = model
+        self.apet_config = config
+        self._originals = originals
+        self._requires_grad = requires_grad
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def apet_layers(self) -> dict[str, SparseDeltaLinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **extra):
+        # the frozen embeddings give inputs without grad: reentrant checkpointing would drop
+        # the deltas' gradients, so default to the non-reentrant form
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        newer = getattr(self.base_model, "activation_checkpointing_enable", None)  # transformers >= 5
+        if newer is not None:
+            newer(activation_checkpointing_kwargs=kwargs, **extra)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
+
+    @contextlib.contextmanager
+    def disable_apet(self):
+        """Within the block the model computes as the unpatched base model."""
+        layers = list(self.apet_layers().values())
+        for layer in layers:
+            layer.apet_disabled = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.apet_disabled = False
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.apet_layers().items():
+            tensors[f"{name}.delta_values"] = layer.delta_values.detach()
+            if self.apet_config.method != "random":
+                tensors[f"{name}.delta_indices"] = layer.delta_indices
+        for name, p in self.base_model.named_parameters():
+            if _within(name.rpartition(".")[0], self.apet_config.modules_to_save):
+                tensors[name] = p.detach()
+        return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+
+    def save_apet(self, directory: str) -> None:
+        """adapter_model.safetensors (about 4 bytes per tuned parameter for method='random')
+        and apet_config.json. Never pickles."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        self.apet_config.save_pretrained(directory)
+        save_file(self.adapter_state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "apet"})
+
+    save_pretrained = save_apet
+
+    def _restore(self, merge: bool) -> nn.Module:
+        for name, layer in self.apet_layers().items():
+            original = self._originals[name]
+            with torch.no_grad():
+                if merge:
+                    layer._restore_base()
+                    layer._scatter(layer.delta_values)  # W[p] = cast(base + v), kept
+                else:
+                    layer.unmerge()
+            _set_module(self.base_model, name, original)
+        for name, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            if hasattr(p, "_apet_shared"):
+                del p._apet_shared
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Write W + S into each weight for good and return the plain base model."""
+        return self._restore(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Restore the original modules and weights bit-exactly and return the base model."""
+        return self._restore(merge=False)
+
+
+def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor]) -> ApetModel:
+    targets = {name: model.get_submodule(name) for name in indices}
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    shared = _shared_parameter_ids(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if _within(name.rpartition(".")[0], config.modules_to_save):
+            p.requires_grad_(True)
+    layers = {}
+    for name, module in targets.items():
+        if id(module.weight) in shared:
+            module.weight._apet_shared = True  # tied: the merged strategy must not write it
+        layer = SparseDeltaLinear.from_linear(module, indices=indices[name], strategy=config.strategy,
+                                              backend=config.backend)
+        _set_module(model, name, layer)
+        layers[name] = layer
+        config.layers[name] = {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
+                               "checksum": index_checksum(indices[name])}
+    return ApetModel(model, config, targets, requires_grad)
+
+
+def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
+    """Replace the target linears of ``model`` in place with SparseDeltaLinear layers.
+
+    The budget is split over the targets in proportion to their size (split_budget); each
+    layer's positions come from select_indices(..., seed=config.seed, key=<qualified name>).
+    Everything else is frozen except ``modules_to_save``.
+    """
+    if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("this model already has APET layers")
+    config.layers = {}
+    targets = find_targets(model, config)
+    shapes = {name: linear_shape(m) for name, m in targets.items()}
+    if config.budget_like is not None:
+        budget = split_budget(shapes, num_params=budget_like_count(model, config.budget_like, targets))
+    else:
+        budget = split_budget(shapes, num_params=config.num_params, density=config.density)
+    indices = {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
+               for name in targets}
+    return _patch(model, config, indices)
+
+
+def load_apet(model: nn.Module, directory: str) -> ApetModel:
+    """Patch a fresh base ``model`` with the adapter in ``directory`` (safetensors + JSON only).
+
+    Everything is checked before the model is touched: the modules exist and have the stored
+    shapes, regenerated indices match their checksums, every tensor is present with the right
+    shape. The first mismatch raises a ValueError naming it, and the model stays as it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("load_apet needs a base model without APET layers (call unload() first)")
+    config = ApetConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is truncated or malformed: {exc}") from None
+    modules = dict(model.named_modules())
+    indices, expected = {}, set()
+    for name, info in config.layers.items():
+        module = modules.get(name)
+        if module is None or not is_linear_like(module):
+            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model")
+        shape = linear_shape(module)
+        if list(shape) != list(info["shape"]):
+            raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {shape}")
+        if config.method == "random":
+            idx = select_indices(shape, int(info["k"]), method="random", seed=config.seed, key=name)
+        else:
+            key = f"{name}.delta_indices"
+            if key not in tensors:
+                raise ValueError(f"{path} lacks {key}")
+            idx = tensors[key]
+            expected.add(key)
+        if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
+            raise ValueError(f"adapter layer {name!r}: indices do not match the stored checksum "
+                             f"(other seed, key or selection code?)")
+        values = tensors.get(f"{name}.delta_values")
+        if values is None or values.shape != (idx.numel(),) or not values.is_floating_point():
+            raise ValueError(f"{path}: {name}.delta_values is missing or not a float tensor of shape ({idx.numel()},)")
+        expected.add(f"{name}.delta_values")
+        indices[name] = idx
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        if key in expected:
+            continue
+        if key not in params or not _within(key.rpartition(".")[0], config.modules_to_save):
+            raise ValueError(f"{path} holds {key!r}, which is neither an APET layer nor a parameter of "
+                             f"modules_to_save in this model")
+        if params[key].shape != t.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
+    apet = _patch(model, config, indices)
+    layers = apet.apet_layers()
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key.endswith(".delta_values") and key[: -len(".delta_values")] in layers:
+                layers[key[: -len(".delta_values")]].delta_values.copy_(t)
+            elif not key.endswith(".delta_indices"):
+                params[key].copy_(t)
+    return apet
