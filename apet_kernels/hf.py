@@ -135,9 +135,9 @@ class ApetModel(nn.Module):
         self.apet_config = config
         self._originals = originals
         self._requires_grad = requires_grad
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        # the base model's own forward, so its signature shows: Trainer reads it to keep the
+        # dataset columns the model takes
+        self.forward = model.forward
 
     def __getattr__(self, name):
         try:

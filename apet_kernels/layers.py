@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._checks import check_index_content, check_index_meta
 from .functional import sparse_delta_linear
@@ -14,6 +15,22 @@ from .ops.layout import build_layout
 from .selection import select_indices
 
 STRATEGIES = ("auto", "merged", "unmerged")
+
+
+def _count_optimizer_steps(optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook: count steps on every delta_values tensor.
+
+    The merged strategy re-scatters W[p] = base + v when the values changed. In-place edits
+    bump a tensor's version counter, but fused optimizers (e.g. AdamW(fused=True), the
+    Trainer's default) write parameters without bumping it; this counter catches those.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if hasattr(p, "_apet_steps"):
+                p._apet_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_steps)
 
 
 def _budget(numel: int, k: int | None, density: float | None) -> int:
@@ -74,12 +91,13 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("delta_base", self._gather_weight(indices))
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32,
                                                      device=self.weight.device))
+        self.delta_values._apet_steps = 0
         self._rebuild_layout()
         legal, why = merge_is_legal(self.weight)
         if strategy == "merged" and not legal:
             raise ValueError(f"strategy 'merged' is not legal here: {why}")
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
-        self._merged_version: int | None = None  # delta_values._version last scattered; None = W pure
+        self._merged_version: tuple | None = None  # values' change stamp last scattered; None = W pure
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
@@ -137,13 +155,16 @@ class SparseDeltaLinear(nn.Module):
         torch.ops.apet.scatter_merge_(self._weight_oi(), self.delta_indices, self.delta_base,
                                       values, self._backend_name())
 
+    def _values_stamp(self) -> tuple:
+        """Changes whenever delta_values may have: in-place edits and optimizer steps."""
+        return self.delta_values._version, getattr(self.delta_values, "_apet_steps", 0)
+
     @torch.compiler.disable
     def _sync_merged(self) -> None:
         """Re-scatter W[p] = base + v if the values changed since the last write (K writes)."""
-        version = self.delta_values._version
-        if self._merged_version != version:
+        if self._merged_version != self._values_stamp():
             self._scatter(self.delta_values)
-            self._merged_version = self.delta_values._version
+            self._merged_version = self._values_stamp()
 
     def merge(self) -> None:
         """Switch to the merged strategy: write W + S into W's storage and keep it in sync."""

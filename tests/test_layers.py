@@ -126,6 +126,24 @@ def test_optimizer_step_reaches_next_merged_forward():
     assert_close_rel(y1, unmerged(x).double(), torch.float32)
 
 
+@pytest.mark.parametrize("optimizer", ["foreach", "fused", "single"])
+def test_every_optimizer_kind_reaches_next_merged_forward(optimizer):
+    # fused optimizers write parameters without bumping their version counter
+    lin = _linear()
+    merged = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy="merged", seed=2)
+    unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy="unmerged", seed=2)
+    kwargs = {"foreach": dict(foreach=True), "fused": dict(fused=True), "single": dict(foreach=False)}[optimizer]
+    opts = [torch.optim.AdamW([m.delta_values], lr=1e-2, **kwargs) for m in (merged, unmerged)]
+    x = torch.randn(8, 19)
+    for _ in range(3):
+        for m, opt in zip((merged, unmerged), opts):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(merged.delta_values, unmerged.delta_values, rtol=1e-5, atol=1e-6)
+    assert_close_rel(merged(x), unmerged(x).double(), torch.float32)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_gradient_accumulation(strategy):
     layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=30, strategy=strategy))
