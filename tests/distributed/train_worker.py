@@ -1,0 +1,60 @@
+"""Worker for tests/test_distributed.py: a few AdamW steps on a patched tiny LLaMA.
+
+    python train_worker.py single OUT STRATEGY          # one process, the whole global batch
+    torchrun --nproc_per_node 2 train_worker.py ddp OUT STRATEGY
+    torchrun --nproc_per_node 2 train_worker.py fsdp OUT unmerged
+
+Each rank writes OUT/rank{R}.safetensors with the delta values it ends with.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import transformers
+from safetensors.torch import save_file
+
+from apet_kernels import ApetConfig, get_apet_model
+
+mode, out_dir, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
+STEPS, GLOBAL_BATCH = 3, 8
+
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+model = get_apet_model(transformers.LlamaForCausalLM(cfg).eval(), ApetConfig(density=0.05, strategy=strategy))
+names = list(model.apet_layers())
+ids = torch.randint(3, 99, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(5))
+
+rank, world = 0, 1
+if mode != "single":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids = ids.chunk(world)[rank]
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.base_model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+for _ in range(STEPS):
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+inner = model.module if mode == "ddp" else model
+values = {}
+for name, layer in inner.apet_layers().items():
+    v = layer.delta_values
+    v = v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2 keeps parameters sharded
+    values[name] = v.detach().clone().contiguous()
+os.makedirs(out_dir, exist_ok=True)
+save_file(values, os.path.join(out_dir, f"rank{rank}.safetensors"))
+if mode != "single":
+    dist.destroy_process_group()
