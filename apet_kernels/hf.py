@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import hashlib
 import os
 import re
@@ -143,6 +144,8 @@ class ApetModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "base_model":  # not set yet (unpickling): do not recurse
+                raise
             return getattr(self.base_model, name)
 
     def apet_layers(self) -> dict[str, SparseDeltaLinear]:
@@ -220,6 +223,9 @@ class ApetModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Write W + S into each weight for good and return the plain base model."""
+        tied = [n for n, m in self.apet_layers().items() if getattr(m.weight, "_apet_shared", False)]
+        if tied:
+            warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
         return self._restore(merge=True)
 
     def unload(self) -> nn.Module:

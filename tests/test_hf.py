@@ -305,3 +305,15 @@ def test_torch_compile_of_patched_model_matches_eager():
     with torch.no_grad():
         out = compiled(**inputs).logits
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_apet_model_deepcopies_and_pickles_consistently(tmp_path):
+    import copy
+    import pickle
+    model = get_apet_model(build("llama"), ApetConfig(density=0.05))
+    inputs = batch("llama")
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(logits(clone, inputs), logits(model, inputs), rtol=0, atol=0)
+    assert clone.forward.__self__ is clone.base_model  # the copy runs its own base model
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(logits(restored, inputs), logits(model, inputs), rtol=0, atol=0)
