@@ -133,12 +133,18 @@ class SparseDeltaLinear(nn.Module):
         return w[idx // self.in_features, idx % self.in_features].clone()
 
     def _rebuild_layout(self) -> None:
-        layout = build_layout(self.delta_indices, (self.out_features, self.in_features))
-        for name, t in layout._asdict().items():
-            self.register_buffer(f"_{name}", t, persistent=False)
+        """Orderings the kernels walk, derived from the indices (non-persistent). The column order
+        (4 bytes per delta) is only needed by the unmerged backward, so it is built on first use."""
+        layout = build_layout(self.delta_indices, (self.out_features, self.in_features), columns=False)
+        self.register_buffer("_row_ptr", layout.row_ptr, persistent=False)
+        self.register_buffer("_col_ptr", None, persistent=False)
+        self.register_buffer("_col_perm", None, persistent=False)
 
     @property
     def layout(self):
+        if self.strategy != "merged" and self._col_perm is None:
+            full = build_layout(self.delta_indices, (self.out_features, self.in_features))
+            self._col_ptr, self._col_perm = full.col_ptr, full.col_perm
         return (self._row_ptr, self._col_ptr, self._col_perm)
 
     # ----------------------------------------------------------------- merge state

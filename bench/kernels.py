@@ -39,30 +39,37 @@ def _shape(s: str) -> tuple[int, int]:
     return int(out_f), int(in_f)
 
 
-def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
+def kernel_inputs(shape, t, density, dtype, device) -> dict:
+    """Random inputs (never zeros) for one layer shape, shared with the pytest-benchmark suite."""
     out_f, in_f = shape
     k = max(1, round(density * out_f * in_f))
     idx = select_indices(shape, k, seed=0, key="bench").to(device)
-    layout = build_layout(idx, shape)
-    v = torch.randn(k, device=device)
-    x = torch.randn(t, in_f, device=device, dtype=dtype)
-    dy = torch.randn(t, out_f, device=device, dtype=dtype)
-    y = torch.randn(t, out_f, device=device, dtype=dtype)
-    elt = x.element_size()
+    return dict(shape=shape, t=t, k=k, idx=idx, layout=build_layout(idx, shape), v=torch.randn(k, device=device),
+                x=torch.randn(t, in_f, device=device, dtype=dtype), dy=torch.randn(t, out_f, device=device, dtype=dtype),
+                y=torch.randn(t, out_f, device=device, dtype=dtype))
+
+
+def kernel_ops(impl, d) -> dict:
+    """op name -> (callable, compulsory bytes) for one backend implementation."""
+    (out_f, in_f), t, idx, lay, elt = d["shape"], d["t"], d["idx"], d["layout"], d["x"].element_size()
+    return {
+        "sddmm": (lambda: impl.sddmm(d["dy"], d["x"], idx, row_ptr=lay.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
+        "spmm": (lambda: impl.spmm_(d["y"], d["x"], idx, d["v"], row_ptr=lay.row_ptr), spmm_bytes(t, idx, in_f, elt)),
+        "spmm_t": (lambda: impl.spmm_t_(d["x"], d["dy"], idx, d["v"], col_ptr=lay.col_ptr, col_perm=lay.col_perm),
+                   spmm_bytes(t, idx, out_f, elt)),
+    }
+
+
+def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
+    d = kernel_inputs(shape, t, density, dtype, device)
     rows = []
     for name in backends:
         impl = apet_kernels.ops.dispatch.implementation(name)
-        ops = {
-            "sddmm": (lambda: impl.sddmm(dy, x, idx, row_ptr=layout.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
-            "spmm": (lambda: impl.spmm_(y, x, idx, v, row_ptr=layout.row_ptr), spmm_bytes(t, idx, in_f, elt)),
-            "spmm_t": (lambda: impl.spmm_t_(x, dy, idx, v, col_ptr=layout.col_ptr, col_perm=layout.col_perm),
-                       spmm_bytes(t, idx, out_f, elt)),
-        }
-        for op, (fn, nbytes) in ops.items():
+        for op, (fn, nbytes) in kernel_ops(impl, d).items():
             ms = median_ms(fn, device)
             gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(dict(kind="kernel", op=op, backend=name, shape=f"{out_f}x{in_f}", tokens=t,
-                             density=density, k=k, dtype=str(dtype).replace("torch.", ""), ms=ms,
+            rows.append(dict(kind="kernel", op=op, backend=name, shape=f"{shape[0]}x{shape[1]}", tokens=t,
+                             density=density, k=d["k"], dtype=str(dtype).replace("torch.", ""), ms=ms,
                              us=ms * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs if copy_gbs else float("nan")))
     return rows
 

@@ -15,17 +15,20 @@ import torch
 
 class DeltaLayout(NamedTuple):
     row_ptr: torch.Tensor
-    col_ptr: torch.Tensor
-    col_perm: torch.Tensor
+    col_ptr: torch.Tensor | None
+    col_perm: torch.Tensor | None
 
 
-def build_layout(indices: torch.Tensor, shape: tuple[int, int]) -> DeltaLayout:
+def build_layout(indices: torch.Tensor, shape: tuple[int, int], columns: bool = True) -> DeltaLayout:
+    """Row offsets, and (with ``columns``) the column order and its offsets."""
     out_features, in_features = (int(s) for s in shape)
     idx = indices.long()
     rows, cols = idx // in_features, idx % in_features
     # int32 offsets are enough: at most K <= out*in entries, and int32 indices imply < 2**31
     ptr_dtype = indices.dtype
     row_ptr = torch.searchsorted(rows, torch.arange(out_features + 1, device=idx.device))
+    if not columns:
+        return DeltaLayout(row_ptr.to(ptr_dtype), None, None)
     col_perm = torch.sort(cols, stable=True).indices
     col_ptr = torch.searchsorted(cols[col_perm], torch.arange(in_features + 1, device=idx.device))
     return DeltaLayout(row_ptr.to(ptr_dtype), col_ptr.to(ptr_dtype), col_perm.to(ptr_dtype))

@@ -1,0 +1,424 @@
+"""Sparse APET against dense-mask APET and the methods you would otherwise pick, side by side.
+
+    python bench/compare.py                      # embedded default: a LLaMA-style model built from a config
+    python bench/compare.py --model small --density 1e-2 --steps 8
+    python bench/compare.py --sweep              # memory against model size and density
+
+Every row trains the same model on the same data with AdamW for --warmup + --steps steps:
+the frozen floor (no trainable parameters, same forward and input-gradient work), sparse APET
+(merged and unmerged, per available backend), dense-mask APET on the same positions, the
+clone-and-scatter algorithm of SpIEL's/SHiRA's released code, PEFT LoRA with a matched parameter
+count, PEFT SHiRA, and full fine-tuning. Each row runs in its own subprocess, so its peak
+memory (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) is its own.
+
+Columns: median step time (forward + backward + optimizer step) and its ratio to the frozen
+floor; peak memory and its excess over the floor; trainable-state bytes (parameters, gradients,
+AdamW state, and the method's index/base/mask buffers); the final loss and the largest
+relative difference of the per-step losses from dense-mask APET (same positions, same
+optimizer: they must agree to dtype rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# LLaMA-style presets: name -> (hidden, layers, intermediate, heads, vocab)
+PRESETS = {
+    "tiny": (128, 2, 344, 4, 512),
+    "small": (512, 4, 1376, 8, 2000),
+    "base": (1024, 4, 2816, 16, 2000),
+    "large": (2048, 8, 5504, 16, 8000),
+    "xl": (4096, 8, 11008, 32, 8000),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_config(name: str) -> dict:
+    """A LlamaConfig as a dict, from a preset name or a config.json path."""
+    if name in PRESETS:
+        hidden, layers, inter, heads, vocab = PRESETS[name]
+        return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                    max_position_embeddings=4096, tie_word_embeddings=False)
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise SystemExit(f"--model {name!r}: not a preset ({', '.join(PRESETS)}) nor a config.json path")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- one row (child process)
+def run_row(spec: dict) -> dict:
+    import torch
+    import transformers
+
+    from methods import METHODS
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    cfg = transformers.AutoConfig.for_model(**spec["config"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device, dtype)
+    model.eval()  # no dropout: losses comparable across methods
+    ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    buffers_before = {id(b) for b in model.buffers()}
+    model, params, extra = METHODS[spec["method"]](model, spec["k"], backend=spec["backend"])
+    embed = model.get_input_embeddings()
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0) if params else None
+    full = spec["method"] == "full fine-tuning"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> float:
+        emb = embed(ids)
+        # the frozen floor does the same input-gradient work: the backward reaches the embeddings
+        emb = emb if full else emb.detach().requires_grad_()
+        loss = model(inputs_embeds=emb, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    losses, times = [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        losses.append(step())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+
+    state = sum(2 * p.numel() * p.element_size() for p in params)  # parameters and their gradients
+    if opt is not None:
+        state += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                     if torch.is_tensor(t) and t.dim() > 0)
+    state += sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in buffers_before)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(step_ms=1e3 * statistics.median(times), peak_bytes=peak, state_bytes=state,
+                trainable=sum(p.numel() for p in params), losses=losses, final_loss=losses[-1],
+                model_params=sum(p.numel() for p in model.parameters()), **extra)
+
+
+# ----------------------------------------------------------------------------- orchestration
+def environment(device: str) -> dict:
+    import torch
+    env = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+               torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count(), device=device)
+    for mod in ("triton", "transformers", "peft"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = "absent"
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def planned_rows(args) -> list[dict]:
+    import apet_kernels
+    status = apet_kernels.backends()
+    on_gpu = args.device.startswith("cuda")
+    rows = []
+    for method in args.methods:
+        if method.startswith("sparse"):
+            for backend in args.backends or ("reference", "native", "triton"):
+                st = status[backend]
+                why = None if st["available"] else st["reason"]
+                if backend == "triton" and not on_gpu:
+                    why = "Triton runs on CPU only in its interpreter (far too slow to time)"
+                rows.append(dict(method=method, backend=backend, skip=why))
+        else:
+            rows.append(dict(method=method, backend="", skip=None))
+    from methods import NEEDS
+    for row in rows:
+        need = NEEDS.get(row["method"])
+        if need and row["skip"] is None:
+            module, _, attr = need.partition(".")
+            try:
+                found = __import__(module)
+            except ImportError:
+                row["skip"] = f"{module} is not installed"
+                continue
+            if attr and not hasattr(found, attr):
+                row["skip"] = f"{module} {found.__version__} has no {attr}"
+    return rows
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:300]}
+
+
+def label(row) -> str:
+    return f"{row['method']} [{row['backend']}]" if row["backend"] else row["method"]
+
+
+def summarize(rows: list[dict]) -> None:
+    floor = next((r for r in rows if r["method"] == "frozen" and "step_ms" in r), None)
+    dense = next((r for r in rows if r["method"] == "dense-mask" and "losses" in r), None)
+    for r in rows:
+        if "step_ms" not in r:
+            continue
+        if floor:
+            r["ratio_to_frozen"] = r["step_ms"] / floor["step_ms"]
+            r["peak_over_frozen_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
+        if dense and r["method"] != "frozen":
+            r["max_rel_loss_diff_vs_dense_mask"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], dense["losses"]))
+
+
+def fmt_bytes(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["method", "trainable", "step ms", "× frozen", "peak", "peak − frozen", "trainable state", "final loss",
+            "max loss diff vs dense-mask", "note"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "step_ms" not in r:
+            out.append(f"| {label(r)} | | | | | | | | | {r.get('skip') or r.get('error')} |")
+            continue
+        note = f"rank {r['rank']}, {r['trainable'] - r['k']:+d} params vs K" if "rank" in r else ""
+        diff = r.get("max_rel_loss_diff_vs_dense_mask")
+        out.append("| " + " | ".join([
+            label(r), f"{r['trainable']:,d}", f"{r['step_ms']:.1f}", f"{r.get('ratio_to_frozen', float('nan')):.2f}",
+            fmt_bytes(r["peak_bytes"]), fmt_bytes(r.get("peak_over_frozen_bytes")), fmt_bytes(r["state_bytes"]),
+            f"{r['final_loss']:.5f}", "" if diff is None else f"{diff:.1e}", note]) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if "ratio_to_frozen" in r]
+    if not done:
+        return
+    names = [label(r) for r in done]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8))
+    a.barh(names, [r["ratio_to_frozen"] for r in done], color="tab:blue")
+    a.axvline(1.0, color="k", lw=0.8)
+    a.set_xlabel("step time / frozen step")
+    b.barh(names, [max(r["peak_over_frozen_bytes"], 1) / 2**20 for r in done], color="tab:orange")
+    b.set_xscale("log")
+    b.set_xlabel("peak memory over the frozen floor (MiB, log)")
+    b.set_yticklabels([])
+    for ax in (a, b):
+        ax.invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows, env, args, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["method", "backend", "k", "trainable", "step_ms", "ratio_to_frozen", "peak_bytes", "peak_over_frozen_bytes",
+            "state_bytes", "final_loss", "max_rel_loss_diff_vs_dense_mask", "rank", "model_params", "skip", "error"]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "arguments": vars(args), "rows": rows},
+                                                 indent=1, default=str))
+
+
+def main_compare(args) -> list[dict]:
+    from tqdm import tqdm
+    cfg = model_config(args.model)
+    env = environment(args.device)
+    n_target = _target_numel(cfg)
+    k = args.num_params if args.num_params is not None else round(args.density * n_target)
+    rows = planned_rows(args)
+    base_spec = dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
+                     steps=args.steps, warmup=args.warmup, k=k)
+    for row in tqdm(rows, desc="configurations", unit="row", file=sys.stderr):
+        row["k"] = k
+        if row["skip"]:
+            continue
+        row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto"}, args.timeout))
+    summarize(rows)
+    title = (f"{args.model}: {n_target / 1e6:.1f}M target weights, K={k:,d} ({100 * k / n_target:.3g}%), "
+             f"batch {args.batch}x{args.seq}, {args.dtype}, {env.get('gpu', env['machine'] + ' CPU')}")
+    table = markdown(rows)
+    print(f"\n{title}\n\n{table}\n")
+    out = Path(args.out)
+    write_outputs(rows, env, args, out, "compare")
+    (out / "compare.md").write_text(f"# bench/compare.py\n\n{title}\n\n{env}\n\n{table}\n")
+    if not args.no_plot:
+        plot(rows, out / "compare.png", title)
+    print(f"wrote {out}/compare.{{md,csv,json{',png' if not args.no_plot else ''}}}")
+    return rows
+
+
+def _target_numel(cfg: dict) -> int:
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    kv_dim = h // heads * kv
+    return layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
+
+
+def main_sweep(args) -> None:
+    from tqdm import tqdm
+    env = environment(args.device)
+    sizes = args.sweep_sizes or (["tiny", "small", "base", "large"] if args.device.startswith("cuda")
+                                 else ["tiny", "small", "base"])
+    methods = ["frozen", "sparse merged", "dense-mask"]
+    results = []
+    plan = [(s, d, m) for s in sizes for d in args.sweep_densities for m in methods
+            if not (m == "frozen" and d != args.sweep_densities[0])]
+    for size, density, method in tqdm(plan, desc="sweep", unit="run", file=sys.stderr):
+        cfg = model_config(size)
+        k = round(density * _target_numel(cfg))
+        res = run_child(dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
+                             steps=2, warmup=1, k=k, method=method, backend="auto"), args.timeout)
+        results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, k=k,
+                            target_weights=_target_numel(cfg), **res))
+    floors = {r["size"]: r for r in results if r["method"] == "frozen" and "peak_bytes" in r}
+    for r in results:
+        if "peak_bytes" in r and r["size"] in floors:
+            r["peak_over_frozen_bytes"] = r["peak_bytes"] - floors[r["size"]]["peak_bytes"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    estimate = capacity_estimate(results)
+    (out / "sweep.json").write_text(json.dumps({"environment": env, "rows": results, "estimate": estimate},
+                                               indent=1, default=str))
+    lines = ["| size | target weights | method | density | K | state | peak − frozen | step ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['size']} | {r['target_weights'] / 1e6:.1f}M | {r['method']} | {r['density']:g} | {r['k']:,d} | "
+                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} | "
+                     f"{r.get('step_ms', float('nan')):.1f} |")
+    text = "\n".join(lines) + "\n\n" + estimate["text"]
+    print("\n" + text)
+    (out / "sweep.md").write_text(f"# bench/compare.py --sweep\n\n{env}\n\n{text}\n")
+    if not args.no_plot:
+        plot_sweep(results, out / "sweep.png")
+    print(f"wrote {out}/sweep.{{md,json{',png' if not args.no_plot else ''}}}")
+
+
+def capacity_estimate(results: list[dict]) -> dict:
+    """Largest model each method could train in a memory budget, from measured per-parameter costs.
+
+    An estimate: weights in bf16 (2 bytes per parameter) plus the method's measured trainable state
+    per weight element, ignoring activations (which all methods share)."""
+    per_weight = {}
+    for method in ("dense-mask", "sparse merged"):
+        rs = [r for r in results if r["method"] == method and "state_bytes" in r]
+        for density in sorted({r["density"] for r in rs}):
+            at = [r for r in rs if r["density"] == density]
+            biggest = max(at, key=lambda r: r["target_weights"])
+            per_weight[f"{method} @ {density:g}"] = biggest["state_bytes"] / biggest["target_weights"]
+    budgets = {"24 GiB": 24 * 2**30, "80 GB": 80e9}
+    lines = ["Estimate (not a measurement): largest model whose bf16 weights (2 B/param) plus the measured "
+             "trainable state per weight fit in memory, activations excluded:", ""]
+    table = {}
+    for name, cost in per_weight.items():
+        caps = {b: v / (2 + cost) for b, v in budgets.items()}
+        table[name] = {"state_bytes_per_weight": cost, **{b: c for b, c in caps.items()}}
+        lines.append(f"- {name}: {cost:.4g} B of trainable state per weight → "
+                     + ", ".join(f"{b}: {c / 1e9:.1f}B params" for b, c in caps.items()))
+    return {"per_weight": table, "text": "\n".join(lines)}
+
+
+def plot_sweep(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ("dense-mask", "sparse merged"):
+        for density in sorted({r["density"] for r in results if r["method"] == method}):
+            pts = sorted((r["target_weights"], r["state_bytes"]) for r in results
+                         if r["method"] == method and r["density"] == density and "state_bytes" in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], marker="o",
+                        ls="-" if method == "dense-mask" else "--", label=f"{method}, density {density:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("target weight elements")
+    ax.set_ylabel("trainable state with AdamW (MiB)")
+    ax.set_title("dense-mask APET grows with the model, sparse APET with K")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    import torch
+    from methods import METHODS
+    on_gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="large" if on_gpu else "base",
+                    help=f"size preset ({', '.join(f'{k}: hidden {v[0]}, {v[1]} layers' for k, v in PRESETS.items())}) "
+                         "or a path to a transformers config.json (LLaMA-style); default: base on CPU, large on GPU")
+    ap.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=DTYPES)
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=float, default=1e-3, help="tuned fraction of the target weights")
+    budget.add_argument("--num-params", type=int, default=None, help="K, the number of tuned scalars")
+    ap.add_argument("--batch", type=int, default=2 if not on_gpu else 8)
+    ap.add_argument("--seq", type=int, default=256 if not on_gpu else 512, help="sequence length")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                    help=f"rows to run: {', '.join(METHODS)}")
+    ap.add_argument("--backends", nargs="+", default=None, choices=["reference", "native", "triton"],
+                    help="backends for the sparse rows (default: every available one)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/compare-<device>-<date>)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per row")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="memory against model size and density instead")
+    ap.add_argument("--sweep-sizes", nargs="+", default=None, choices=list(PRESETS))
+    ap.add_argument("--sweep-densities", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
+    args = ap.parse_args(argv)
+    if args.out is None:
+        kind = "sweep" if args.sweep else "compare"
+        args.out = str(HERE / "results" / f"{kind}-{args.device.split(':')[0]}-{dt.date.today().isoformat()}")
+    return args
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print("RESULT " + json.dumps(run_row(json.loads(sys.argv[2]))), flush=True)
+        return
+    args = parse_args(argv)
+    if args.sweep:
+        main_sweep(args)
+    else:
+        main_compare(args)
+
+
+if __name__ == "__main__":
+    main()
