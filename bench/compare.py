@@ -227,16 +227,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     if not done:
         return
     names = [label(r) for r in done]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8))
-    a.barh(names, [r["ratio_to_frozen"] for r in done], color="tab:blue")
+    pos = list(range(len(done)))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.45 * len(done) + 1.8), sharey=True)
+    a.barh(pos, [r["ratio_to_frozen"] for r in done], color="tab:blue")
     a.axvline(1.0, color="k", lw=0.8)
     a.set_xlabel("step time / frozen step")
-    b.barh(names, [max(r["peak_over_frozen_bytes"], 1) / 2**20 for r in done], color="tab:orange")
+    a.set_yticks(pos, names)
+    mib = [r["peak_over_frozen_bytes"] / 2**20 for r in done]
+    positive = [m for m in mib if m > 0]
+    b.barh([p for p, m in zip(pos, mib) if m > 0], positive, color="tab:orange")
     b.set_xscale("log")
-    b.set_xlabel("peak memory over the frozen floor (MiB, log)")
-    b.set_yticklabels([])
-    for ax in (a, b):
-        ax.invert_yaxis()
+    b.set_xlabel("peak memory over the frozen floor (MiB, log; the floor itself is 0)")
+    a.invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -301,7 +303,7 @@ def main_sweep(args) -> None:
             if not (m == "frozen" and d != args.sweep_densities[0])]
     for size, density, method in tqdm(plan, desc="sweep", unit="run", file=sys.stderr):
         cfg = model_config(size)
-        k = round(density * _target_numel(cfg))
+        k = 0 if method == "frozen" else round(density * _target_numel(cfg))
         res = run_child(dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
                              steps=2, warmup=1, k=k, method=method, backend="auto"), args.timeout)
         results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, k=k,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H100/H200; no network): versions, build, GPU tests,
 # kernel microbenchmarks and layer steps. Results go to $OUT (when set) or bench/results/.
-# Sized to finish in about 6 minutes; each step has its own time limit so one slow step
+# Sized to finish in about 9 minutes; each step has its own time limit so one slow step
 # still leaves the others' results.
 #   bash bench/gpu_check.sh
 # Overrides for a quick dry run: SHAPES="512x384" TOKENS=256 DENSITIES="1e-3" bash bench/gpu_check.sh
@@ -37,6 +37,12 @@ step "kernel microbenchmarks + layer steps, triton and native side by side"
 TRITON_PRINT_AUTOTUNING=1 timeout 170 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --shapes $SHAPES \
   --tokens "$TOKENS" --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b \
   --profile 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
+
+step "model-level comparison (bench/compare.py, large preset, bf16) -- added after the 2026-11-26 runs"
+timeout 200 "$PY" bench/compare.py --device cuda --out "$OUT/compare" --steps 5 --warmup 2 2>&1 \
+  | grep -v "configurations:" | tail -20 | tee -a "$log"
+# the device tool returns at most 8 files: pack this folder into one
+tar -C "$OUT" -czf "$OUT/compare.tgz" compare && rm -rf "$OUT/compare"
 
 step "small kernel tests on CUDA tensors (hi/lo values, scatter, layer vs dense-mask)"
 timeout 60 "$PY" -m pytest -q tests/test_kernels.py -k "precision or layer_matches or scatter" -p no:cacheprovider \
