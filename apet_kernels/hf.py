@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
+from .config import WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear
 from .selection import select_indices, split_budget
 

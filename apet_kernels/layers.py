@@ -9,7 +9,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._checks import check_index_content, check_index_meta
 from .functional import sparse_delta_linear
-from .ops import library  # noqa: F401
 from .ops.dispatch import CHOICES, resolve
 from .ops.layout import build_layout
 from .selection import select_indices

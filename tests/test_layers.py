@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _helpers import assert_close_rel, oracle_linear, random_indices
+from _helpers import assert_close_rel, oracle_linear
 from apet_kernels import DenseMaskLinear, SparseDeltaLinear
 
 STRATEGIES = ["merged", "unmerged"]
@@ -231,7 +231,7 @@ def test_merged_rejected_for_shared_weight():
 
 
 def test_gpt2_conv1d_without_copy():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
     conv = Conv1D(23, 19)  # nf=out, nx=in; weight stored (in, out)
     x = torch.randn(5, 19)
