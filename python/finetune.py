@@ -177,7 +177,7 @@ def run(args) -> dict:
     trainable = sum(p.numel() for p in params)
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
                   trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
-                  seed=args.seed, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
+                  seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
                   dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],
                   train_seconds=train_s, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   torch=torch.__version__)

@@ -68,3 +68,20 @@ def test_local_glue_loaders_read_every_shared_task():
         ds = glue.load_local(glue.task_for_folder(str(data / folder)), str(data / folder))
         assert (len(ds["train"]), len(ds["validation"])) == (n_train, n_dev), folder
         assert set(ds["validation"]["labels"]) == {0, 1}
+
+
+def test_scaling_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(ROOT / "python" / "scaling_study.py"), "--data-dir", str(sst2_dir), "--models",
+           str(tiny_model_dir), "--ks", "5", "50", "--positions", "random", "rows", "--seeds", "0",
+           "--batch-size", "8", "--max-len", "16", "--max-train", "32", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2  # full fine-tuning + 2 positions x 2 values of K
+    assert {"summary.md", "thresholds.json", "accuracy_vs_k.png"} <= {p.name for p in out.iterdir()}
+    assert "smallest K beating random guessing" in (out / "summary.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines), "a rerun must skip finished points"
