@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from ._checks import check_index_content, check_index_meta
 from .config import WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear
 from .selection import select_indices, split_budget
@@ -312,6 +313,11 @@ def load_apet(model: nn.Module, directory: str) -> ApetModel:
             if key not in tensors:
                 raise ValueError(f"{path} lacks {key}")
             idx = tensors[key]
+            try:
+                check_index_meta(idx, shape[0] * shape[1])
+                check_index_content(idx, shape[0] * shape[1])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: {key}: {exc}") from None
             expected.add(key)
         if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
             raise ValueError(f"adapter layer {name!r}: indices do not match the stored checksum "

@@ -317,3 +317,18 @@ def test_apet_model_deepcopies_and_pickles_consistently(tmp_path):
     assert clone.forward.__self__ is clone.base_model  # the copy runs its own base model
     restored = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(logits(restored, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_load_rejects_bad_stored_indices_before_touching_the_model(tmp_path):
+    model = get_apet_model(build("llama"), ApetConfig(density=0.05, method="rows"))
+    model.save_apet(str(tmp_path))
+    from safetensors.torch import load_file, save_file
+    path = str(tmp_path / "adapter_model.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith(".delta_indices"))
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, path)
+    base = build("llama")
+    with pytest.raises(ValueError, match="unsorted"):
+        load_apet(base, str(tmp_path))
+    _assert_untouched(base)
