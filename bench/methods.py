@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
 from apet_kernels.hf import find_targets, linear_shape, _set_module
-from apet_kernels.selection import select_indices, split_budget
 
 
 class CloneScatterLinear(nn.Module):
@@ -42,11 +41,11 @@ def _targets(model):
 
 
 def _budget_indices(model, num_params: int) -> dict[str, torch.Tensor]:
-    """The positions sparse APET uses (same seed and keys as get_apet_model)."""
-    targets = _targets(model)
-    shapes = {n: linear_shape(m) for n, m in targets.items()}
-    budget = split_budget(shapes, num_params=num_params)
-    return {n: select_indices(shapes[n], budget[n], seed=0, key=n) for n in targets}
+    """The positions sparse APET uses: get_apet_model's own split and selection, then unpatched."""
+    apet = get_apet_model(model, ApetConfig(num_params=num_params))
+    indices = {name: layer.delta_indices for name, layer in apet.apet_layers().items()}
+    apet.unload()
+    return indices
 
 
 def _freeze(model):

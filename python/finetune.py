@@ -73,15 +73,14 @@ def apply_method(model, args):
     if args.method == "apet":
         return apet, f"APET K={sum(m.delta_values.numel() for m in apet.apet_layers().values())}"
     # dense-mask APET on exactly the same positions: swap each sparse layer for the dense baseline
+    from apet_kernels.hf import _set_module
+    indices = {name: layer.delta_indices for name, layer in apet.apet_layers().items()}
     base = apet.unload()
     for name, p in base.named_parameters():
         p.requires_grad_(name.startswith(HEAD))
-    for name, info in config.layers.items():
-        from apet_kernels import select_indices
-        from apet_kernels.hf import _set_module
-        idx = select_indices(tuple(info["shape"]), info["k"], method=args.position, seed=args.seed, key=name)
+    for name, idx in indices.items():
         _set_module(base, name, DenseMaskLinear.from_linear(base.get_submodule(name), idx))
-    return base, f"dense-mask APET, same {sum(i['k'] for i in config.layers.values())} positions"
+    return base, f"dense-mask APET, same {sum(i.numel() for i in indices.values())} positions"
 
 
 def encode(ds, tokenizer, max_len):
