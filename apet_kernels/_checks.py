@@ -15,10 +15,15 @@ import torch
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def validation_from_env() -> bool:
+    """APET_VALIDATE=1: check index content on every call, modules included, on every backend."""
+    return os.environ.get("APET_VALIDATE", "") not in ("", "0")
+
+
 def validate_requested(validate: bool | None, *tensors: torch.Tensor) -> bool:
     if validate is not None:
         return bool(validate)
-    if os.environ.get("APET_VALIDATE", "") not in ("", "0"):
+    if validation_from_env():
         return True
     return all(t.device.type == "cpu" for t in tensors)
 
@@ -50,6 +55,12 @@ def check_index_content(indices: torch.Tensor, numel: int) -> None:
         what = "duplicate" if int(steps[bad - 1]) == 0 else "unsorted"
         raise ValueError(f"delta indices must be sorted and unique: {what} at indices[{bad}] = "
                          f"{int(idx[bad])} after indices[{bad - 1}] = {int(idx[bad - 1])}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int(torch.nonzero(~torch.isfinite(t.detach().reshape(-1)))[0])
+        raise ValueError(f"{name} holds NaN or Inf (first at flat position {bad}: {t.reshape(-1)[bad].item()})")
 
 
 def check_values(values: torch.Tensor, indices: torch.Tensor) -> None:

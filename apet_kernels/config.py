@@ -34,7 +34,7 @@ class ApetConfig:
     method: str = "random"
     seed: int = 0
     strategy: str = "auto"
-    backend: str = "auto"
+    backend: str = "auto"  # runtime choice: not saved with the adapter
     modules_to_save: list[str] | None = None
     # filled by get_apet_model: per target layer its shape, k and an index checksum
     layers: dict = field(default_factory=dict)
@@ -55,7 +55,9 @@ class ApetConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {CHOICES}")
 
     def to_dict(self) -> dict:
-        return {"apet_format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        data = dataclasses.asdict(self)
+        del data["backend"]  # where kernels run is chosen at run time, not stored with an adapter
+        return {"apet_format_version": FORMAT_VERSION, **data}
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -78,4 +80,5 @@ class ApetConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path} has unknown keys {sorted(unknown)}")
+        data.pop("backend", None)  # written by versions before 0.2; a runtime choice
         return cls(**data)

@@ -10,17 +10,20 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
+import copy
 import hashlib
 import os
 import re
+import shutil
+import tempfile
+import warnings
 from collections import Counter
 
 import torch
 import torch.nn as nn
 
-from ._checks import check_index_content, check_index_meta
-from .config import WEIGHTS_NAME, ApetConfig
+from ._checks import check_finite, check_index_content, check_index_meta
+from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear
 from .selection import select_indices, split_budget
 
@@ -113,6 +116,20 @@ def index_checksum(indices: torch.Tensor) -> str:
     return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
+def base_fingerprint(base: torch.Tensor) -> str:
+    """A hash of the base weights at the tuned positions (K values, as fp32: the same for an fp32,
+    bf16 or fp16 copy of a bf16 model). An adapter stores it to recognize the base it was trained on."""
+    return hashlib.sha256(base.detach().to("cpu", torch.float32).numpy().tobytes()).hexdigest()[:16]
+
+
+def weight_at(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """A linear-like module's weight at flat row-major (out, in) positions."""
+    w = module.weight.detach()
+    w = w.t() if type(module).__name__ == "Conv1D" else w
+    idx = indices.long().to(w.device)
+    return w[idx // w.shape[1], idx % w.shape[1]]
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -131,15 +148,20 @@ class ApetModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: ApetConfig, originals: dict[str, nn.Module],
-                 requires_grad: dict[str, bool]):
+                 requires_grad: dict[str, bool], saved_modules: dict[str, torch.Tensor]):
         super().__init__()
         self.base_model = model
         self.apet_config = config
         self._originals = originals
         self._requires_grad = requires_grad
+        self._saved_modules = saved_modules  # modules_to_save as they were: unload() restores them
+        self._unloaded_by = None  # "unload()" / "merge_and_unload()" once the layers are gone
         # the base model's own forward, so its signature shows: Trainer reads it to keep the
         # dataset columns the model takes
         self.forward = model.forward
+        # a load_state_dict through either is checked as a whole before any layer changes
+        for module in (self, model):
+            module.register_load_state_dict_pre_hook(check_whole_state_dict)
 
     def __getattr__(self, name):
         try:
@@ -173,17 +195,27 @@ class ApetModel(nn.Module):
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
+    def _require_patched(self, what: str) -> None:
+        if self._unloaded_by is not None:
+            raise RuntimeError(f"{what} needs the APET layers, but {self._unloaded_by} already removed them; "
+                               f"the base model now holds "
+                               f"{'the merged weights' if self._unloaded_by == 'merge_and_unload()' else 'its own weights'}")
+
     @contextlib.contextmanager
     def disable_apet(self):
-        """Within the block the model computes as the unpatched base model."""
-        layers = list(self.apet_layers().values())
-        for layer in layers:
+        """Within the block the model computes as the unpatched base model. Blocks nest; an exception
+        leaves each layer as it was before the block. Merged layers keep W + S in their weight and
+        compute the base output exactly around it, so a reference pass between a forward and its
+        backward (KL terms, DPO reference logits) leaves that backward intact."""
+        self._require_patched("disable_apet()")
+        before = [(layer, layer.apet_disabled) for layer in self.apet_layers().values()]
+        for layer, _ in before:
             layer.apet_disabled = True
         try:
             yield self
         finally:
-            for layer in layers:
-                layer.apet_disabled = False
+            for layer, was in before:
+                layer.apet_disabled = was
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -198,62 +230,131 @@ class ApetModel(nn.Module):
 
     def save_apet(self, directory: str) -> None:
         """adapter_model.safetensors (about 4 bytes per tuned parameter for method='random')
-        and apet_config.json. Never pickles."""
+        and apet_config.json. Never pickles. Both files appear together or not at all: they are
+        written to a temporary folder beside ``directory`` and moved into place."""
         from safetensors.torch import save_file
-        os.makedirs(directory, exist_ok=True)
-        self.apet_config.save_pretrained(directory)
-        save_file(self.adapter_state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "apet"})
+        self._require_patched("save_apet()")
+        tensors = self.adapter_state_dict()
+        for key, t in tensors.items():
+            check_finite(t, f"adapter tensor {key}")
+        config = copy.deepcopy(self.apet_config)
+        for name, layer in self.apet_layers().items():
+            config.layers[name]["base_fingerprint"] = base_fingerprint(layer.current_base())
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".apet-save-", dir=parent)
+        try:
+            config.save_pretrained(staging)
+            save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "apet"})
+            if not os.path.exists(directory):
+                os.rename(staging, directory)  # one atomic step
+                return
+            for name in (WEIGHTS_NAME, CONFIG_NAME):  # into an existing folder (e.g. a Trainer checkpoint)
+                os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     save_pretrained = save_apet
 
     def _restore(self, merge: bool) -> nn.Module:
+        self._require_patched("merge_and_unload()" if merge else "unload()")
         for name, layer in self.apet_layers().items():
-            original = self._originals[name]
-            with torch.no_grad():
-                if merge:
-                    layer._restore_base()
-                    layer._scatter(layer.delta_values)  # W[p] = cast(base + v), kept
-                else:
-                    layer.unmerge()
-            _set_module(self.base_model, name, original)
-        for name, p in self.base_model.named_parameters():
+            if merge:
+                layer._write_merged(layer.delta_values)  # W[p] = cast(base + v), kept
+            else:
+                layer.unmerge()
+            layer.release_weight()
+            _set_module(self.base_model, name, self._originals[name])
+        params = dict(self.base_model.named_parameters())
+        with torch.no_grad():
+            if not merge:
+                for name, original in self._saved_modules.items():
+                    params[name].copy_(original)
+        for name, p in params.items():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
-            if hasattr(p, "_apet_shared"):
-                del p._apet_shared
+        for module in (self, self.base_model):
+            _remove_load_check(module)
+        self._unloaded_by = "merge_and_unload()" if merge else "unload()"
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
-        """Write W + S into each weight for good and return the plain base model."""
-        tied = [n for n, m in self.apet_layers().items() if getattr(m.weight, "_apet_shared", False)]
+        """Write W + S into each weight for good and return the plain base model (modules_to_save
+        keep their trained weights)."""
+        self._require_patched("merge_and_unload()")
+        tied = [n for n, m in self.apet_layers().items() if m.weight_shared]
         if tied:
             warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
         return self._restore(merge=True)
 
     def unload(self) -> nn.Module:
-        """Restore the original modules and weights bit-exactly and return the base model."""
+        """Restore the original modules, weights and modules_to_save bit-exactly and return the base model."""
         return self._restore(merge=False)
 
 
+def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a patched model: every APET layer's entries and every tensor's
+    shape are checked before any module copies anything, so a failed load changes nothing."""
+    for name, sub in module.named_modules(remove_duplicate=False):
+        sub_prefix = f"{prefix}{name}." if name else prefix
+        if isinstance(sub, SparseDeltaLinear):
+            sub.check_state_dict(state_dict, sub_prefix)
+        tensors = list(sub._parameters.items()) + [(n, b) for n, b in sub._buffers.items()
+                                                   if n not in sub._non_persistent_buffers_set]
+        for pname, mine in tensors:
+            theirs = state_dict.get(sub_prefix + pname)
+            if mine is None or not torch.is_tensor(theirs) or nn.parameter.is_lazy(mine):
+                continue
+            if theirs.shape != mine.shape and not (mine.dim() == 0 and tuple(theirs.shape) == (1,)):
+                raise RuntimeError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
+                                   f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
+                                   f"{tuple(mine.shape)} (nothing was loaded)")
+
+
+def _remove_load_check(module: nn.Module) -> None:
+    hooks = module._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", None) is check_whole_state_dict]:
+        del hooks[key]
+
+
+def _check_targets(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("this model already has APET layers (unload() them first)")
+    owners: dict[int, str] = {}
+    for name, module in targets.items():
+        other = owners.setdefault(id(module.weight), name)
+        if other != name:
+            raise ValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
+                             f"cannot both be applied; exclude one of them (exclude_modules)")
+
+
 def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor]) -> ApetModel:
+    """Patch the targets; if anything fails, the model is left exactly as it was."""
     targets = {name: model.get_submodule(name) for name in indices}
+    _check_targets(model, targets)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     shared = _shared_parameter_ids(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, p in model.named_parameters():
-        if _within(name.rpartition(".")[0], config.modules_to_save):
-            p.requires_grad_(True)
-    layers = {}
-    for name, module in targets.items():
-        if id(module.weight) in shared:
-            module.weight._apet_shared = True  # tied: the merged strategy must not write it
-        layer = SparseDeltaLinear.from_linear(module, indices=indices[name], strategy=config.strategy,
-                                              backend=config.backend)
-        _set_module(model, name, layer)
-        layers[name] = layer
-        config.layers[name] = {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
-                               "checksum": index_checksum(indices[name])}
-    return ApetModel(model, config, targets, requires_grad)
+    saved_modules = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if _within(n.rpartition(".")[0], config.modules_to_save)}
+    layers: dict[str, SparseDeltaLinear] = {}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in saved_modules)
+        for name, module in targets.items():
+            layers[name] = SparseDeltaLinear.from_linear(
+                module, indices=indices[name], strategy=config.strategy, backend=config.backend,
+                weight_shared=id(module.weight) in shared)  # tied: the merged strategy must not write it
+            _set_module(model, name, layers[name])
+    except BaseException:
+        for name, layer in layers.items():
+            _set_module(model, name, targets[name])
+            layer.release_weight()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    config.layers = {name: {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
+                            "checksum": index_checksum(indices[name])} for name, module in targets.items()}
+    return ApetModel(model, config, targets, requires_grad, saved_modules)
 
 
 def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
@@ -261,10 +362,11 @@ def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
 
     The budget is split over the targets in proportion to their size (split_budget); each
     layer's positions come from select_indices(..., seed=config.seed, key=<qualified name>).
-    Everything else is frozen except ``modules_to_save``.
+    Everything else is frozen except ``modules_to_save``. ``config`` is copied, not changed, so
+    one config can patch several models. If anything fails, the model is left exactly as it was.
     """
-    if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
-        raise ValueError("this model already has APET layers")
+    _check_targets(model, {})
+    config = copy.deepcopy(config)
     config.layers = {}
     targets = find_targets(model, config)
     shapes = {name: linear_shape(m) for name, m in targets.items()}
@@ -277,12 +379,15 @@ def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
     return _patch(model, config, indices)
 
 
-def load_apet(model: nn.Module, directory: str) -> ApetModel:
+def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend: str = "auto") -> ApetModel:
     """Patch a fresh base ``model`` with the adapter in ``directory`` (safetensors + JSON only).
 
     Everything is checked before the model is touched: the modules exist and have the stored
     shapes, regenerated indices match their checksums, every tensor is present with the right
-    shape. The first mismatch raises a ValueError naming it, and the model stays as it was.
+    shape and finite. The first mismatch raises a ValueError naming it, and the model stays as
+    it was. If the base weights at the tuned positions differ from those the adapter was saved
+    over (its fingerprints), this warns naming the layers, or raises with ``strict=True``.
+    ``backend`` is a runtime choice (not stored in the adapter).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -290,6 +395,7 @@ def load_apet(model: nn.Module, directory: str) -> ApetModel:
     if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
         raise ValueError("load_apet needs a base model without APET layers (call unload() first)")
     config = ApetConfig.from_pretrained(directory)
+    config.backend = ApetConfig(num_params=0, backend=backend).backend  # validated like any config
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing")
@@ -298,7 +404,7 @@ def load_apet(model: nn.Module, directory: str) -> ApetModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is truncated or malformed: {exc}") from None
     modules = dict(model.named_modules())
-    indices, expected = {}, set()
+    indices, expected, foreign_base = {}, set(), []
     for name, info in config.layers.items():
         module = modules.get(name)
         if module is None or not is_linear_like(module):
@@ -326,6 +432,9 @@ def load_apet(model: nn.Module, directory: str) -> ApetModel:
         if values is None or values.shape != (idx.numel(),) or not values.is_floating_point():
             raise ValueError(f"{path}: {name}.delta_values is missing or not a float tensor of shape ({idx.numel()},)")
         expected.add(f"{name}.delta_values")
+        stored = info.get("base_fingerprint")
+        if stored is not None and not module.weight.is_meta and base_fingerprint(weight_at(module, idx)) != stored:
+            foreign_base.append(name)
         indices[name] = idx
     params = dict(model.named_parameters())
     for key, t in tensors.items():
@@ -336,12 +445,25 @@ def load_apet(model: nn.Module, directory: str) -> ApetModel:
                              f"modules_to_save in this model")
         if params[key].shape != t.shape:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
+    for key, t in tensors.items():
+        check_finite(t, f"{path}: {key}")
+    if foreign_base:
+        shown = ", ".join(foreign_base[:3]) + (f" and {len(foreign_base) - 3} more" if len(foreign_base) > 3 else "")
+        message = (f"base fingerprint mismatch in {len(foreign_base)} of {len(indices)} adapter layers ({shown}): "
+                   f"this model's weights at the tuned positions differ from those the adapter was trained on")
+        if strict:
+            raise ValueError(message + " (strict=True)")
+        warnings.warn(message)
     apet = _patch(model, config, indices)
-    layers = apet.apet_layers()
-    with torch.no_grad():
-        for key, t in tensors.items():
-            if key.endswith(".delta_values") and key[: -len(".delta_values")] in layers:
-                layers[key[: -len(".delta_values")]].delta_values.copy_(t)
-            elif not key.endswith(".delta_indices"):
-                params[key].copy_(t)
+    try:
+        layers = apet.apet_layers()
+        with torch.no_grad():
+            for key, t in tensors.items():
+                if key.endswith(".delta_values") and key[: -len(".delta_values")] in layers:
+                    layers[key[: -len(".delta_values")]].delta_values.copy_(t)
+                elif not key.endswith(".delta_indices"):
+                    params[key].copy_(t)
+    except BaseException:
+        apet.unload()
+        raise
     return apet

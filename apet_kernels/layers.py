@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import check_index_content, check_index_meta
+from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .functional import sparse_delta_linear
-from .ops.dispatch import CHOICES, resolve
+from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import build_layout
 from .selection import select_indices
 
 STRATEGIES = ("auto", "merged", "unmerged")
 
-
-def _count_optimizer_steps(optimizer, args, kwargs) -> None:
-    """Global optimizer post-step hook: count steps on every delta_values tensor.
-
-    The merged strategy re-scatters W[p] = base + v when the values changed. In-place edits
-    bump a tensor's version counter, but fused optimizers (e.g. AdamW(fused=True), the
-    Trainer's default) write parameters without bumping it; this counter catches those.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if hasattr(p, "_apet_steps"):
-                p._apet_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_steps)
+# weight Parameter -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
+# both write it in the merged strategy and neither could restore it.
+_WRAPPERS = WeakIdKeyDictionary()
 
 
 def _budget(numel: int, k: int | None, density: float | None) -> int:
@@ -42,15 +34,36 @@ def _budget(numel: int, k: int | None, density: float | None) -> int:
     return k
 
 
-def merge_is_legal(weight: torch.Tensor) -> tuple[bool, str]:
-    """Merged writes W's storage: not for quantized, sharded or explicitly shared weights."""
+def merge_is_legal(weight: torch.Tensor, shared: bool = False) -> tuple[bool, str]:
+    """Merged writes W's storage: not for quantized, sharded or shared (tied) weights."""
     if not weight.is_floating_point():
         return False, f"weight dtype {weight.dtype} is not floating point (quantized?)"
     if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
         return False, "weight is sharded (DTensor)"
-    if getattr(weight, "_apet_shared", False):
+    if shared:
         return False, "weight is shared with another module (tied)"
     return True, ""
+
+
+class _LinearOverBaseWeight(torch.autograd.Function):
+    """x W0^T + b for a merged layer, exactly and without an out x in copy: W0's K entries are
+    written into W around each GEMM (forward and dx) and W + S is written back right after."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        with layer._base_weight() as w:
+            return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            with ctx.layer._base_weight() as w:
+                dx = dy @ w
+        if ctx.needs_input_grad[1]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, db, None
 
 
 class SparseDeltaLinear(nn.Module):
@@ -58,46 +71,55 @@ class SparseDeltaLinear(nn.Module):
 
     ``weight`` and ``bias`` are the wrapped layer's own parameters (not copies), frozen.
     ``delta_values`` (fp32, zeros at start) is the only trainable tensor; ``delta_indices``
-    (sorted flat row-major positions) and ``delta_base`` (W's original values there) are
-    persistent buffers.
+    (sorted flat row-major positions, read-only: change them through ``load_state_dict``) and
+    ``delta_base`` (W's original values there) are persistent buffers.
 
-    Strategies (DESIGN.md): ``merged`` keeps W + S written into W's storage, re-scattered
-    only when the values changed, so the forward is a plain linear; ``unmerged`` never
-    writes W and adds the sparse term with a kernel. ``auto`` picks merged where legal.
+    Strategies (DESIGN.md): ``merged`` writes W[p] = cast(base + v) into W's own storage at
+    every enabled forward (K writes, a few microseconds), so the GEMMs are the frozen model's own
+    and the weight follows the values whatever changed them (fused optimizers, ``.data`` edits,
+    deep copies, ``functional_call``, assigned parameters); ``unmerged`` never writes W and adds
+    the sparse term with a kernel. ``auto`` picks merged where legal. Writes to W never bump its
+    version counter, so graphs saved before them stay valid (W + S is the same while v is).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, indices: torch.Tensor, *,
-                 strategy: str = "auto", backend: str = "auto", weight_transposed: bool = False):
+                 strategy: str = "auto", backend: str = "auto", weight_transposed: bool = False,
+                 weight_shared: bool = False):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if backend not in CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
+        # GPT-2's Conv1D keeps W as (in, out); we work on the (out, in) view, never a copy
+        shape = tuple(weight.shape[::-1]) if weight_transposed else tuple(weight.shape)
+        self.out_features, self.in_features = shape
+        numel = self.out_features * self.in_features
+        check_index_meta(indices, numel)
+        check_index_content(indices, numel)
+        legal, why = merge_is_legal(weight, weight_shared)
+        if strategy == "merged" and not legal:
+            raise ValueError(f"strategy 'merged' is not legal here: {why}")
+        _check_not_wrapped(weight)
+        # nothing above changed anything: from here on the construction cannot fail
         self.weight = weight
         self.bias = bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        # GPT-2's Conv1D keeps W as (in, out); we work on the (out, in) view, never a copy
         self.weight_transposed = weight_transposed
-        self.out_features, self.in_features = self._weight_oi().shape
+        self.weight_shared = weight_shared  # a module flag: survives deepcopy and pickling
         self.backend = backend
-        numel = self.out_features * self.in_features
-        check_index_meta(indices, numel)
-        check_index_content(indices, numel)
-        indices = indices.to(self.weight.device)
-        self.register_buffer("delta_indices", indices.clone())
-        self.register_buffer("delta_base", self._gather_weight(indices))
-        self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32,
-                                                     device=self.weight.device))
-        self.delta_values._apet_steps = 0
-        self._rebuild_layout()
-        legal, why = merge_is_legal(self.weight)
-        if strategy == "merged" and not legal:
-            raise ValueError(f"strategy 'merged' is not legal here: {why}")
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
-        self._merged_version: tuple | None = None  # values' change stamp last scattered; None = W pure
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
+        # on the meta device the buffers hold no data; keep the positions until they do (_materialize)
+        self._host_indices = indices.detach().to("cpu").clone() if weight.is_meta else None
+        self.register_buffer("delta_indices", indices.detach().to(weight.device).clone())
+        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=weight.dtype, device=weight.device))
+        self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
+        self._base_stale = True  # delta_base is read from the pure W before W is first written
+        self._read_base()
+        self._rebuild_layout()
+        _WRAPPERS[self.weight] = weakref.ref(self)
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
 
@@ -106,12 +128,16 @@ class SparseDeltaLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, k: int | None = None, density: float | None = None,
                     method: str = "random", seed: int = 0, key: str | None = None,
                     strategy: str = "auto", backend: str = "auto",
-                    indices: torch.Tensor | None = None) -> "SparseDeltaLinear":
+                    indices: torch.Tensor | None = None, weight_shared: bool = False) -> "SparseDeltaLinear":
         """Wrap ``linear`` (``nn.Linear``, or GPT-2 ``Conv1D``), reusing its parameters.
 
         Positions come from ``select_indices(..., method, seed, key)`` with ``k`` or
-        ``density``, or are given directly as ``indices``.
+        ``density``, or are given directly as ``indices``. ``weight_shared=True`` marks a weight
+        that other modules use too (tied embeddings): such a layer never merges.
         """
+        if isinstance(linear, SparseDeltaLinear):
+            raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
+                            "delta into the same weight (unmerge or unload the first one)")
         transposed = type(linear).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D
         weight = linear.weight
         shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
@@ -121,15 +147,21 @@ class SparseDeltaLinear(nn.Module):
         elif k is not None or density is not None:
             raise ValueError("give either indices or a budget (k / density), not both")
         return cls(weight, linear.bias, indices, strategy=strategy, backend=backend,
-                   weight_transposed=transposed)
+                   weight_transposed=transposed, weight_shared=weight_shared)
+
+    def __setstate__(self, state):
+        # deepcopy and unpickling give this module new parameters: it wraps its own new weight
+        super().__setstate__(state)
+        _WRAPPERS[self.weight] = weakref.ref(self)
+
+    def release_weight(self) -> None:
+        """Forget that this layer wraps its weight (after unloading), so it can be wrapped again."""
+        ref = _WRAPPERS.get(self.weight)
+        if ref is not None and ref() is self:
+            del _WRAPPERS[self.weight]
 
     def _weight_oi(self) -> torch.Tensor:
         return self.weight.t() if self.weight_transposed else self.weight
-
-    def _gather_weight(self, indices: torch.Tensor) -> torch.Tensor:
-        idx = indices.long()
-        w = self._weight_oi().detach()
-        return w[idx // self.in_features, idx % self.in_features].clone()
 
     def _rebuild_layout(self) -> None:
         """Orderings the kernels walk, derived from the indices (non-persistent). The column order
@@ -146,50 +178,85 @@ class SparseDeltaLinear(nn.Module):
             self._col_ptr, self._col_perm = full.col_ptr, full.col_perm
         return (self._row_ptr, self._col_ptr, self._col_perm)
 
+    # ----------------------------------------------------------------- W's storage at the K positions
+    # The only places that read or write W at the tuned positions. They go through W.data, so the
+    # parameter's version counter (what autograd checks for saved tensors) never moves.
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.delta_indices.long()
+        return idx // self.in_features, idx % self.in_features
+
+    def _storage(self) -> torch.Tensor:
+        w = self.weight.data
+        return w.t() if self.weight_transposed else w
+
+    @torch.no_grad()
+    def _read_base(self) -> None:
+        """delta_base = W at the positions; W must hold the pure weight there."""
+        if self.weight.is_meta or self.delta_indices.is_meta:
+            return  # nothing to read yet: _materialize or a load reads it
+        base = self._storage()[self._positions()]
+        if self.delta_base.shape == base.shape and self.delta_base.dtype == base.dtype \
+                and self.delta_base.device == base.device:
+            self.delta_base.copy_(base)
+        else:
+            self.delta_base = base
+        self._base_stale = False
+
+    def current_base(self) -> torch.Tensor:
+        """W's own values at the tuned positions (``delta_base``, read from W first if still unread)."""
+        if self._base_stale:
+            self._read_base()
+        return self.delta_base
+
+    @torch.no_grad()
+    def _write_base(self) -> None:
+        """W[p] = base itself (not base + 0, which turns -0.0 into +0.0): bit-exact restore."""
+        if not self._base_stale:
+            self._storage().index_put_(self._positions(), self.delta_base)
+
+    @torch.no_grad()
+    def _write_merged(self, values: torch.Tensor) -> None:
+        """W[p] = cast(base + v): K writes, through the backend's own scatter."""
+        if self._base_stale:
+            self._read_base()
+        implementation(self._backend_name()).scatter_merge_(self._storage(), self.delta_indices, self.delta_base,
+                                                            values.detach())
+
+    @contextlib.contextmanager
+    def _base_weight(self):
+        """W holds the pure weight inside the block and W + S again after it (merged layers)."""
+        self._write_base()
+        try:
+            yield self._weight_oi()
+        finally:
+            self._write_merged(self.delta_values)
+
     # ----------------------------------------------------------------- merge state
     @property
     def merged(self) -> bool:
-        """True while W's storage holds W + S."""
-        return self._merged_version is not None
+        """True while the merged strategy runs: every enabled forward writes W + S into W's storage."""
+        return self.strategy == "merged"
+
+    def merge_legality(self) -> tuple[bool, str]:
+        return merge_is_legal(self.weight, self.weight_shared)
 
     def _backend_name(self) -> str:
         return resolve(self.backend, self.weight.device)
 
-    @torch.no_grad()
-    def _scatter(self, values: torch.Tensor) -> None:
-        torch.ops.apet.scatter_merge_(self._weight_oi(), self.delta_indices, self.delta_base,
-                                      values, self._backend_name())
-
-    def _values_stamp(self) -> tuple:
-        """Changes whenever delta_values may have: in-place edits and optimizer steps."""
-        return self.delta_values._version, getattr(self.delta_values, "_apet_steps", 0)
-
-    @torch.compiler.disable
-    def _sync_merged(self) -> None:
-        """Re-scatter W[p] = base + v if the values changed since the last write (K writes)."""
-        if self._merged_version != self._values_stamp():
-            self._scatter(self.delta_values)
-            self._merged_version = self._values_stamp()
-
     def merge(self) -> None:
-        """Switch to the merged strategy: write W + S into W's storage and keep it in sync."""
-        legal, why = merge_is_legal(self.weight)
+        """Switch to the merged strategy and write W + S into W's storage now."""
+        legal, why = self.merge_legality()
         if not legal:
             raise RuntimeError(f"cannot merge: {why}")
+        self._write_merged(self.delta_values)
         self.strategy = "merged"
-        self._sync_merged()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
-        self._restore_base()
+        if self.strategy == "merged":
+            self._write_base()
         self.strategy = "unmerged"
-
-    @torch.no_grad()
-    def _restore_base(self) -> None:
-        if self.merged:
-            self._scatter(torch.zeros_like(self.delta_values))
-            self._merged_version = None
 
     def delta_weight(self) -> torch.Tensor:
         """Dense fp32 Delta W (out, in). For inspection and merging only: allocates out x in."""
@@ -198,46 +265,134 @@ class SparseDeltaLinear(nn.Module):
         dense.view(-1)[self.delta_indices.long()] = self.delta_values.detach().float()
         return dense
 
+    # ----------------------------------------------------------------- device moves and meta init
+    def _apply(self, fn, recurse=True):
+        was_meta = self.delta_indices.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.delta_indices.is_meta:
+            self._materialize()  # to_empty(): the buffers now hold garbage
+        return result
+
+    @torch.no_grad()
+    def _materialize(self) -> None:
+        """After meta-device construction: the positions kept on the host, zero values, and the base
+        read from W once W holds data (at the next forward or load, whichever comes first)."""
+        if self.weight.is_meta or self._host_indices is None:
+            return
+        device = self.weight.device
+        self.delta_indices = self._host_indices.to(device)
+        if self.delta_values.is_meta or self.delta_values.device != device:
+            self.delta_values = nn.Parameter(torch.zeros(self.delta_indices.numel(), device=device))
+        else:
+            self.delta_values.zero_()
+        self._host_indices = None
+        self._base_stale = True
+        self._rebuild_layout()
+
     # ----------------------------------------------------------------- state dict
+    def check_state_dict(self, state_dict, prefix: str = "") -> None:
+        """Everything load_state_dict would put in this layer, checked before anything is copied."""
+        numel, k = self.out_features * self.in_features, self.delta_indices.numel()
+        for name, shape in (("weight", tuple(self.weight.shape)),
+                            ("bias", None if self.bias is None else tuple(self.bias.shape))):
+            t = state_dict.get(prefix + name)
+            if t is not None and shape is not None and torch.is_tensor(t) and tuple(t.shape) != shape:
+                raise ValueError(f"{prefix}{name} has shape {tuple(t.shape)}, this layer's is {shape}")
+        idx = state_dict.get(prefix + "delta_indices")
+        if idx is not None:
+            try:
+                check_index_meta(idx, numel)
+                if idx.numel() != k:
+                    raise ValueError(f"it has {idx.numel()} entries, this layer has {k}")
+                if not idx.is_meta:
+                    check_index_content(idx, numel)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{prefix}delta_indices: {exc}") from None
+        for name in ("delta_values", "delta_base"):
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != (k,):
+                raise ValueError(f"{prefix}{name} must be a float tensor of shape ({k},), got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if name == "delta_values" and not t.is_meta:
+                check_finite(t, prefix + name)
+
     def _before_load(self, state_dict, prefix, *args, **kwargs):
-        # check before anything is copied, so a bad file leaves the module untouched
-        numel = self.out_features * self.in_features
-        incoming = state_dict.get(prefix + "delta_indices")
-        if incoming is not None:
-            check_index_meta(incoming, numel)
-            if incoming.shape != self.delta_indices.shape:
-                raise ValueError(f"{prefix}delta_indices has {incoming.numel()} entries, this layer has "
-                                 f"{self.delta_indices.numel()}")
-            check_index_content(incoming, numel)
-        # the incoming weight (if any) may be merged at other positions; start from pure W
-        self._restore_base()
+        self.check_state_dict(state_dict, prefix)
+        self._incoming = frozenset(n for n in ("weight", "delta_indices", "delta_base") if prefix + n in state_dict)
+        # the positions may move and the weight may be replaced: start from the pure W
+        if self.strategy == "merged":
+            self._write_base()
 
     @staticmethod
     @torch.no_grad()
     def _after_load(module: "SparseDeltaLinear", incompatible_keys) -> None:
-        # a saved weight may hold W + S; delta_base always holds W at the positions
-        module._scatter(torch.zeros_like(module.delta_values))
-        module._merged_version = None
-        module._rebuild_layout()
+        incoming = module.__dict__.pop("_incoming", frozenset())
+        module._materialize()
+        if module.delta_indices.is_meta or module.weight.is_meta:
+            return
+        if "delta_indices" in incoming:
+            module._rebuild_layout()
+        if "weight" in incoming and "delta_base" in incoming:
+            module._base_stale = False
+            module._write_base()  # a saved merged W holds W + S at the saved positions
+        loaded_base = module.delta_base.clone() if "delta_base" in incoming and "weight" not in incoming else None
+        # W is pure here in every case: its values at the positions are the base
+        module._read_base()
+        if loaded_base is not None and not torch.equal(loaded_base, module.delta_base):
+            warnings.warn("the loaded delta_base differs from this layer's weight at the tuned positions (a state "
+                          "dict from another base model?); keeping the weight's values as the base")
+        _WRAPPERS[module.weight] = weakref.ref(module)  # assign=True may have brought a new weight
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.apet_disabled:
-            self._restore_base()  # the next enabled merged forward re-scatters
+        if validation_from_env():
+            self._check_buffers()
+        if self.strategy == "merged":
+            if self.apet_disabled:
+                return self._forward_base(x)
+            self._sync()
+        elif self.apet_disabled:
             return F.linear(x, self._weight_oi(), self.bias)
-        merged = self.strategy == "merged"
-        if merged:
-            self._sync_merged()
         return sparse_delta_linear(x, self._weight_oi(), self.bias, self.delta_values, self.delta_indices,
-                                   backend=self.backend, weight_is_merged=merged, layout=self.layout,
-                                   validate=False)
+                                   backend=self.backend, weight_is_merged=self.strategy == "merged",
+                                   layout=self.layout, validate=False)
+
+    @torch.compiler.disable
+    def _sync(self) -> None:
+        self._write_merged(self.delta_values)
+
+    @torch.compiler.disable
+    def _forward_base(self, x: torch.Tensor) -> torch.Tensor:
+        if self._base_stale:
+            self._read_base()
+        return _LinearOverBaseWeight.apply(x, self.bias, self)
+
+    def _check_buffers(self) -> None:
+        """APET_VALIDATE=1: indices in range, sorted, unique and consistent with the row offsets."""
+        numel = self.out_features * self.in_features
+        check_index_meta(self.delta_indices, numel)
+        check_index_content(self.delta_indices, numel)
+        rows = build_layout(self.delta_indices, (self.out_features, self.in_features), columns=False).row_ptr
+        if not torch.equal(rows.cpu(), self._row_ptr.cpu()):
+            raise ValueError("delta_indices changed in place since the layer was built or loaded; change positions "
+                             "through load_state_dict")
 
     def extra_repr(self) -> str:
         k, numel = self.delta_indices.numel(), self.out_features * self.in_features
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, k={k} ({100.0 * k / numel:.3g}%), "
+                f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
                 f"strategy={self.strategy}, backend={self.backend}"
                 + (", weight_transposed=True" if self.weight_transposed else ""))
+
+
+def _check_not_wrapped(weight: torch.Tensor) -> None:
+    ref = _WRAPPERS.get(weight)
+    owner = ref() if ref is not None else None
+    if owner is not None and owner.weight is weight:
+        raise ValueError("this weight is already wrapped by another SparseDeltaLinear: two wrappers would write two "
+                         "deltas into one weight and could not restore it (unload the first one, or wrap a copy)")
 
 
 class DenseMaskLinear(nn.Module):

@@ -1,6 +1,9 @@
 """Independent dense oracles and tolerances shared by the tests."""
 
+import pytest
 import torch
+
+from apet_kernels import backends
 
 # relative Frobenius error allowed per dtype (METHOD.md: fp32 << 1e-3, bf16 1e-3..1e-2)
 REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -36,3 +39,14 @@ def oracle_linear(x, weight, bias, values, indices):
     if bias is not None:
         y = y + bias.detach().double()
     return y, w
+
+
+def backend_param(name):
+    """A pytest param for one backend, skipped with the reason where it cannot run."""
+    status = backends()[name]
+    return pytest.param(name, marks=pytest.mark.skipif(not status["available"],
+                                                       reason=f"{name} unavailable: {status['reason']}"))
+
+
+# triton runs in the interpreter on CPU; native is the compiled extension when built
+BACKENDS = [backend_param(name) for name in ("reference", "triton", "native")]

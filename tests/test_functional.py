@@ -5,19 +5,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from _helpers import assert_close_rel, dense_delta, oracle_linear, random_indices
-from apet_kernels import backends, sparse_delta_linear
+from _helpers import BACKENDS, assert_close_rel, backend_param, dense_delta, oracle_linear, random_indices
+from apet_kernels import sparse_delta_linear
 from apet_kernels.ops.library import BODIES
 
-
-def _backend_param(name):
-    status = backends()[name]
-    return pytest.param(name, marks=pytest.mark.skipif(not status["available"],
-                                                       reason=f"{name} unavailable: {status['reason']}"))
-
-
-# triton runs in the interpreter on CPU; native is the compiled extension when built
-BACKENDS = [_backend_param(name) for name in ("reference", "triton", "native")]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, out, in, k, bias): T=1, K=0, K=out*in, 3-D x, no bias, odd sizes
 SHAPES = [((1,), 5, 7, 3, True), ((13,), 17, 19, 0, True), ((9,), 6, 4, 24, False),
@@ -55,7 +46,7 @@ def test_forward_and_grads_match_dense(backend, dtype, lead, out_f, in_f, k, bia
     assert not w.requires_grad and w.grad is None
 
 
-@pytest.mark.parametrize("backend", [_backend_param("reference"), _backend_param("native")])  # Triton: no fp64
+@pytest.mark.parametrize("backend", [backend_param("reference"), backend_param("native")])  # Triton: no fp64
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_gradcheck_float64(backend, index_dtype):
     x, w, b, v, idx = _inputs((4,), 6, 5, 9, True, torch.float64, index_dtype)

@@ -224,10 +224,12 @@ def test_bad_indices_rejected_and_nothing_changed():
 
 def test_merged_rejected_for_shared_weight():
     lin = _linear()
-    lin.weight._apet_shared = True
     with pytest.raises(ValueError, match="shared"):
-        SparseDeltaLinear.from_linear(lin, k=3, strategy="merged")
-    assert SparseDeltaLinear.from_linear(lin, k=3).strategy == "unmerged"
+        SparseDeltaLinear.from_linear(lin, k=3, strategy="merged", weight_shared=True)
+    layer = SparseDeltaLinear.from_linear(lin, k=3, weight_shared=True)
+    assert layer.strategy == "unmerged"
+    with pytest.raises(RuntimeError, match="shared"):
+        layer.merge()
 
 
 def test_gpt2_conv1d_without_copy():

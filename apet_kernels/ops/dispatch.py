@@ -115,8 +115,9 @@ def _cuda_auto() -> SimpleNamespace:
         sddmm=_by_size("sddmm", lambda dy, x, *a: dy.shape[1] * x.shape[1]),
         spmm_=_by_size("spmm_", lambda out, x, *a: out.shape[1] * x.shape[1]),
         spmm_t_=_by_size("spmm_t_", lambda out, dy, *a: dy.shape[1] * out.shape[1]),
-        # K writes once per optimizer step; not separately measured: index_put_ as in Triton's
-        scatter_merge_=implementation("triton").scatter_merge_)
+        # K writes at every merged forward: one native kernel launch instead of index_put_'s chain of
+        # small ops (host time per launch is what a small layer's step is bound by)
+        scatter_merge_=implementation("native").scatter_merge_)
 
 
 def implementation(backend: str):
