@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_index_content, check_linear_inputs, validate_requested
@@ -28,9 +30,12 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if validate_requested(validate, indices):
         check_index_content(indices, weight.numel())
     name = resolve(backend, x.device)
+    # kernels walk indices and values as dense arrays (K elements: a copy only for strided views)
+    indices, values = indices.contiguous(), values.contiguous()
     out_features, in_features = weight.shape
     row_ptr, col_ptr, col_perm = layout if layout is not None else (None, None, None)
-    args = (x.reshape(-1, in_features), weight, bias, values, indices, row_ptr, col_ptr, col_perm,
+    tokens = math.prod(x.shape[:-1])  # not reshape(-1, in): ambiguous when a dimension is 0
+    args = (x.reshape(tokens, in_features), weight, bias, values, indices, row_ptr, col_ptr, col_perm,
             weight_is_merged, name)
     if torch.compiler.is_compiling():
         y = torch.ops.apet.sparse_delta_linear(*args)

@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
+import uuid
 import warnings
 from collections import Counter
 
@@ -243,7 +243,8 @@ class ApetModel(nn.Module):
         directory = os.path.abspath(directory)
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".apet-save-", dir=parent)
+        staging = os.path.join(parent, f".{os.path.basename(directory)}.saving-{uuid.uuid4().hex[:8]}")
+        os.mkdir(staging)  # (not mkdtemp: its 0700 would become the adapter folder's permissions)
         try:
             config.save_pretrained(staging)
             save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "apet"})
@@ -265,7 +266,10 @@ class ApetModel(nn.Module):
             else:
                 layer.unmerge()
             layer.release_weight()
-            _set_module(self.base_model, name, self._originals[name])
+            original = self._originals[name]
+            # the layer's parameters are current: to_empty() or load_state_dict(assign=True) replace them
+            original.weight, original.bias = layer.weight, layer.bias
+            _set_module(self.base_model, name, original)
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
             if not merge:

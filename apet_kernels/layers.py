@@ -288,6 +288,7 @@ class SparseDeltaLinear(nn.Module):
         self._host_indices = None
         self._base_stale = True
         self._rebuild_layout()
+        _WRAPPERS[self.weight] = weakref.ref(self)  # a new Parameter object when it left the meta device
 
     # ----------------------------------------------------------------- state dict
     def check_state_dict(self, state_dict, prefix: str = "") -> None:

@@ -3,6 +3,16 @@ import os
 import pytest
 import torch
 
+try:  # property-based tests: a bounded, repeatable example count in CI, more on request
+    from hypothesis import HealthCheck, settings
+    settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
+
 # Without a GPU, Triton kernels run in the interpreter; the switch must be set before
 # triton.jit decorates them, i.e. before apet_kernels' Triton module is imported.
 if not torch.cuda.is_available():

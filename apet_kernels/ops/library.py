@@ -108,7 +108,7 @@ def backward_math(sddmm_fn, spmm_t_fn, grad, saved, merged: bool, needs_input_gr
     if needs_input_grad[3]:
         dv = sddmm_fn(grad, x, indices, row_ptr).to(values.dtype)
     if has_bias and needs_input_grad[2]:
-        db = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+        db = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype)
     return dx, None, db, dv
 
 

@@ -1,0 +1,223 @@
+"""A call that fails changes nothing; misuse is refused with an error that names the problem."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from _helpers import BACKENDS
+from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet
+from apet_kernels import layers as layers_module
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _snapshot(model):
+    return ({n: t.clone() for n, t in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def _assert_unchanged(model, snapshot):
+    state, flags, modules = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules, "modules were replaced"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "requires_grad flags changed"
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[n], t) for n, t in state.items()), "weights changed"
+
+
+def test_failed_get_apet_model_leaves_no_patched_layer_and_every_flag():
+    base = _gpt2()
+    base.transformer.wpe.weight.requires_grad_(False)  # a flag that freezing would not restore by accident
+    before = _snapshot(base)
+    # the tied lm_head comes last among the targets: the attention layers before it were patched
+    config = ApetConfig(density=0.05, target_modules=["c_attn", "lm_head"], strategy="merged")
+    with pytest.raises(ValueError, match="shared"):
+        get_apet_model(base, config)
+    _assert_unchanged(base, before)
+    get_apet_model(base, ApetConfig(density=0.05, target_modules=["c_attn"]))  # and it can be patched again
+
+
+def test_failure_in_the_middle_of_patching_is_rolled_back(monkeypatch):
+    base = _llama()
+    before = _snapshot(base)
+    real = SparseDeltaLinear.from_linear
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(SparseDeltaLinear, "from_linear", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        get_apet_model(base, ApetConfig(density=0.05))
+    monkeypatch.setattr(SparseDeltaLinear, "from_linear", real)
+    _assert_unchanged(base, before)
+    assert len(get_apet_model(base, ApetConfig(density=0.05)).apet_layers()) == 14  # weights were released
+
+
+def test_failed_load_apet_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    get_apet_model(_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
+    base = _llama()
+    before = _snapshot(base)
+    real_copy = torch.Tensor.copy_
+
+    def broken_copy(self, *a, **k):  # fails when the loaded values are copied into the patched layers
+        if self.requires_grad:
+            raise RuntimeError("injected copy failure")
+        return real_copy(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "copy_", broken_copy)
+        with pytest.raises(RuntimeError, match="injected"):
+            load_apet(base, str(tmp_path))
+    _assert_unchanged(base, before)
+
+
+def _tensors_with(path, key_suffix, fill):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith(key_suffix))
+    tensors[key] = tensors[key].clone()
+    tensors[key][3] = fill
+    save_file(tensors, path)
+    return key
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_adapter_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path, fill):
+    get_apet_model(_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
+    key = _tensors_with(str(tmp_path / "adapter_model.safetensors"), "delta_values", fill)
+    base = _llama()
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=rf"{key}.*NaN or Inf"):
+        load_apet(base, str(tmp_path))
+    _assert_unchanged(base, before)
+
+
+def test_save_refuses_nan_values_and_writes_nothing(tmp_path):
+    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    layer_name, layer = next(iter(model.apet_layers().items()))
+    layer.delta_values.data[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{layer_name}\.delta_values holds NaN"):
+        model.save_apet(str(tmp_path / "adapter"))
+    assert os.listdir(tmp_path) == [], "a failed save left files behind"
+
+
+def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
+    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    target = tmp_path / "adapter"
+    model.save_apet(str(target))
+    files = {name: (target / name).read_bytes() for name in os.listdir(target)}
+    next(iter(model.apet_layers().values())).delta_values.data.add_(1.0)
+    import safetensors.torch
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_apet(str(target))
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == files
+    assert sorted(os.listdir(tmp_path)) == ["adapter"], "the staging folder was left behind"
+
+
+def test_failed_merge_changes_nothing():
+    lin = nn.Linear(9, 7)
+    layer = SparseDeltaLinear.from_linear(lin, k=10, weight_shared=True)
+    layer.delta_values.data.normal_()
+    w = lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="cannot merge.*shared"):
+        layer.merge()
+    assert layer.strategy == "unmerged" and torch.equal(lin.weight, w)
+
+
+# ------------------------------------------------------------------------------------------ misuse
+def test_wrapping_a_wrapped_linear_is_refused():
+    lin = nn.Linear(9, 7)
+    first = SparseDeltaLinear.from_linear(lin, k=5)
+    with pytest.raises(ValueError, match="already wrapped by another SparseDeltaLinear"):
+        SparseDeltaLinear.from_linear(lin, k=5, seed=1)
+    with pytest.raises(TypeError, match="already a SparseDeltaLinear"):
+        SparseDeltaLinear.from_linear(first, k=5)
+    first.release_weight()
+    SparseDeltaLinear.from_linear(lin, k=5)  # once released, it can be wrapped again
+
+
+def test_wrapper_that_was_garbage_collected_does_not_block():
+    lin = nn.Linear(9, 7)
+    SparseDeltaLinear.from_linear(lin, k=5)  # dropped at once
+    import gc
+    gc.collect()
+    assert SparseDeltaLinear.from_linear(lin, k=5).weight is lin.weight
+    assert len([r for r in layers_module._WRAPPERS.values() if r() is not None]) >= 1
+
+
+@pytest.mark.parametrize("first", ["merge_and_unload", "unload"])
+def test_apet_model_refuses_to_work_after_it_was_unloaded(tmp_path, first):
+    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    next(iter(model.apet_layers().values())).delta_values.data.normal_()
+    base = getattr(model, first)()
+    state = {n: t.clone() for n, t in base.state_dict().items()}
+    for call in (model.unload, model.merge_and_unload, lambda: model.save_apet(str(tmp_path / "a")),
+                 lambda: model.disable_apet().__enter__()):
+        with pytest.raises(RuntimeError, match=rf"{first}\(\) already removed them"):
+            call()
+    assert not (tmp_path / "a").exists()
+    assert all(torch.equal(t, state[n]) for n, t in base.state_dict().items())
+
+
+def test_adapter_does_not_store_the_backend(tmp_path):
+    model = get_apet_model(_llama(), ApetConfig(density=0.05, backend="triton"))
+    model.save_apet(str(tmp_path))
+    stored = json.loads((tmp_path / "apet_config.json").read_text())
+    assert "backend" not in stored
+    stored["backend"] = "triton"  # as written by 0.1.0
+    (tmp_path / "apet_config.json").write_text(json.dumps(stored))
+    loaded = load_apet(_llama(), str(tmp_path))
+    assert {m.backend for m in loaded.apet_layers().values()} == {"auto"}
+    ids = torch.randint(3, 99, (1, 5))
+    loaded(input_ids=ids)
+    assert {m.backend for m in load_apet(_llama(), str(tmp_path), backend="reference").apet_layers().values()} \
+        == {"reference"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_out_of_range_indices_in_the_buffer_raise_with_validation(backend, strategy, monkeypatch):
+    layer = SparseDeltaLinear.from_linear(nn.Linear(9, 7), k=10, strategy=strategy, backend=backend)
+    layer.delta_indices[-1] = 10_000  # written straight into the module's buffer
+    monkeypatch.setenv("APET_VALIDATE", "1")
+    with pytest.raises(ValueError, match="out of range"):
+        layer(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indices_moved_in_place_are_caught_by_validation(backend, monkeypatch):
+    layer = SparseDeltaLinear.from_linear(nn.Linear(9, 7), indices=torch.tensor([1, 20, 40], dtype=torch.int32),
+                                          backend=backend)
+    layer.delta_indices.data[1] = 30  # still sorted and in range, but in another row than the layout says
+    monkeypatch.setenv("APET_VALIDATE", "1")
+    with pytest.raises(ValueError, match="changed in place"):
+        layer(torch.randn(2, 9))
