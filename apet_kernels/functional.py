@@ -29,14 +29,21 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     check_linear_inputs(x, weight, bias, values, indices)
     if validate_requested(validate, indices):
         check_index_content(indices, weight.numel())
-    name = resolve(backend, x.device)
+    return apply_sparse_delta_linear(x, weight, bias, values, indices, resolve(backend, x.device),
+                                     weight_is_merged, layout)
+
+
+def apply_sparse_delta_linear(x, weight, bias, values, indices, backend_name: str, weight_is_merged: bool,
+                              layout: DeltaLayout | None) -> torch.Tensor:
+    """The op itself, for callers whose inputs are already checked (SparseDeltaLinear checks its
+    buffers when it is built or loaded, not at every forward). ``backend_name`` is resolved."""
+    out_features, in_features = weight.shape
     # kernels walk indices and values as dense arrays (K elements: a copy only for strided views)
     indices, values = indices.contiguous(), values.contiguous()
-    out_features, in_features = weight.shape
     row_ptr, col_ptr, col_perm = layout if layout is not None else (None, None, None)
     tokens = math.prod(x.shape[:-1])  # not reshape(-1, in): ambiguous when a dimension is 0
     args = (x.reshape(tokens, in_features), weight, bias, values, indices, row_ptr, col_ptr, col_perm,
-            weight_is_merged, name)
+            weight_is_merged, backend_name)
     if torch.compiler.is_compiling():
         y = torch.ops.apet.sparse_delta_linear(*args)
     else:

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
-from .functional import sparse_delta_linear
+from ._checks import check_finite, check_index_content, check_index_meta, check_linear_inputs, validation_from_env
+from .functional import apply_sparse_delta_linear
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import build_layout
 from .selection import select_indices
@@ -192,6 +192,7 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def _read_base(self) -> None:
         """delta_base = W at the positions; W must hold the pure weight there."""
+        self._written = None
         if self.weight.is_meta or self.delta_indices.is_meta:
             return  # nothing to read yet: _materialize or a load reads it
         base = self._storage()[self._positions()]
@@ -211,16 +212,17 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def _write_base(self) -> None:
         """W[p] = base itself (not base + 0, which turns -0.0 into +0.0): bit-exact restore."""
+        self._written = None  # W no longer holds the last merged write
         if not self._base_stale:
             self._storage().index_put_(self._positions(), self.delta_base)
 
-    @torch.no_grad()
-    def _write_merged(self, values: torch.Tensor) -> None:
-        """W[p] = cast(base + v): K writes, through the backend's own scatter."""
+    def _write_merged(self, values: torch.Tensor, backend_name: str | None = None) -> None:
+        """W[p] = cast(base + v): K writes, through the backend's own scatter (no autograd: W.data
+        and detached values; at every merged forward, so kept to a few microseconds of host time)."""
         if self._base_stale:
             self._read_base()
-        implementation(self._backend_name()).scatter_merge_(self._storage(), self.delta_indices, self.delta_base,
-                                                            values.detach())
+        implementation(backend_name or self._backend_name()).scatter_merge_(
+            self._storage(), self.delta_indices, self.delta_base, values.detach())
 
     @contextlib.contextmanager
     def _base_weight(self):
@@ -269,6 +271,7 @@ class SparseDeltaLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         was_meta = self.delta_indices.is_meta
         result = super()._apply(fn, recurse)
+        self._written = None  # dtype or storage may have changed: write again
         if was_meta and not self.delta_indices.is_meta:
             self._materialize()  # to_empty(): the buffers now hold garbage
         return result
@@ -348,21 +351,36 @@ class SparseDeltaLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if validation_from_env():
+        if x.shape[-1:] != (self.in_features,) or x.dtype != self.weight.dtype or validation_from_env():
+            check_linear_inputs(x, self._weight_oi(), self.bias, self.delta_values, self.delta_indices)
             self._check_buffers()
-        if self.strategy == "merged":
-            if self.apet_disabled:
-                return self._forward_base(x)
-            self._sync()
-        elif self.apet_disabled:
-            return F.linear(x, self._weight_oi(), self.bias)
-        return sparse_delta_linear(x, self._weight_oi(), self.bias, self.delta_values, self.delta_indices,
-                                   backend=self.backend, weight_is_merged=self.strategy == "merged",
-                                   layout=self.layout, validate=False)
+        merged = self.strategy == "merged"
+        if self.apet_disabled:
+            return self._forward_base(x) if merged else F.linear(x, self._weight_oi(), self.bias)
+        backend_name, values = self._backend_name(), self.delta_values
+        if merged:
+            self._sync(values, backend_name)
+            if not (values.requires_grad and torch.is_grad_enabled()):
+                return F.linear(x, self._weight_oi(), self.bias)  # no SDDMM to prepare for
+        return apply_sparse_delta_linear(x, self._weight_oi(), self.bias, values, self.delta_indices,
+                                         backend_name, merged, self.layout)
 
     @torch.compiler.disable
-    def _sync(self) -> None:
-        self._write_merged(self.delta_values)
+    def _sync(self, values: torch.Tensor, backend_name: str) -> None:
+        """Make W hold cast(base + v) for ``values``. On a GPU: always write (one launch, async). On
+        the CPU with the native extension: skip the K random writes if the values' content hash and
+        W's storage and version are those of the last write (the content, not a version counter:
+        fused optimizers, .data edits and copies all change the content). The stamp is taken
+        before the write, so a change racing with it is caught at the next forward."""
+        stamp = None
+        if values.device.type == "cpu" and backend_name == "native" and values.is_contiguous():
+            from .ops.native import fingerprint
+            w = self.weight
+            stamp = (fingerprint(values.detach()), w.data_ptr(), w._version)
+            if stamp == self._written:
+                return
+        self._write_merged(values, backend_name)
+        self._written = stamp
 
     @torch.compiler.disable
     def _forward_base(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 // these when backend="native", so no schema is defined twice.
 #include <Python.h>
 
+#include <cstring>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -119,14 +121,59 @@ void scatter_merge_cpu(at::Tensor weight, const at::Tensor& indices, const at::T
       const scalar_t* bp = b.data_ptr<scalar_t>();
       const acc_t* v = vals.data_ptr<acc_t>();
       const index_t* p = idx.data_ptr<index_t>();
-      at::parallel_for(0, n_k, 4096, [&](int64_t k0, int64_t k1) {
+      // Sorted indices let each chunk walk the rows instead of dividing per delta (the 64-bit
+      // division was most of the cost: 12.7 us for 2,884 deltas on the 2-core machine).
+      at::parallel_for(0, n_k, 16384, [&](int64_t k0, int64_t k1) {
+        int64_t r = static_cast<int64_t>(p[k0]) / in_f, row_end = (r + 1) * in_f;
         for (int64_t k = k0; k < k1; ++k) {
-          const int64_t flat = p[k], r = flat / in_f, c = flat - r * in_f;
-          w[r * s0 + c * s1] = static_cast<scalar_t>(static_cast<acc_t>(bp[k]) + v[k]);
+          const int64_t flat = p[k];
+          while (flat >= row_end) {
+            ++r;
+            row_end += in_f;
+          }
+          w[r * s0 + (flat - r * in_f) * s1] = static_cast<scalar_t>(static_cast<acc_t>(bp[k]) + v[k]);
         }
       });
     });
   });
+}
+
+// A 64-bit hash of a contiguous CPU tensor's bytes (xxHash64-style: four independent lanes over
+// 32-byte stripes, merged and avalanched at the end). The merged strategy compares the values'
+// hash with the one it last wrote, so a CPU forward whose values did not change skips K random
+// writes into W (about 20 ns each once the GEMM has streamed W through the caches). The values are
+// usually cold too by then, so the loop prefetches a few cache lines ahead of its reads.
+namespace {
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL, kP2 = 0xC2B2AE3D27D4EB4FULL, kP3 = 0x165667B19E3779F9ULL;
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+inline uint64_t lane_round(uint64_t acc, uint64_t word) { return rotl(acc + word * kP2, 31) * kP1; }
+inline uint64_t load_word(const unsigned char* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return w;
+}
+}  // namespace
+
+int64_t fingerprint_cpu(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), "apet_native::fingerprint: the tensor must be contiguous");
+  const auto* bytes = static_cast<const unsigned char*>(t.data_ptr());
+  const size_t n = t.numel() * t.element_size();
+  uint64_t lane[4] = {kP1 + kP2, kP2, 0, 0 - kP1};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __builtin_prefetch(bytes + i + 512);
+    for (int l = 0; l < 4; ++l) lane[l] = lane_round(lane[l], load_word(bytes + i + 8 * l));
+  }
+  uint64_t h = rotl(lane[0], 1) + rotl(lane[1], 7) + rotl(lane[2], 12) + rotl(lane[3], 18);
+  h ^= static_cast<uint64_t>(n) * kP1 ^ static_cast<uint64_t>(t.scalar_type()) * kP3;
+  for (; i + 8 <= n; i += 8) h = rotl(h ^ lane_round(0, load_word(bytes + i)), 27) * kP1 + kP3;
+  for (; i < n; ++i) h = rotl(h ^ (bytes[i] * kP3), 11) * kP1;
+  h ^= h >> 33;
+  h *= kP2;
+  h ^= h >> 29;
+  h *= kP3;
+  h ^= h >> 32;
+  return static_cast<int64_t>(h);
 }
 
 }  // namespace apet
@@ -136,6 +183,7 @@ TORCH_LIBRARY(apet_native, m) {
   m.def("spmm_(Tensor(a!) out, Tensor x, Tensor indices, Tensor values, Tensor row_ptr) -> ()");
   m.def("spmm_t_(Tensor(a!) out, Tensor dy, Tensor indices, Tensor values, Tensor col_ptr, Tensor col_perm) -> ()");
   m.def("scatter_merge_(Tensor(a!) weight, Tensor indices, Tensor base, Tensor values) -> ()");
+  m.def("fingerprint(Tensor t) -> int");
 }
 
 TORCH_LIBRARY_IMPL(apet_native, CPU, m) {
@@ -143,6 +191,7 @@ TORCH_LIBRARY_IMPL(apet_native, CPU, m) {
   m.impl("spmm_", &apet::spmm_cpu);
   m.impl("spmm_t_", &apet::spmm_t_cpu);
   m.impl("scatter_merge_", &apet::scatter_merge_cpu);
+  m.impl("fingerprint", &apet::fingerprint_cpu);
 }
 
 // A plain Python module: importing apet_kernels._C loads the library and runs the

@@ -77,3 +77,23 @@ def test_cuda_auto_picks_per_op_by_size(monkeypatch):
     finally:
         dispatch._cuda_auto.cache_clear()
     assert calls == ["native", "triton"]
+
+
+def test_native_fingerprint_sees_every_single_bit_change():
+    status = apet_kernels.backends()["native"]
+    if not status["available"]:
+        pytest.skip(f"native unavailable: {status['reason']}")
+    from apet_kernels.ops.native import fingerprint
+    values = torch.randn(37)  # 148 bytes: four-lane stripes, an 8-byte tail and a 4-byte tail
+    base = fingerprint(values)
+    assert fingerprint(values.clone()) == base
+    seen = {base}
+    raw = values.view(torch.int32)
+    for i in range(values.numel()):
+        for bit in (0, 13, 31):
+            flipped = raw.clone()
+            flipped[i] ^= (1 << bit) if bit < 31 else -(2**31)
+            seen.add(fingerprint(flipped.view(torch.float32)))
+    assert len(seen) == 1 + 3 * values.numel()
+    assert fingerprint(values[:-1].clone()) != base and fingerprint(values.view(torch.int32)) != base
+    assert fingerprint(torch.empty(0)) != fingerprint(torch.empty(0, dtype=torch.float16))

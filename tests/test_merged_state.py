@@ -168,3 +168,23 @@ def test_writes_to_weight_do_not_invalidate_saved_graphs():
     (y1 + y2).sum().backward()
     assert layer.weight._version == version
     assert x.grad is not None and layer.delta_values.grad is not None
+
+
+def test_cpu_forwards_with_unchanged_values_skip_the_writes(monkeypatch):
+    pytest.importorskip("apet_kernels._C", reason="the content hash comes with the native extension")
+    from apet_kernels.ops import native
+    layer, pure = _merged("native")
+    writes = []
+    real = native.scatter_merge_
+    monkeypatch.setattr(native, "scatter_merge_", lambda *a: (writes.append(1), real(*a)))
+    x = torch.randn(3, IN)
+    for _ in range(3):
+        layer(x)
+    assert writes == [], "unchanged values were written again"
+    layer.delta_values.data[5] += 1.0  # one value, through .data: only its content says it changed
+    _assert_follows(layer, pure, x)
+    assert writes == [1]
+    with torch.no_grad():
+        layer.weight.add_(0.0)  # W changed through its own version counter: written again too
+    layer(x)
+    assert writes == [1, 1]

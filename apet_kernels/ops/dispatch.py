@@ -65,15 +65,21 @@ def backends() -> dict[str, dict[str, object]]:
 @torch.compiler.assume_constant_result  # a pure function of its arguments and the environment
 def resolve(backend: str, device: torch.device) -> str:
     """Turn a requested backend (possibly ``auto``) into the one that runs on ``device``."""
+    # cached per (request, device type, environment): it runs at every forward of every layer
+    return _resolve(backend, device.type, os.environ.get("APET_BACKEND", ""), triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(backend: str, device_type: str, env_backend: str, interpreting: bool) -> str:
     if backend not in CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
     if backend == "auto":
-        backend = os.environ.get("APET_BACKEND", "auto") or "auto"
+        backend = env_backend or "auto"
         if backend not in CHOICES:
             raise ValueError(f"APET_BACKEND={backend!r} is not one of {CHOICES}")
     status = backends()
     if backend == "auto":
-        if device.type == "cuda":
+        if device_type == "cuda":
             if status["triton"]["available"] and status["native"]["available"]:
                 return CUDA_AUTO  # per op, the faster of the two (CUDA_AUTO_CHOICE)
             order = ("triton", "native", "reference")
@@ -82,7 +88,7 @@ def resolve(backend: str, device: torch.device) -> str:
         return next(name for name in order if status[name]["available"])
     if not status[backend]["available"]:
         raise RuntimeError(f"backend {backend!r} is not available: {status[backend]['reason']}")
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+    if backend == "triton" and device_type != "cuda" and not interpreting:
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                            "apet_kernels is imported (that is how CI runs the kernels)")
     return backend

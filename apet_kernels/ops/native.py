@@ -49,6 +49,11 @@ def scatter_merge_(weight, indices, base, values) -> None:
     torch.ops.apet_native.scatter_merge_(weight, indices, base, values)
 
 
+def fingerprint(t: torch.Tensor) -> int:
+    """64-bit hash of a contiguous CPU tensor's bytes (dtype and length included)."""
+    return torch.ops.apet_native.fingerprint(t)
+
+
 # Shapes for torch.compile / FakeTensor: every native op mutates its first argument only.
 for _name in OPS:
     torch.library.register_fake(f"apet_native::{_name}")(lambda *args, **kwargs: None)
