@@ -63,18 +63,22 @@ def _extensions():
         _log("torch is not importable at build time (isolated build?): pure Python install; "
              "use `pip install --no-build-isolation .` to compile the extension")
         return [], {}
-    cxx = ["-O3", "-fopenmp-simd", "-Werror=return-type"]  # the C++ standard is torch's choice (2.14 needs C++20)
+    # the C++ standard is torch's choice (2.14 needs C++20). -fopenmp: at::parallel_for is an inline
+    # template that compiles to an OpenMP region only with it (without, every CPU kernel ran on one
+    # thread); the library it links is the libgomp.so.1 that torch has already loaded.
+    cxx = ["-O3", "-fopenmp", "-Werror=return-type"]
+    link = ["-fopenmp"]
     use_cuda = bool(torch.version.cuda) and bool(cu) and cuda_home is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         _log(f"building CUDAExtension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
              f"with CUDA_HOME={os.environ['CUDA_HOME']}")
-        ext = CUDAExtension("apet_kernels._C", cpp + cu, include_dirs=_nvidia_wheel_includes(),
+        ext = CUDAExtension("apet_kernels._C", cpp + cu, include_dirs=_nvidia_wheel_includes(), extra_link_args=link,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-Xcompiler", "-Werror=return-type"]})
     else:
         why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
         _log(f"building the CPU-only CppExtension: {why}")
-        ext = CppExtension("apet_kernels._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("apet_kernels._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": _TolerantBuild.wrap(BuildExtension)}
 
 

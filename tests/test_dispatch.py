@@ -97,3 +97,28 @@ def test_native_fingerprint_sees_every_single_bit_change():
     assert len(seen) == 1 + 3 * values.numel()
     assert fingerprint(values[:-1].clone()) != base and fingerprint(values.view(torch.int32)) != base
     assert fingerprint(torch.empty(0)) != fingerprint(torch.empty(0, dtype=torch.float16))
+
+
+def test_native_kernels_refuse_indices_that_disagree_with_their_layout():
+    # with validation off the kernels trust the indices, but never touch memory outside their tensors
+    status = apet_kernels.backends()["native"]
+    if not status["available"]:
+        pytest.skip(f"native unavailable: {status['reason']}")
+    from apet_kernels.ops import build_layout
+    dy, x, w = torch.randn(70, 5), torch.randn(70, 6), torch.randn(5, 6)
+    good = torch.tensor([1, 7, 20, 29], dtype=torch.int32)
+    layout = build_layout(good, (5, 6))
+    moved = torch.tensor([1, 7, 27, 29], dtype=torch.int32)  # 27: row 4, col 3; the layout says row 3, col 2
+    unsorted = torch.tensor([29, 1, 7, 20], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="do not match the layout"):
+        torch.ops.apet_native.sddmm_(torch.empty(4), dy, x, moved, layout.row_ptr)
+    with pytest.raises(RuntimeError, match="do not match the layout"):
+        torch.ops.apet_native.spmm_(dy.clone(), x, moved, torch.ones(4), layout.row_ptr)
+    with pytest.raises(RuntimeError, match="do not match the layout"):
+        torch.ops.apet_native.spmm_t_(x.clone(), dy, moved, torch.ones(4), layout.col_ptr, layout.col_perm)
+    before = w.clone()
+    with pytest.raises(RuntimeError, match="unsorted or out of range"):
+        torch.ops.apet_native.scatter_merge_(w, unsorted, torch.zeros(4), torch.ones(4))
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[unsorted.long()] = False
+    assert torch.equal(w.view(-1)[untouched], before.view(-1)[untouched])
