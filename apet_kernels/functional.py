@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_index_content, check_linear_inputs, validate_requested
-from .ops import library
 from .ops.dispatch import resolve
-from .ops.layout import DeltaLayout
+from .ops.layout import DeltaLayout, build_layout
+from .ops.library import add_sparse_term
 
 
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -24,28 +25,20 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     out x in tensor. ``weight_is_merged=True`` says weight already holds W + S (the merged
     strategy); the forward is then a plain linear and only the SDDMM is extra.
     ``validate`` reads the indices to check range/order (default: only for CPU tensors
-    or when ``APET_VALIDATE=1``, so GPU steps never sync on it).
+    or when ``APET_VALIDATE=1``, so GPU steps never sync on it). ``layout`` (from
+    ``build_layout``) saves rebuilding the index orderings at every call.
     """
     check_linear_inputs(x, weight, bias, values, indices)
     if validate_requested(validate, indices):
         check_index_content(indices, weight.numel())
-    return apply_sparse_delta_linear(x, weight, bias, values, indices, resolve(backend, x.device),
-                                     weight_is_merged, layout)
+    if layout is None or (not weight_is_merged and layout.col_perm is None):
+        layout = build_layout(indices, tuple(weight.shape), columns=not weight_is_merged)
+    x2 = as_tokens(x)
+    y = add_sparse_term(F.linear(x2, weight, bias), x2, values.contiguous(), indices.contiguous(), layout,
+                        weight_is_merged, resolve(backend, x.device))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def apply_sparse_delta_linear(x, weight, bias, values, indices, backend_name: str, weight_is_merged: bool,
-                              layout: DeltaLayout | None) -> torch.Tensor:
-    """The op itself, for callers whose inputs are already checked (SparseDeltaLinear checks its
-    buffers when it is built or loaded, not at every forward). ``backend_name`` is resolved."""
-    out_features, in_features = weight.shape
-    # kernels walk indices and values as dense arrays (K elements: a copy only for strided views)
-    indices, values = indices.contiguous(), values.contiguous()
-    row_ptr, col_ptr, col_perm = layout if layout is not None else (None, None, None)
-    tokens = math.prod(x.shape[:-1])  # not reshape(-1, in): ambiguous when a dimension is 0
-    args = (x.reshape(tokens, in_features), weight, bias, values, indices, row_ptr, col_ptr, col_perm,
-            weight_is_merged, backend_name)
-    if torch.compiler.is_compiling():
-        y = torch.ops.apet.sparse_delta_linear(*args)
-    else:
-        y = library.EagerSparseDeltaLinear.apply(*args)
-    return y.reshape(*x.shape[:-1], out_features)
+def as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D (tokens, features) tensor. Not reshape(-1, n): ambiguous when a dimension is 0."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])

@@ -147,12 +147,11 @@ class ApetModel(nn.Module):
     friends work on it as on the base model.
     """
 
-    def __init__(self, model: nn.Module, config: ApetConfig, originals: dict[str, nn.Module],
-                 requires_grad: dict[str, bool], saved_modules: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, config: ApetConfig, requires_grad: dict[str, bool],
+                 saved_modules: dict[str, torch.Tensor]):
         super().__init__()
         self.base_model = model
         self.apet_config = config
-        self._originals = originals
         self._requires_grad = requires_grad
         self._saved_modules = saved_modules  # modules_to_save as they were: unload() restores them
         self._unloaded_by = None  # "unload()" / "merge_and_unload()" once the layers are gone
@@ -266,10 +265,7 @@ class ApetModel(nn.Module):
             else:
                 layer.unmerge()
             layer.release_weight()
-            original = self._originals[name]
-            # the layer's parameters are current: to_empty() or load_state_dict(assign=True) replace them
-            original.weight, original.bias = layer.weight, layer.bias
-            _set_module(self.base_model, name, original)
+            _set_module(self.base_model, name, layer.base_layer)
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
             if not merge:
@@ -302,6 +298,7 @@ def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None
     for name, sub in module.named_modules(remove_duplicate=False):
         sub_prefix = f"{prefix}{name}." if name else prefix
         if isinstance(sub, SparseDeltaLinear):
+            sub.upgrade_state_dict(state_dict, sub_prefix)
             sub.check_state_dict(state_dict, sub_prefix)
         tensors = list(sub._parameters.items()) + [(n, b) for n, b in sub._buffers.items()
                                                    if n not in sub._non_persistent_buffers_set]
@@ -358,7 +355,7 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
         raise
     config.layers = {name: {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
                             "checksum": index_checksum(indices[name])} for name, module in targets.items()}
-    return ApetModel(model, config, targets, requires_grad, saved_modules)
+    return ApetModel(model, config, requires_grad, saved_modules)
 
 
 def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:

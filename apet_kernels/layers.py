@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import check_finite, check_index_content, check_index_meta, check_linear_inputs, validation_from_env
-from .functional import apply_sparse_delta_linear
+from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
+from .functional import as_tokens
 from .ops.dispatch import CHOICES, implementation, resolve
-from .ops.layout import build_layout
+from .ops.layout import DeltaLayout, build_layout
+from .ops.library import add_sparse_term
 from .selection import select_indices
 
 STRATEGIES = ("auto", "merged", "unmerged")
@@ -34,8 +35,18 @@ def _budget(numel: int, k: int | None, density: float | None) -> int:
     return k
 
 
-def merge_is_legal(weight: torch.Tensor, shared: bool = False) -> tuple[bool, str]:
-    """Merged writes W's storage: not for quantized, sharded or shared (tied) weights."""
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
+    """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
+    nn.Linear / Conv1D layers with a floating, unsharded weight that no other module uses."""
+    if type(base_layer) is not nn.Linear and not is_conv1d(base_layer):
+        return False, (f"the base layer is a {type(base_layer).__name__}, not a plain nn.Linear or Conv1D "
+                       f"(its forward may not be x W^T + b on .weight)")
+    weight = base_layer.weight
     if not weight.is_floating_point():
         return False, f"weight dtype {weight.dtype} is not floating point (quantized?)"
     if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
@@ -66,47 +77,55 @@ class _LinearOverBaseWeight(torch.autograd.Function):
         return dx, db, None
 
 
+# state-dict keys of a base layer's parameters before they moved under `base_layer.` (0.1)
+_LEGACY_KEYS = ("weight", "bias")
+
+
 class SparseDeltaLinear(nn.Module):
-    """``nn.Linear`` with K tunable scalars at arbitrary positions of its frozen weight.
+    """A linear layer with K tunable scalars at arbitrary positions of its frozen weight.
 
-    ``weight`` and ``bias`` are the wrapped layer's own parameters (not copies), frozen.
-    ``delta_values`` (fp32, zeros at start) is the only trainable tensor; ``delta_indices``
-    (sorted flat row-major positions, read-only: change them through ``load_state_dict``) and
-    ``delta_base`` (W's original values there) are persistent buffers.
+    ``base_layer`` is the wrapped layer itself (``nn.Linear``, GPT-2 ``Conv1D``, or any module
+    computing ``x W^T + b`` with a ``.weight`` of shape (out, in)), frozen; ``weight`` and ``bias``
+    are its parameters. ``delta_values`` (fp32, zeros at start) is the only trainable tensor;
+    ``delta_indices`` (sorted flat row-major positions, read-only: change them through
+    ``load_state_dict``) and ``delta_base`` (W's original values there) are persistent buffers.
 
-    Strategies (DESIGN.md): ``merged`` writes W[p] = cast(base + v) into W's own storage at
-    every enabled forward (K writes, a few microseconds), so the GEMMs are the frozen model's own
-    and the weight follows the values whatever changed them (fused optimizers, ``.data`` edits,
-    deep copies, ``functional_call``, assigned parameters); ``unmerged`` never writes W and adds
-    the sparse term with a kernel. ``auto`` picks merged where legal. Writes to W never bump its
-    version counter, so graphs saved before them stay valid (W + S is the same while v is).
+    The dense part of the forward is always the base layer's own call; the sparse part is one op.
+    Strategies (DESIGN.md): ``merged`` (plain float nn.Linear / Conv1D only) keeps W + S in W's
+    storage, so the forward is exactly the base layer's and only the SDDMM in the backward is extra.
+    At every enabled forward W is made to hold cast(base + v) for the values the layer holds now,
+    whatever changed them (fused optimizers, ``.data`` edits, deep copies, ``functional_call``,
+    assigned parameters); writes never bump W's version counter, so graphs saved before them stay
+    valid. ``unmerged`` never writes W: ``y = base_layer(x) + x S^T``. ``auto`` merges where legal.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, indices: torch.Tensor, *,
-                 strategy: str = "auto", backend: str = "auto", weight_transposed: bool = False,
-                 weight_shared: bool = False):
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, *, strategy: str = "auto",
+                 backend: str = "auto", weight_shared: bool = False):
         super().__init__()
+        if isinstance(base_layer, SparseDeltaLinear):
+            raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
+                            "delta into the same weight (unmerge or unload the first one)")
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if backend not in CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
-        # GPT-2's Conv1D keeps W as (in, out); we work on the (out, in) view, never a copy
-        shape = tuple(weight.shape[::-1]) if weight_transposed else tuple(weight.shape)
-        self.out_features, self.in_features = shape
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
+        transposed = is_conv1d(base_layer)
+        self.out_features, self.in_features = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
         numel = self.out_features * self.in_features
         check_index_meta(indices, numel)
         check_index_content(indices, numel)
-        legal, why = merge_is_legal(weight, weight_shared)
+        legal, why = merge_is_legal(base_layer, weight_shared)
         if strategy == "merged" and not legal:
             raise ValueError(f"strategy 'merged' is not legal here: {why}")
         _check_not_wrapped(weight)
         # nothing above changed anything: from here on the construction cannot fail
-        self.weight = weight
-        self.bias = bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.weight_transposed = weight_transposed
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.weight_transposed = transposed  # GPT-2's Conv1D: we work on the (out, in) view, never a copy
         self.weight_shared = weight_shared  # a module flag: survives deepcopy and pickling
         self.backend = backend
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
@@ -119,7 +138,7 @@ class SparseDeltaLinear(nn.Module):
         self._base_stale = True  # delta_base is read from the pure W before W is first written
         self._read_base()
         self._rebuild_layout()
-        _WRAPPERS[self.weight] = weakref.ref(self)
+        _WRAPPERS[weight] = weakref.ref(self)
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
 
@@ -129,7 +148,7 @@ class SparseDeltaLinear(nn.Module):
                     method: str = "random", seed: int = 0, key: str | None = None,
                     strategy: str = "auto", backend: str = "auto",
                     indices: torch.Tensor | None = None, weight_shared: bool = False) -> "SparseDeltaLinear":
-        """Wrap ``linear`` (``nn.Linear``, or GPT-2 ``Conv1D``), reusing its parameters.
+        """Wrap ``linear`` (``nn.Linear``, GPT-2 ``Conv1D`` or another linear-like layer).
 
         Positions come from ``select_indices(..., method, seed, key)`` with ``k`` or
         ``density``, or are given directly as ``indices``. ``weight_shared=True`` marks a weight
@@ -138,16 +157,22 @@ class SparseDeltaLinear(nn.Module):
         if isinstance(linear, SparseDeltaLinear):
             raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
                             "delta into the same weight (unmerge or unload the first one)")
-        transposed = type(linear).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D
         weight = linear.weight
-        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        shape = tuple(weight.shape[::-1]) if is_conv1d(linear) else tuple(weight.shape)
         if indices is None:
             k = _budget(shape[0] * shape[1], k, density)
             indices = select_indices(shape, k, method=method, seed=seed, key=key or "")
         elif k is not None or density is not None:
             raise ValueError("give either indices or a budget (k / density), not both")
-        return cls(weight, linear.bias, indices, strategy=strategy, backend=backend,
-                   weight_transposed=transposed, weight_shared=weight_shared)
+        return cls(linear, indices, strategy=strategy, backend=backend, weight_shared=weight_shared)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def __setstate__(self, state):
         # deepcopy and unpickling give this module new parameters: it wraps its own new weight
@@ -164,19 +189,16 @@ class SparseDeltaLinear(nn.Module):
         return self.weight.t() if self.weight_transposed else self.weight
 
     def _rebuild_layout(self) -> None:
-        """Orderings the kernels walk, derived from the indices (non-persistent). The column order
-        (4 bytes per delta) is only needed by the unmerged backward, so it is built on first use."""
-        layout = build_layout(self.delta_indices, (self.out_features, self.in_features), columns=False)
-        self.register_buffer("_row_ptr", layout.row_ptr, persistent=False)
-        self.register_buffer("_col_ptr", None, persistent=False)
-        self.register_buffer("_col_perm", None, persistent=False)
+        """Orderings the kernels walk, derived from the indices (non-persistent buffers, built here and
+        never in a forward). The column order (4 bytes per delta) only serves the unmerged backward."""
+        layout = build_layout(self.delta_indices, (self.out_features, self.in_features),
+                              columns=self.strategy != "merged")
+        for name, t in zip(("_row_ptr", "_col_ptr", "_col_perm"), layout):
+            self.register_buffer(name, t, persistent=False)
 
     @property
-    def layout(self):
-        if self.strategy != "merged" and self._col_perm is None:
-            full = build_layout(self.delta_indices, (self.out_features, self.in_features))
-            self._col_ptr, self._col_perm = full.col_ptr, full.col_perm
-        return (self._row_ptr, self._col_ptr, self._col_perm)
+    def layout(self) -> DeltaLayout:
+        return DeltaLayout(self._row_ptr, self._col_ptr, self._col_perm)
 
     # ----------------------------------------------------------------- W's storage at the K positions
     # The only places that read or write W at the tuned positions. They go through W.data, so the
@@ -194,7 +216,7 @@ class SparseDeltaLinear(nn.Module):
         """delta_base = W at the positions; W must hold the pure weight there."""
         self._written = None
         if self.weight.is_meta or self.delta_indices.is_meta:
-            return  # nothing to read yet: _materialize or a load reads it
+            return  # nothing to read yet: _materialize or a load reads it (the base stays stale)
         base = self._storage()[self._positions()]
         if self.delta_base.shape == base.shape and self.delta_base.dtype == base.dtype \
                 and self.delta_base.device == base.device:
@@ -240,7 +262,7 @@ class SparseDeltaLinear(nn.Module):
         return self.strategy == "merged"
 
     def merge_legality(self) -> tuple[bool, str]:
-        return merge_is_legal(self.weight, self.weight_shared)
+        return merge_is_legal(self.base_layer, self.weight_shared)
 
     def _backend_name(self) -> str:
         return resolve(self.backend, self.weight.device)
@@ -258,7 +280,8 @@ class SparseDeltaLinear(nn.Module):
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
         if self.strategy == "merged":
             self._write_base()
-        self.strategy = "unmerged"
+            self.strategy = "unmerged"
+            self._rebuild_layout()  # the unmerged backward walks the deltas by column too
 
     def delta_weight(self) -> torch.Tensor:
         """Dense fp32 Delta W (out, in). For inspection and merging only: allocates out x in."""
@@ -294,14 +317,24 @@ class SparseDeltaLinear(nn.Module):
         _WRAPPERS[self.weight] = weakref.ref(self)  # a new Parameter object when it left the meta device
 
     # ----------------------------------------------------------------- state dict
+    @staticmethod
+    def upgrade_state_dict(state_dict, prefix: str) -> None:
+        """Move 0.1's flat ``weight``/``bias`` keys (and those of an unpatched checkpoint) under
+        ``base_layer.``, in place, so plain checkpoints load into patched models."""
+        for name in _LEGACY_KEYS:
+            old, new = prefix + name, prefix + "base_layer." + name
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
     def check_state_dict(self, state_dict, prefix: str = "") -> None:
         """Everything load_state_dict would put in this layer, checked before anything is copied."""
         numel, k = self.out_features * self.in_features, self.delta_indices.numel()
-        for name, shape in (("weight", tuple(self.weight.shape)),
-                            ("bias", None if self.bias is None else tuple(self.bias.shape))):
-            t = state_dict.get(prefix + name)
-            if t is not None and shape is not None and torch.is_tensor(t) and tuple(t.shape) != shape:
-                raise ValueError(f"{prefix}{name} has shape {tuple(t.shape)}, this layer's is {shape}")
+        for name in ("weight", "bias"):
+            mine = getattr(self.base_layer, name, None)
+            t = state_dict.get(f"{prefix}base_layer.{name}")
+            if t is not None and mine is not None and torch.is_tensor(t) and t.shape != mine.shape:
+                raise ValueError(f"{prefix}base_layer.{name} has shape {tuple(t.shape)}, this layer's is "
+                                 f"{tuple(mine.shape)}")
         idx = state_dict.get(prefix + "delta_indices")
         if idx is not None:
             try:
@@ -323,8 +356,10 @@ class SparseDeltaLinear(nn.Module):
                 check_finite(t, prefix + name)
 
     def _before_load(self, state_dict, prefix, *args, **kwargs):
+        self.upgrade_state_dict(state_dict, prefix)
         self.check_state_dict(state_dict, prefix)
-        self._incoming = frozenset(n for n in ("weight", "delta_indices", "delta_base") if prefix + n in state_dict)
+        self._incoming = frozenset(n for n in ("base_layer.weight", "delta_indices", "delta_base")
+                                   if prefix + n in state_dict)
         # the positions may move and the weight may be replaced: start from the pure W
         if self.strategy == "merged":
             self._write_base()
@@ -338,40 +373,47 @@ class SparseDeltaLinear(nn.Module):
             return
         if "delta_indices" in incoming:
             module._rebuild_layout()
-        if "weight" in incoming and "delta_base" in incoming:
+        if "base_layer.weight" in incoming and "delta_base" in incoming:
             module._base_stale = False
             module._write_base()  # a saved merged W holds W + S at the saved positions
-        loaded_base = module.delta_base.clone() if "delta_base" in incoming and "weight" not in incoming else None
+        loaded_base = module.delta_base.clone() if "delta_base" in incoming and "base_layer.weight" not in incoming \
+            else None
         # W is pure here in every case: its values at the positions are the base
         module._read_base()
-        if loaded_base is not None and not torch.equal(loaded_base, module.delta_base):
+        if loaded_base is not None and not module._base_stale and not torch.equal(loaded_base, module.delta_base):
             warnings.warn("the loaded delta_base differs from this layer's weight at the tuned positions (a state "
                           "dict from another base model?); keeping the weight's values as the base")
         _WRAPPERS[module.weight] = weakref.ref(module)  # assign=True may have brought a new weight
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1:] != (self.in_features,) or x.dtype != self.weight.dtype or validation_from_env():
-            check_linear_inputs(x, self._weight_oi(), self.bias, self.delta_values, self.delta_indices)
+        if validation_from_env():
             self._check_buffers()
         merged = self.strategy == "merged"
         if self.apet_disabled:
-            return self._forward_base(x) if merged else F.linear(x, self._weight_oi(), self.bias)
+            return self._forward_base(x) if merged else self.base_layer(x)
         backend_name, values = self._backend_name(), self.delta_values
         if merged:
             self._sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
-                return F.linear(x, self._weight_oi(), self.bias)  # no SDDMM to prepare for
-        return apply_sparse_delta_linear(x, self._weight_oi(), self.bias, values, self.delta_indices,
-                                         backend_name, merged, self.layout)
+                return self.base_layer(x)  # no SDDMM to prepare for
+        x2 = as_tokens(x)
+        y = add_sparse_term(self.base_layer(x2), x2, values, self.delta_indices, self.layout, merged, backend_name)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-    @torch.compiler.disable
     def _sync(self, values: torch.Tensor, backend_name: str) -> None:
-        """Make W hold cast(base + v) for ``values``. On a GPU: always write (one launch, async). On
-        the CPU with the native extension: skip the K random writes if the values' content hash and
-        W's storage and version are those of the last write (the content, not a version counter:
-        fused optimizers, .data edits and copies all change the content). The stamp is taken
-        before the write, so a change racing with it is caught at the next forward."""
+        """Make W hold cast(base + v) for ``values``. On a GPU, or while compiling: always write (one
+        launch, async; inside a graph the write is the registered op). Eagerly on the CPU with the
+        native extension: skip the K random writes if the values' content hash and W's storage and
+        version are those of the last write (the content, not a version counter: fused optimizers,
+        .data edits and copies all change the content). The stamp is taken before the write, so a
+        change racing with it is caught at the next forward."""
+        if torch.compiler.is_compiling():
+            if self._base_stale:
+                self._read_base()
+            torch.ops.apet.scatter_merge_(self._storage(), self.delta_indices, self.delta_base, values.detach(),
+                                          backend_name)
+            return
         stamp = None
         if values.device.type == "cpu" and backend_name == "native" and values.is_contiguous():
             from .ops.native import fingerprint
@@ -402,8 +444,7 @@ class SparseDeltaLinear(nn.Module):
         k, numel = self.delta_indices.numel(), self.out_features * self.in_features
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
-                f"strategy={self.strategy}, backend={self.backend}"
-                + (", weight_transposed=True" if self.weight_transposed else ""))
+                f"strategy={self.strategy}, backend={self.backend}")
 
 
 def _check_not_wrapped(weight: torch.Tensor) -> None:

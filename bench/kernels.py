@@ -46,22 +46,26 @@ def kernel_inputs(shape, t, density, dtype, device) -> dict:
     idx = select_indices(shape, k, seed=0, key="bench").to(device)
     return dict(shape=shape, t=t, k=k, idx=idx, layout=build_layout(idx, shape), v=torch.randn(k, device=device),
                 x=torch.randn(t, in_f, device=device, dtype=dtype), dy=torch.randn(t, out_f, device=device, dtype=dtype),
-                y=torch.randn(t, out_f, device=device, dtype=dtype))
+                y=torch.randn(t, out_f, device=device, dtype=dtype),
+                w=torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5)
 
 
 def kernel_ops(impl, d) -> dict:
     """op name -> (callable, compulsory bytes) for one backend implementation."""
     (out_f, in_f), t, idx, lay, elt = d["shape"], d["t"], d["idx"], d["layout"], d["x"].element_size()
     return {
-        "sddmm": (lambda: impl.sddmm(d["dy"], d["x"], idx, row_ptr=lay.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
-        "spmm": (lambda: impl.spmm_(d["y"], d["x"], idx, d["v"], row_ptr=lay.row_ptr), spmm_bytes(t, idx, in_f, elt)),
-        "spmm_t": (lambda: impl.spmm_t_(d["x"], d["dy"], idx, d["v"], col_ptr=lay.col_ptr, col_perm=lay.col_perm),
+        "sddmm": (lambda: impl.sddmm(d["dy"], d["x"], idx, lay.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
+        "spmm": (lambda: impl.spmm_(d["y"], d["x"], idx, d["v"], lay.row_ptr), spmm_bytes(t, idx, in_f, elt)),
+        "spmm_t": (lambda: impl.spmm_t_(d["x"], d["dy"], idx, d["v"], lay.col_ptr, lay.col_perm),
                    spmm_bytes(t, idx, out_f, elt)),
     }
 
 
 def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
+    """Each op per backend, and the layer's forward GEMM (x W^T) timed beside them: `pct_gemm` is the
+    op's time as a share of one GEMM of the same layer (the CPU target: SDDMM <= 5% at 0.1%)."""
     d = kernel_inputs(shape, t, density, dtype, device)
+    gemm_ms = median_ms(lambda: torch.nn.functional.linear(d["x"], d["w"]), device)
     rows = []
     for name in backends:
         impl = apet_kernels.ops.dispatch.implementation(name)
@@ -70,7 +74,8 @@ def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
             gbs = nbytes / (ms * 1e-3) / 1e9
             rows.append(dict(kind="kernel", op=op, backend=name, shape=f"{shape[0]}x{shape[1]}", tokens=t,
                              density=density, k=d["k"], dtype=str(dtype).replace("torch.", ""), ms=ms,
-                             us=ms * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs if copy_gbs else float("nan")))
+                             us=ms * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs if copy_gbs else float("nan"),
+                             gemm_ms=gemm_ms, pct_gemm=100 * ms / gemm_ms))
     return rows
 
 
@@ -93,8 +98,8 @@ def _step(module, x, dy):
 
 
 def layer_variants(base, k, device, backends):
-    """(label, module, fused policy or None) for every configuration of one layer."""
-    variants = [("frozen", base, None)]
+    """(label, module) for every configuration of one layer."""
+    variants = [("frozen", base)]
     first = None
     for backend in backends:
         merged = SparseDeltaLinear.from_linear(copy.deepcopy(base), k=k, strategy="merged", backend=backend)
@@ -103,13 +108,9 @@ def layer_variants(base, k, device, backends):
             with torch.no_grad():
                 m.delta_values.normal_(0, 1e-3)
         first = first or merged
-        variants.append((f"sparse merged [{backend}]", merged, None))
-        if backend == "triton" and device.type == "cuda":
-            variants.append((f"sparse unmerged split [{backend}]", unmerged, "never"))
-            variants.append((f"sparse unmerged fused [{backend}]", unmerged, "always"))
-        else:
-            variants.append((f"sparse unmerged [{backend}]", unmerged, None))
-    variants.append(("dense-mask", DenseMaskLinear.from_linear(copy.deepcopy(base), first.delta_indices), None))
+        variants.append((f"sparse merged [{backend}]", merged))
+        variants.append((f"sparse unmerged [{backend}]", unmerged))
+    variants.append(("dense-mask", DenseMaskLinear.from_linear(copy.deepcopy(base), first.delta_indices)))
     return variants
 
 
@@ -122,15 +123,8 @@ def layer_rows(shape, t, density, dtype, device, backends):
     x = torch.randn(t, in_f, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(t, out_f, device=device, dtype=dtype)
     rows, times = [], {}
-    for label, module, policy in layer_variants(base, k, device, backends):
-        if policy is not None:
-            from apet_kernels.ops.triton import kernels as tk
-            tk.FUSED_POLICY = policy
-        try:
-            times[label] = median_ms(_step(module, x, dy), device)
-        finally:
-            if policy is not None:
-                tk.FUSED_POLICY = "auto"
+    for label, module in layer_variants(base, k, device, backends):
+        times[label] = median_ms(_step(module, x, dy), device)
         rows.append(dict(kind="layer", op=label, backend=",".join(backends), shape=f"{out_f}x{in_f}", tokens=t,
                          density=density, k=k, dtype=str(dtype).replace("torch.", ""),
                          ms=times[label], us=times[label] * 1e3,
@@ -225,7 +219,7 @@ def main(argv=None):
             for density in args.densities:
                 new = kernel_rows(_shape(shape), args.tokens, density, dtype, device, kb, copy_gbs)
                 rows += new
-                print(markdown(new, ["op", "backend", "shape", "density", "k", "us", "gbs", "pct_copy"]), flush=True)
+                print(markdown(new, ["op", "backend", "shape", "density", "k", "us", "gbs", "pct_copy", "pct_gemm"]), flush=True)
     available = [n for n, st in apet_kernels.backends().items() if st["available"]]
     default = [n for n in available if n != "reference"] if device.type == "cuda" else available
     layer_backends = args.backends or default
@@ -255,7 +249,7 @@ def main(argv=None):
         lr = [r for r in rows if r["kind"] == "layer"]
         if kr:
             f.write(markdown(kr, ["op", "backend", "shape", "tokens", "density", "k", "dtype", "us", "gbs",
-                                  "pct_copy"]) + "\n\n")
+                                  "pct_copy", "pct_gemm"]) + "\n\n")
         if lr:
             f.write(markdown(lr, ["op", "backend", "shape", "tokens", "density", "k", "dtype", "ms",
                                   "ratio_to_frozen", "trainable_state_bytes_adam"]) + "\n")

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -51,8 +52,14 @@ struct Plan {
   std::vector<int32_t> source, target;        // per delta in walk order: source feature, group feature
   std::vector<int64_t> position;              // per delta in walk order: k
   std::vector<int64_t> sources;               // distinct source features, ascending
-  bool gather() const { return static_cast<int64_t>(position.size()) <=
-                               kGatherPerFeature * static_cast<int64_t>(sources.size() + group.size()); }
+  bool gather() const {
+    // APET_NATIVE_WALK=gather|blocked forces one walk (the tests run both on every case)
+    const char* forced = std::getenv("APET_NATIVE_WALK");
+    if (forced != nullptr && std::strcmp(forced, "gather") == 0) return true;
+    if (forced != nullptr && std::strcmp(forced, "blocked") == 0) return false;
+    return static_cast<int64_t>(position.size()) <=
+           kGatherPerFeature * static_cast<int64_t>(sources.size() + group.size());
+  }
 };
 
 template <typename index_t>

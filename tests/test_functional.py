@@ -7,6 +7,7 @@ from torch.utils._pytree import tree_leaves
 
 from _helpers import BACKENDS, assert_close_rel, backend_param, dense_delta, oracle_linear, random_indices
 from apet_kernels import backends, sparse_delta_linear
+from apet_kernels.ops import build_layout
 from apet_kernels.ops.library import BODIES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -67,7 +68,8 @@ def test_weight_is_merged_only_needs_plain_linear():
 
 
 class _RecordSizes(TorchDispatchMode):
-    """Records the element count of every tensor any op returns, inside apet ops too."""
+    """Records the element count of every tensor any op allocates, inside apet ops too (views of an
+    input, such as the transposed weight inside F.linear's backward, allocate nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +82,9 @@ class _RecordSizes(TorchDispatchMode):
                 out = BODIES[func._opname](*args, **kwargs)
         else:
             out = func(*args, **kwargs)
-        self.sizes += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.sizes += [t.numel() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
         return out
 
 
@@ -101,10 +105,16 @@ def test_backward_never_allocates_out_by_in(backend, merged):
 
 
 def test_opcheck_schemas_fakes_and_autograd():
-    x, w, b, v, idx = _inputs((6,), 7, 9, 11, True, torch.float32)
-    args = (x, w, b, v, idx, None, None, None, False, "reference")
-    torch.library.opcheck(torch.ops.apet.sparse_delta_linear.default, args)
-    torch.library.opcheck(torch.ops.apet.sddmm.default, (torch.randn(6, 7), x.detach(), idx, None, "reference"))
+    x, _, _, v, idx = _inputs((6,), 7, 9, 11, True, torch.float32)
+    layout = build_layout(idx, (7, 9))
+    dy = torch.randn(6, 7)
+    torch.library.opcheck(torch.ops.apet.sddmm.default, (dy, x.detach(), idx, layout.row_ptr, "reference"))
+    torch.library.opcheck(torch.ops.apet.spmm_.default,
+                          (torch.randn(6, 7), x.detach(), idx, v.detach(), layout.row_ptr, "reference"))
+    torch.library.opcheck(torch.ops.apet.spmm_t_.default,
+                          (torch.randn(6, 9), dy, idx, v.detach(), layout.col_ptr, layout.col_perm, "reference"))
+    torch.library.opcheck(torch.ops.apet.scatter_merge_.default,
+                          (torch.randn(7, 9), idx, torch.randn(11), v.detach(), "reference"))
 
 
 BAD_CASES = {

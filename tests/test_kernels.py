@@ -18,12 +18,18 @@ from apet_kernels.ops.layout import build_layout
 KERNEL_BACKENDS = ["triton", "native"]
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
-def impl(request):
-    status = backends()[request.param]
+@pytest.fixture(params=["triton", "native-gather", "native-blocked"])
+def impl(request, monkeypatch):
+    """A kernel backend; the native CPU kernels once per walk (csrc/apet_ops.cpp: gather or blocked)."""
+    name, _, walk = request.param.partition("-")
+    status = backends()[name]
     if not status["available"]:
-        pytest.skip(f"{request.param} unavailable: {status['reason']}")
-    return implementation(request.param)
+        pytest.skip(f"{name} unavailable: {status['reason']}")
+    if walk == "blocked" and DEVICE == "cuda":
+        pytest.skip("the walks are the CPU kernels': on CUDA native runs once (as native-gather)")
+    if walk and DEVICE != "cuda":
+        monkeypatch.setenv("APET_NATIVE_WALK", walk)
+    return implementation(name)
 
 
 @pytest.fixture
@@ -71,8 +77,9 @@ def _data(t, out_f, in_f, k, pattern, dtype, index_dtype):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
 def test_sddmm(impl, case, dtype, index_dtype):
     x, dy, idx, v = _data(*case, dtype, index_dtype)
+    layout = build_layout(idx, case[1:3])
     out = torch.full((idx.numel(),), float("nan"), device=DEVICE)  # poison
-    got = impl.sddmm(dy, x, idx, out=out)
+    got = impl.sddmm(dy, x, idx, layout.row_ptr, out=out)
     assert got.data_ptr() == out.data_ptr() and got.dtype == torch.float32
     if idx.numel():
         assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
@@ -97,10 +104,6 @@ def test_spmm_and_spmm_t(impl, case, dtype, index_dtype):
     expected = d0.double().clone()
     ref.spmm_t_(expected, dy.double(), idx, v.double())
     assert_close_rel(d, expected, dtype)
-    # without a precomputed layout the kernels build one themselves
-    y2 = y0.clone()
-    impl.spmm_(y2, x, idx, v)
-    assert torch.equal(y2, y)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -119,32 +122,18 @@ def test_scatter_merge(impl, dtype, transposed):
     assert torch.equal(view, expected)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
-def test_fused_linear(tk, case, dtype, bias):
-    x, _, idx, v = _data(*case, dtype, torch.int32)
-    t, out_f, in_f = case[:3]
-    w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).to(dtype)
-    b = torch.randn(out_f, device=DEVICE).to(dtype) if bias else None
-    out = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=dtype)  # poison
-    tk.fused_linear(x, w, b, idx, v, out=out)
-    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    ref.spmm_(expected, x.double(), idx, v.double())
-    assert_close_rel(out, expected, dtype)
-
-
 def test_values_keep_fp32_precision_in_half_dtypes(impl):
     # a delta far below half precision's resolution at 1.0 must still arrive (hi/lo split)
     x = torch.ones(16, 32, device=DEVICE, dtype=torch.float16)
     idx = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    row_ptr = build_layout(idx, (8, 32)).row_ptr
     v = torch.tensor([1.0 + 2.0 ** -14], device=DEVICE)
     out = torch.full((16, 8), 1.0, device=DEVICE, dtype=torch.float16)
-    impl.spmm_(out, x, idx, v)
+    impl.spmm_(out, x, idx, v, row_ptr)
     # row 0 gets 1 + v = 2 + 2^-14, which rounds to 2.0 in fp16, but had v been rounded to
     # fp16 first (1.0) the sum would be 2.0 too, so check a case that tells them apart:
     out2 = torch.full((16, 8), -1.0, device=DEVICE, dtype=torch.float16)
-    impl.spmm_(out2, x, idx, v)
+    impl.spmm_(out2, x, idx, v, row_ptr)
     # -1 + (1 + 2^-14) = 2^-14, representable in fp16; v rounded to fp16 would give 0
     assert torch.all(out2[:, 0] == 2.0 ** -14)
     assert torch.all(out[:, 0] == 2.0)
@@ -191,7 +180,7 @@ def test_gpu_real_sizes_against_reference(impl, shape, density):
     dy = torch.randn(t, out_f, device=DEVICE, dtype=torch.bfloat16)
     w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).bfloat16()
     layout = build_layout(idx, (out_f, in_f))
-    got = impl.sddmm(dy, x, idx, out=torch.full((k,), float("nan"), device=DEVICE), row_ptr=layout.row_ptr)
+    got = impl.sddmm(dy, x, idx, layout.row_ptr, out=torch.full((k,), float("nan"), device=DEVICE))
     assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
     y = torch.nn.functional.linear(x, w)
     impl.spmm_(y, x, idx, v, row_ptr=layout.row_ptr)
@@ -204,22 +193,6 @@ def test_gpu_real_sizes_against_reference(impl, shape, density):
     expected = d0.float()
     ref.spmm_t_(expected, dy.float(), idx, v)
     assert_close_rel(d, expected, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("density", [1e-3, 1e-2])
-def test_gpu_fused_linear_real_sizes(tk, density):
-    t, out_f, in_f = 4096, 4096, 4096
-    k = int(density * out_f * in_f)
-    idx = random_indices((out_f, in_f), k).to(DEVICE)
-    v = torch.randn(k, device=DEVICE)
-    x = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
-    w = (torch.randn(out_f, in_f, device=DEVICE) / in_f ** 0.5).bfloat16()
-    y = torch.full((t, out_f), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    tk.fused_linear(x, w, None, idx, v, out=y)
-    expected = torch.nn.functional.linear(x.float(), w.float())
-    ref.spmm_(expected, x.float(), idx, v)
-    assert_close_rel(y, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from _helpers import assert_close_rel, oracle_linear
 from apet_kernels import DenseMaskLinear, SparseDeltaLinear
@@ -265,3 +266,38 @@ def test_torch_compile_matches_eager(strategy):
     y_c.sum().backward()
     torch.testing.assert_close(y_c, y_e)
     torch.testing.assert_close(model[0].delta_values.grad, eager[0].delta_values.grad)
+
+
+class _DequantizingLinear(nn.Linear):
+    """A base layer whose forward is not F.linear on .weight: it dequantizes a scaled int8 copy."""
+
+    def __init__(self, in_f, out_f):
+        super().__init__(in_f, out_f)
+        scale = self.weight.detach().abs().max() / 127
+        self.register_buffer("q", torch.round(self.weight.detach() / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return F.linear(x, self.q.float() * self.scale, self.bias)
+
+
+def test_unmerged_adds_the_sparse_term_to_any_base_layer():
+    base = _DequantizingLinear(19, 23)
+    weight_before = base.weight.detach().clone()
+    layer = _randomize(SparseDeltaLinear.from_linear(base, k=60))
+    assert layer.strategy == "unmerged"  # auto: its forward is not x W^T + b on .weight
+    with pytest.raises(ValueError, match="not a plain nn.Linear"):
+        SparseDeltaLinear.from_linear(_DequantizingLinear(19, 23), k=60, strategy="merged")
+    x = torch.randn(3, 5, 19, requires_grad=True)
+    y = layer(x)
+    w_eff = base.q.double() * base.scale.double()
+    y_ref, _ = oracle_linear(x, w_eff, base.bias, layer.delta_values, layer.delta_indices)
+    assert_close_rel(y, y_ref, torch.float32)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w_total = w_eff + torch.zeros(23 * 19, dtype=torch.float64).index_put_(
+        (layer.delta_indices.long(),), layer.delta_values.detach().double()).view(23, 19)
+    assert_close_rel(x.grad, dy.double() @ w_total, torch.float32)
+    dv = (dy.double().reshape(-1, 23).t() @ x.detach().double().reshape(-1, 19)).reshape(-1)[layer.delta_indices.long()]
+    assert_close_rel(layer.delta_values.grad, dv, torch.float32)
+    assert torch.equal(base.weight, weight_before)  # never written

@@ -10,38 +10,22 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers apet_native::*)
-from .layout import build_layout
 
 OPS = ("sddmm_", "spmm_", "spmm_t_", "scatter_merge_")
 
 
-def _layout(indices, shape, row_ptr=None, col_ptr=None, col_perm=None):
-    if row_ptr is None or col_ptr is None or col_perm is None:
-        built = build_layout(indices, shape)
-        return (built.row_ptr if row_ptr is None else row_ptr,
-                built.col_ptr if col_ptr is None else col_ptr,
-                built.col_perm if col_perm is None else col_perm)
-    return row_ptr, col_ptr, col_perm
-
-
-def sddmm(dy, x, indices, out=None, row_ptr=None, **layout) -> torch.Tensor:
+def sddmm(dy, x, indices, row_ptr, out=None) -> torch.Tensor:
     if out is None:
         out = torch.empty(indices.numel(), dtype=torch.promote_types(dy.dtype, torch.float32), device=dy.device)
-    if row_ptr is None:
-        row_ptr, _, _ = _layout(indices, (dy.shape[1], x.shape[1]))
     torch.ops.apet_native.sddmm_(out, dy, x, indices, row_ptr)
     return out
 
 
-def spmm_(out, x, indices, values, row_ptr=None, **layout) -> None:
-    if row_ptr is None:
-        row_ptr, _, _ = _layout(indices, (out.shape[1], x.shape[1]))
+def spmm_(out, x, indices, values, row_ptr) -> None:
     torch.ops.apet_native.spmm_(out, x, indices, values, row_ptr)
 
 
-def spmm_t_(out, dy, indices, values, col_ptr=None, col_perm=None, **layout) -> None:
-    if col_ptr is None or col_perm is None:
-        _, col_ptr, col_perm = _layout(indices, (dy.shape[1], out.shape[1]))
+def spmm_t_(out, dy, indices, values, col_ptr, col_perm) -> None:
     torch.ops.apet_native.spmm_t_(out, dy, indices, values, col_ptr, col_perm)
 
 

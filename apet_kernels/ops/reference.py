@@ -2,8 +2,8 @@
 
 All inputs are 2-D and token-major: x is (T, in), dy is (T, out). Each op walks the
 deltas in chunks of CHUNK so its extra memory is O(CHUNK * T) plus one fp32 buffer
-the size of its output, never O(out * in). Accumulation is always in fp32. The
-precomputed index orderings (``**layout``) that the kernels use are not needed here.
+the size of its output, never O(out * in). Accumulation is always in fp32. The ops take
+the same arguments as the kernels' (the index orderings included) but need no ordering.
 
 Rows of x^T and dy^T are contiguous, so the gathers below read whole rows; one
 transpose per call is much cheaper on the CPU than T strided column gathers.
@@ -26,7 +26,7 @@ def _rows_cols(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, t
     return idx // in_features, idx % in_features
 
 
-def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, **layout) -> torch.Tensor:
+def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr=None) -> torch.Tensor:
     """dv[k] = sum_t dy[t, r_k] * x[t, c_k], in fp32 (fp64 for fp64 inputs)."""
     acc = accumulate_dtype(dy.dtype)
     dv = torch.empty(indices.numel(), dtype=acc, device=dy.device)
@@ -53,7 +53,7 @@ def _scatter_add_rows(out: torch.Tensor, src_t: torch.Tensor, src_idx: torch.Ten
 
 
 def spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-          **layout) -> None:
+          row_ptr=None) -> None:
     """out[:, r] += sum_{k in row r} v_k x[:, c_k]   (out is (T, out_features))."""
     if indices.numel() == 0:
         return
@@ -62,7 +62,7 @@ def spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: tor
 
 
 def spmm_t_(out: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-            **layout) -> None:
+            col_ptr=None, col_perm=None) -> None:
     """out[:, c] += sum_{k in col c} v_k dy[:, r_k]   (out is (T, in_features))."""
     if indices.numel() == 0:
         return

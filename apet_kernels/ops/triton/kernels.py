@@ -1,4 +1,4 @@
-"""Triton kernels for sddmm, spmm, spmm_t and the fused unmerged linear.
+"""Triton kernels for sddmm, spmm and spmm_t.
 
 Layout choices (why):
 - The kernels gather whole token rows of x^T / dy^T (one transpose per call): each
@@ -144,8 +144,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
-          row_ptr=None, **layout) -> torch.Tensor:
+def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """dv[k] = sum_t dy[t, r_k] x[t, c_k] in fp32. ``out`` (K, fp32) may be given."""
     n_k, (n_t, n_rows) = indices.numel(), dy.shape
     if out is None:
@@ -154,8 +154,6 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.T
         return out
     if n_t == 0:
         return out.zero_()
-    if row_ptr is None:
-        row_ptr, _, _ = _layout_or_build(indices, (n_rows, x.shape[1]))
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
     x_t = transpose(x)
     # Split the token loop over programs when the row blocks alone cannot fill the GPU;
@@ -237,126 +235,17 @@ def _group_spmm(out, src, indices, values, group_ptr, perm, in_features: int, sr
                              EXACT_F32=_exact_f32(src.dtype))
 
 
-def _layout_or_build(indices, shape, row_ptr=None, col_ptr=None, col_perm=None):
-    if row_ptr is None or col_ptr is None or col_perm is None:
-        from ..layout import build_layout
-        built = build_layout(indices, shape)
-        row_ptr = built.row_ptr if row_ptr is None else row_ptr
-        col_ptr, col_perm = (built.col_ptr, built.col_perm) if col_ptr is None or col_perm is None \
-            else (col_ptr, col_perm)
-    return row_ptr, col_ptr, col_perm
-
-
 def spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-          row_ptr=None, **layout) -> None:
+          row_ptr: torch.Tensor) -> None:
     """out[:, r] += sum_{k in row r} v_k x[:, c_k] (row-grouped: each output tile owns its rows)."""
-    if row_ptr is None:
-        row_ptr, _, _ = _layout_or_build(indices, (out.shape[1], x.shape[1]))
     _group_spmm(out, x, indices, values, row_ptr, None, x.shape[1], src_is_col=True)
 
 
 def spmm_t_(out: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-            col_ptr=None, col_perm=None, **layout) -> None:
+            col_ptr: torch.Tensor, col_perm: torch.Tensor) -> None:
     """out[:, c] += sum_{k in col c} v_k dy[:, r_k] (column-grouped through col_perm)."""
-    if col_ptr is None or col_perm is None:
-        _, col_ptr, col_perm = _layout_or_build(indices, (dy.shape[1], out.shape[1]))
     _group_spmm(out, dy, indices, values, col_ptr, col_perm, out.shape[1], src_is_col=False)
 
 
 # scatter_merge is K writes: index_put_ already runs at memory speed (a kernel did not beat it).
 scatter_merge_ = reference.scatter_merge_
-
-
-# --------------------------------------------------------------------------- fused unmerged linear
-@triton.autotune(
-    configs=_configs([dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_J=32, num_warps=8, num_stages=3),
-                      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_J=32, num_warps=4, num_stages=4),
-                      dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_J=32, num_warps=4, num_stages=4)],
-                     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)),
-    key=["M", "N", "KD", "K"])
-@triton.jit
-def _fused_linear_kernel(x, w, bias, y, x_t, row_ptr, idx, vals, M, N, KD, K,
-                         s_xm, s_xk, s_wn, s_wk, s_ym, s_xt,
-                         HAS_BIAS: tl.constexpr, EXACT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
-    """y = x W^T (+ b) with the sparse term added in the epilogue of each output tile."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mm, mn = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(x + offs_m[:, None] * s_xm + kk[None, :] * s_xk, mask=mm[:, None] & (kk[None, :] < KD), other=0.0)
-        b = tl.load(w + offs_n[None, :] * s_wn + kk[:, None] * s_wk, mask=mn[None, :] & (kk[:, None] < KD), other=0.0)
-        if EXACT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    # epilogue: the deltas whose rows fall in this tile's columns of y
-    n0 = pid_n * BLOCK_N
-    start = tl.load(row_ptr + n0).to(tl.int64)
-    end = tl.load(row_ptr + tl.minimum(n0 + BLOCK_N, N)).to(tl.int64)
-    for j0 in range(start, end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mj = offs_j < end
-        p = tl.load(idx + offs_j, mask=mj, other=0).to(tl.int64)
-        v = tl.load(vals + offs_j, mask=mj, other=0.0).to(tl.float32)
-        r = p // KD
-        c = p - r * KD
-        g = tl.load(x_t + c[None, :] * s_xt + offs_m[:, None], mask=mj[None, :] & mm[:, None], other=0.0)
-        onehot = tl.where((r[:, None] == offs_n[None, :]) & mj[:, None], v[:, None], 0.0)
-        acc = _dot_exact_values(g, onehot, acc, EXACT_F32)
-    if HAS_BIAS:
-        acc += tl.load(bias + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(y.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
-
-
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias, indices: torch.Tensor, values: torch.Tensor,
-                 row_ptr=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch: y = x (W + S)^T + b. ``out`` (T, out_features) may be given."""
-    n_t, n_in = x.shape
-    n_out = weight.shape[0]
-    if row_ptr is None:
-        row_ptr, _, _ = _layout_or_build(indices, (n_out, n_in))
-    if out is None:
-        out = torch.empty(n_t, n_out, dtype=x.dtype, device=x.device)
-    if n_t == 0:
-        return out
-    x_t = transpose(x)
-    grid = lambda meta: (triton.cdiv(n_t, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
-    _fused_linear_kernel[grid](x, weight, bias if bias is not None else x, out, x_t, row_ptr, indices,
-                               values.contiguous(), n_t, n_out, n_in, indices.numel(),
-                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-                               x_t.stride(0), HAS_BIAS=bias is not None, EXACT_F32=_exact_f32(x.dtype))
-    return out
-
-
-def split_linear(x, weight, bias, indices, values, row_ptr=None) -> torch.Tensor:
-    """Two launches: the vendor GEMM, then spmm_ into its output."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    spmm_(y, x, indices, values, row_ptr=row_ptr)
-    return y
-
-
-# Which unmerged forward runs. Measured on an H100 (bench/results/h100-2026-11-26): the
-# fused kernel lost to split (cuBLAS GEMM + spmm) at every LLaMA-7B shape and density,
-# 1.1x-2.9x slower (its one-hot epilogue does BLOCK_N times the sparse work), so CUDA uses
-# split; the interpreter keeps exercising the fused kernel in CI.
-FUSED_POLICY = os.environ.get("APET_FUSED", "auto")
-
-
-def use_fused(n_t: int, n_out: int, n_in: int, k: int, device: torch.device) -> bool:
-    if FUSED_POLICY in ("1", "always"):
-        return True
-    if FUSED_POLICY in ("0", "never"):
-        return False
-    return device.type != "cuda"  # on CPU (interpreter) always exercise the fused path
-
-
-def linear_unmerged(x, weight, bias, indices, values, row_ptr=None) -> torch.Tensor:
-    if use_fused(x.shape[0], weight.shape[0], weight.shape[1], indices.numel(), x.device):
-        return fused_linear(x, weight, bias, indices, values, row_ptr=row_ptr)
-    return split_linear(x, weight, bias, indices, values, row_ptr=row_ptr)
