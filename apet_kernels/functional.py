@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -33,12 +31,5 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         check_index_content(indices, weight.numel())
     if layout is None or (not weight_is_merged and layout.col_perm is None):
         layout = build_layout(indices, tuple(weight.shape), columns=not weight_is_merged)
-    x2 = as_tokens(x)
-    y = add_sparse_term(F.linear(x2, weight, bias), x2, values.contiguous(), indices.contiguous(), layout,
-                        weight_is_merged, resolve(backend, x.device))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """x as a 2-D (tokens, features) tensor. Not reshape(-1, n): ambiguous when a dimension is 0."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return add_sparse_term(F.linear(x, weight, bias), x, values.contiguous(), indices.contiguous(), layout,
+                           weight_is_merged, resolve(backend, x.device))

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
-from .functional import as_tokens
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .ops.library import add_sparse_term
@@ -397,9 +396,7 @@ class SparseDeltaLinear(nn.Module):
             self._sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
-        x2 = as_tokens(x)
-        y = add_sparse_term(self.base_layer(x2), x2, values, self.delta_indices, self.layout, merged, backend_name)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return add_sparse_term(self.base_layer(x), x, values, self.delta_indices, self.layout, merged, backend_name)
 
     def _sync(self, values: torch.Tensor, backend_name: str) -> None:
         """Make W hold cast(base + v) for ``values``. On a GPU, or while compiling: always write (one

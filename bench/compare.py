@@ -1,19 +1,23 @@
 """Sparse APET against dense-mask APET and the methods you would otherwise pick, side by side.
 
     python bench/compare.py                      # embedded default: a LLaMA-style model built from a config
-    python bench/compare.py --model small --density 1e-2 --steps 8
+    python bench/compare.py --model small --density 1e-2 --rounds 15
     python bench/compare.py --sweep              # memory against model size and density
 
-Every row trains the same model on the same data with AdamW for --warmup + --steps steps:
+Every row trains the same model on the same data with AdamW:
 the frozen floor (no trainable parameters, same forward and input-gradient work), sparse APET
 (merged and unmerged, per available backend), dense-mask APET on the same positions, the
 clone-and-scatter algorithm of SpIEL's/SHiRA's released code, PEFT LoRA with a matched parameter
-count, PEFT SHiRA, and full fine-tuning. Each row runs in its own subprocess, so its peak
-memory (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) is its own.
+count, PEFT SHiRA, and full fine-tuning. Memory: each row runs alone in its own subprocess, so
+its peak (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) is its own. Time: all rows in one
+process, --warmup untimed steps each, then --rounds interleaved rounds (one step of every method
+per round, order rotated), each ratio taken against the frozen step of the same round: this
+machine drifts by ±15% between runs, which ratios within a round cancel.
 
-Columns: median step time (forward + backward + optimizer step) and its ratio to the frozen
-floor; peak memory and its excess over the floor; trainable-state bytes (parameters, gradients,
-AdamW state, and the method's index/base/mask buffers); the final loss and the largest
+Columns: median step time (forward + backward + optimizer step) and the median of the per-round
+ratios to the frozen floor with its interquartile range; peak memory and its excess over the
+floor; trainable-state bytes (parameters, gradients, AdamW state, and the method's index/base/mask
+buffers); the final loss and the largest
 relative difference of the per-step losses from dense-mask APET (same positions, same
 optimizer: they must agree to dtype rounding).
 """
@@ -64,61 +68,98 @@ def model_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-# ----------------------------------------------------------------------------- one row (child process)
-def run_row(spec: dict) -> dict:
-    import torch
-    import transformers
+# ----------------------------------------------------------------------------- children
+class Trainee:
+    """One method applied to a freshly built model, ready to take AdamW steps on the fixed batch."""
 
-    from methods import METHODS
+    def __init__(self, spec: dict, method: str, backend: str):
+        import torch
+        import transformers
 
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    cfg = transformers.AutoConfig.for_model(**spec["config"])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device, dtype)
-    model.eval()  # no dropout: losses comparable across methods
-    ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]),
-                        generator=torch.Generator().manual_seed(1)).to(device)
-    buffers_before = {id(b) for b in model.buffers()}
-    model, params, extra = METHODS[spec["method"]](model, spec["k"], backend=spec["backend"])
-    embed = model.get_input_embeddings()
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0) if params else None
-    full = spec["method"] == "full fine-tuning"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        from methods import METHODS
 
-    def step() -> float:
-        emb = embed(ids)
-        # the frozen floor does the same input-gradient work: the backward reaches the embeddings
-        emb = emb if full else emb.detach().requires_grad_()
-        loss = model(inputs_embeds=emb, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        self.device = torch.device(spec["device"])
+        cfg = transformers.AutoConfig.for_model(**spec["config"])
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(self.device, getattr(torch, spec["dtype"]))
+        model.eval()  # no dropout: losses comparable across methods
+        self.ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]),
+                                 generator=torch.Generator().manual_seed(1)).to(self.device)
+        buffers_before = {id(b) for b in model.buffers()}
+        self.model, self.params, self.extra = METHODS[method](model, spec["k"], backend=backend)
+        self.new_buffers = [b for b in self.model.buffers() if id(b) not in buffers_before]
+        self.embed = self.model.get_input_embeddings()
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=0.0) if self.params else None
+        self.full = method == "full fine-tuning"
+        self.losses: list[float] = []
 
-    losses, times = [], []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def step(self) -> float:
+        """One timed training step (forward, backward, AdamW); returns seconds."""
+        import torch
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
+        sync(self.device)
         t0 = time.perf_counter()
-        losses.append(step())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
+        emb = self.embed(self.ids)
+        # the frozen floor does the same input-gradient work: the backward reaches the embeddings
+        emb = emb if self.full else emb.detach().requires_grad_()
+        loss = self.model(inputs_embeds=emb, labels=self.ids).loss
+        loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        seconds = time.perf_counter() - t0
+        self.losses.append(float(loss.detach()))
+        return seconds
 
-    state = sum(2 * p.numel() * p.element_size() for p in params)  # parameters and their gradients
-    if opt is not None:
-        state += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                     if torch.is_tensor(t) and t.dim() > 0)
-    state += sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in buffers_before)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+    def state_bytes(self) -> int:
+        """Parameters and their gradients, AdamW's state, and the method's new buffers."""
+        import torch
+        state = sum(2 * p.numel() * p.element_size() for p in self.params)
+        if self.opt is not None:
+            state += sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
+                         if torch.is_tensor(t) and t.dim() > 0)
+        return state + sum(b.numel() * b.element_size() for b in self.new_buffers)
+
+
+def run_memory(spec: dict) -> dict:
+    """Child process for one method: its peak memory (CPU: peak RSS; GPU: max allocated) and state."""
+    import torch
+    trainee = Trainee(spec, spec["method"], spec["backend"])
+    if trainee.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainee.device)
+    for _ in range(spec["memory_steps"]):
+        trainee.step()
+    peak = (torch.cuda.max_memory_allocated(trainee.device) if trainee.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(step_ms=1e3 * statistics.median(times), peak_bytes=peak, state_bytes=state,
-                trainable=sum(p.numel() for p in params), losses=losses, final_loss=losses[-1],
-                model_params=sum(p.numel() for p in model.parameters()), **extra)
+    return dict(peak_bytes=peak, state_bytes=trainee.state_bytes(), trainable=sum(p.numel() for p in trainee.params),
+                model_params=sum(p.numel() for p in trainee.model.parameters()), **trainee.extra)
+
+
+def run_timing(spec: dict) -> dict:
+    """Child process for all methods at once, timed in interleaved rounds: each round runs one step of
+    every method (in an order rotated per round), and each method's ratio is taken against the
+    frozen step of the same round, so drift of the machine between rounds cancels."""
+    trainees = {key: Trainee(spec, method, backend) for key, (method, backend) in spec["methods"].items()}
+    keys = list(trainees)
+    for _ in range(spec["warmup"]):
+        for key in keys:
+            trainees[key].step()
+    times = {key: [] for key in keys}
+    for r in range(spec["rounds"]):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for key in order:
+            times[key].append(trainees[key].step())
+    floor = times.get("frozen")
+    out = {}
+    for key in keys:
+        ratios = [t / f for t, f in zip(times[key], floor)] if floor else []
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [float("nan")] * 3
+        out[key] = dict(step_ms=1e3 * statistics.median(times[key]), losses=trainees[key].losses,
+                        final_loss=trainees[key].losses[-1],
+                        ratio_to_frozen=statistics.median(ratios) if ratios else float("nan"),
+                        ratio_q1=q[0], ratio_q3=q[2])
+    return out
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -167,6 +208,7 @@ def planned_rows(args) -> list[dict]:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
+    """Run run_memory (spec has "method") or run_timing (spec has "methods") in a fresh process."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines()[::-1]:
@@ -181,13 +223,12 @@ def label(row) -> str:
 
 
 def summarize(rows: list[dict]) -> None:
-    floor = next((r for r in rows if r["method"] == "frozen" and "step_ms" in r), None)
+    floor = next((r for r in rows if r["method"] == "frozen" and "peak_bytes" in r), None)
     dense = next((r for r in rows if r["method"] == "dense-mask" and "losses" in r), None)
     for r in rows:
         if "step_ms" not in r:
             continue
-        if floor:
-            r["ratio_to_frozen"] = r["step_ms"] / floor["step_ms"]
+        if floor and "peak_bytes" in r:
             r["peak_over_frozen_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
         if dense and r["method"] != "frozen":
             r["max_rel_loss_diff_vs_dense_mask"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], dense["losses"]))
@@ -203,8 +244,8 @@ def fmt_bytes(n) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["method", "trainable", "step ms", "× frozen", "peak", "peak − frozen", "trainable state", "final loss",
-            "max loss diff vs dense-mask", "note"]
+    head = ["method", "trainable", "step ms", "× frozen (q1–q3)", "peak", "peak − frozen", "trainable state",
+            "final loss", "max loss diff vs dense-mask", "note"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "step_ms" not in r:
@@ -212,8 +253,10 @@ def markdown(rows: list[dict]) -> str:
             continue
         note = f"rank {r['rank']}, {r['trainable'] - r['k']:+d} params vs K" if "rank" in r else ""
         diff = r.get("max_rel_loss_diff_vs_dense_mask")
+        ratio = (f"{r.get('ratio_to_frozen', float('nan')):.3f} ({r.get('ratio_q1', float('nan')):.3f}–"
+                 f"{r.get('ratio_q3', float('nan')):.3f})")
         out.append("| " + " | ".join([
-            label(r), f"{r['trainable']:,d}", f"{r['step_ms']:.1f}", f"{r.get('ratio_to_frozen', float('nan')):.2f}",
+            label(r), f"{r['trainable']:,d}", f"{r['step_ms']:.1f}", ratio,
             fmt_bytes(r["peak_bytes"]), fmt_bytes(r.get("peak_over_frozen_bytes")), fmt_bytes(r["state_bytes"]),
             f"{r['final_loss']:.5f}", "" if diff is None else f"{diff:.1e}", note]) + " |")
     return "\n".join(out)
@@ -247,7 +290,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_outputs(rows, env, args, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["method", "backend", "k", "trainable", "step_ms", "ratio_to_frozen", "peak_bytes", "peak_over_frozen_bytes",
+    keys = ["method", "backend", "k", "trainable", "step_ms", "ratio_to_frozen", "ratio_q1", "ratio_q3", "peak_bytes",
+            "peak_over_frozen_bytes",
             "state_bytes", "final_loss", "max_rel_loss_diff_vs_dense_mask", "rank", "model_params", "skip", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -264,13 +308,24 @@ def main_compare(args) -> list[dict]:
     n_target = _target_numel(cfg)
     k = args.num_params if args.num_params is not None else round(args.density * n_target)
     rows = planned_rows(args)
-    base_spec = dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                     steps=args.steps, warmup=args.warmup, k=k)
-    for row in tqdm(rows, desc="configurations", unit="row", file=sys.stderr):
+    base_spec = dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq, k=k)
+    runnable = [r for r in rows if not r["skip"]]
+    for row in rows:
         row["k"] = k
-        if row["skip"]:
-            continue
-        row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto"}, args.timeout))
+    # memory: each method alone in its own process, so its peak is its own
+    for row in tqdm(runnable, desc="memory, one process per method", unit="method", file=sys.stderr):
+        row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto",
+                              "memory_steps": 2}, args.timeout))
+    # time: every method in one process, interleaved rounds
+    print(f"timing {len(runnable)} methods in {args.rounds} interleaved rounds ...", file=sys.stderr, flush=True)
+    timed = run_child({**base_spec, "warmup": args.warmup, "rounds": args.rounds,
+                       "methods": {label(r): (r["method"], r["backend"] or "auto") for r in runnable}},
+                      args.timeout * max(1, len(runnable)))
+    if "error" in timed:
+        raise SystemExit(f"the timing process failed: {timed['error']}")
+    for row in runnable:
+        if "error" not in row:
+            row.update(timed[label(row)])
     summarize(rows)
     title = (f"{args.model}: {n_target / 1e6:.1f}M target weights, K={k:,d} ({100 * k / n_target:.3g}%), "
              f"batch {args.batch}x{args.seq}, {args.dtype}, {env.get('gpu', env['machine'] + ' CPU')}")
@@ -305,7 +360,7 @@ def main_sweep(args) -> None:
         cfg = model_config(size)
         k = 0 if method == "frozen" else round(density * _target_numel(cfg))
         res = run_child(dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                             steps=2, warmup=1, k=k, method=method, backend="auto"), args.timeout)
+                             memory_steps=2, k=k, method=method, backend="auto"), args.timeout)
         results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, k=k,
                             target_weights=_target_numel(cfg), **res))
     floors = {r["size"]: r for r in results if r["method"] == "frozen" and "peak_bytes" in r}
@@ -317,11 +372,10 @@ def main_sweep(args) -> None:
     estimate = capacity_estimate(results)
     (out / "sweep.json").write_text(json.dumps({"environment": env, "rows": results, "estimate": estimate},
                                                indent=1, default=str))
-    lines = ["| size | target weights | method | density | K | state | peak − frozen | step ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | target weights | method | density | K | state | peak − frozen |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['size']} | {r['target_weights'] / 1e6:.1f}M | {r['method']} | {r['density']:g} | {r['k']:,d} | "
-                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} | "
-                     f"{r.get('step_ms', float('nan')):.1f} |")
+                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} |")
     text = "\n".join(lines) + "\n\n" + estimate["text"]
     print("\n" + text)
     (out / "sweep.md").write_text(f"# bench/compare.py --sweep\n\n{env}\n\n{text}\n")
@@ -392,8 +446,8 @@ def parse_args(argv=None):
     budget.add_argument("--num-params", type=int, default=None, help="K, the number of tuned scalars")
     ap.add_argument("--batch", type=int, default=2 if not on_gpu else 8)
     ap.add_argument("--seq", type=int, default=256 if not on_gpu else 512, help="sequence length")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=9, help="timed interleaved rounds (one step of every method each)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of every method first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help=f"rows to run: {', '.join(METHODS)}")
     ap.add_argument("--backends", nargs="+", default=None, choices=["reference", "native", "triton"],
@@ -413,7 +467,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print("RESULT " + json.dumps(run_row(json.loads(sys.argv[2]))), flush=True)
+        spec = json.loads(sys.argv[2])
+        print("RESULT " + json.dumps(run_timing(spec) if "methods" in spec else run_memory(spec)), flush=True)
         return
     args = parse_args(argv)
     if args.sweep:

@@ -1,12 +1,13 @@
-"""Host time a merged SparseDeltaLinear adds to a forward, against the frozen layer/model.
+"""Host time per layer: what APET adds to a forward (and a forward + backward) of the frozen layer.
 
     python bench/forward_overhead.py              # tiny layer and the bench model (preset `base`)
     python bench/forward_overhead.py --rounds 400 --model small
 
-The merged strategy keeps W + S in W's storage; what it costs per forward is whatever it does to
-make sure W holds cast(base + v) for the current values. Timed in interleaved rounds (one forward of
-each variant per round, no_grad and with grad), reported as the median extra microseconds over the
-frozen layer/model of the same round, with the interquartile range.
+Tiny shapes (a 64x64 layer, T = 1 and 4 tokens) so kernel time vanishes and what is left is host
+work per layer: frozen nn.Linear, sparse merged, sparse unmerged, PEFT LoRA (rank 1) on the same
+layer. Timed in interleaved rounds (one call of each variant per round), reported as the median extra
+microseconds over the frozen layer of the same round, with the interquartile range. The model rows
+time whole forwards of the bench model, frozen against merged APET (extra microseconds per layer).
 """
 
 from __future__ import annotations
@@ -53,23 +54,34 @@ def interleaved(variants: dict, rounds: int) -> dict:
     return out
 
 
-def tiny_layer(rounds: int, grad: bool) -> dict:
+def tiny_layer(rounds: int, grad: bool, tokens: int, backward: bool = False) -> dict:
     torch.manual_seed(0)
     lin = nn.Linear(64, 64)
-    merged = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy="merged")
-    unmerged = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy="unmerged")
-    for m in (merged, unmerged):
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    variants = {"frozen nn.Linear": lin}
+    for strategy in ("merged", "unmerged"):
+        layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=40, strategy=strategy)
         with torch.no_grad():
-            m.delta_values.normal_()
-    x = torch.randn(4, 64, requires_grad=grad)
+            layer.delta_values.normal_()
+        variants[strategy] = layer
+    try:
+        import peft
+        lora = peft.get_peft_model(nn.Sequential(copy.deepcopy(lin)), peft.LoraConfig(r=1, target_modules=["0"]))
+        variants["PEFT LoRA r=1"] = lora.base_model.model[0]
+    except ImportError:
+        pass
+    x = torch.randn(tokens, 64, requires_grad=grad)
     ctx = torch.enable_grad if grad else torch.no_grad
 
     def run(m):
         def fn():
             with ctx():
-                m(x)
+                y = m(x)
+                if backward:
+                    y.sum().backward()
         return fn
-    return interleaved({"frozen nn.Linear": run(lin), "merged": run(merged), "unmerged": run(unmerged)}, rounds)
+    return interleaved({name: run(m) for name, m in variants.items()}, rounds)
 
 
 def bench_model(preset: str, rounds: int, grad: bool) -> tuple[dict, int]:
@@ -99,20 +111,23 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="base", help="bench/compare.py preset for the model-level rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print("| what | grad | median | q1 | q3 |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| what | median | q1 | q3 |")
+    print("| --- | --- | --- | --- |")
+    for tokens, grad, backward in ((1, False, False), (1, True, True), (4, False, False), (4, True, False)):
+        what = "forward + backward" if backward else ("forward, grad enabled" if grad else "forward, no grad")
+        for name, (med, q1, q3) in tiny_layer(args.rounds, grad, tokens, backward).items():
+            kind = "us" if name.startswith("frozen") else "extra us"
+            print(f"| 64x64 layer, K=40, T={tokens}, {what}: {name} ({kind}) | {med:.1f} | {q1:.1f} | {q3:.1f} |")
     for grad in (False, True):
-        for name, (med, q1, q3) in tiny_layer(args.rounds, grad).items():
-            kind = "us per forward" if name.startswith("frozen") else "extra us per forward"
-            print(f"| tiny 64x64 layer, K=40, T=4: {name} ({kind}) | {grad} | {med:.1f} | {q1:.1f} | {q3:.1f} |")
         rows, n_layers = bench_model(args.model, max(20, args.rounds // 10), grad)
+        what = "grad enabled" if grad else "no grad"
         for name, (med, q1, q3) in rows.items():
             if name.startswith("frozen"):
-                print(f"| model `{args.model}`, 16 tokens: {name} (us per forward) | {grad} | {med:.0f} | {q1:.0f} | "
+                print(f"| model `{args.model}`, 16 tokens, {what}: {name} (us per forward) | {med:.0f} | {q1:.0f} | "
                       f"{q3:.0f} |")
             else:
-                print(f"| model `{args.model}`: {name}, extra us per forward / per layer ({n_layers} layers) | {grad} | "
-                      f"{med:.0f} / {med / n_layers:.1f} | {q1 / n_layers:.1f} | {q3 / n_layers:.1f} |")
+                print(f"| model `{args.model}`, {what}: {name}, extra us per layer ({n_layers} layers) | "
+                      f"{med / n_layers:.1f} | {q1 / n_layers:.1f} | {q3 / n_layers:.1f} |")
 
 
 if __name__ == "__main__":

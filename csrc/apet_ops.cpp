@@ -401,8 +401,9 @@ void sddmm_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const 
   const int64_t n_units = gather ? n_t : blocks_of(n_t);  // tokens or token blocks
   const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_units));
   // the tokens are split over threads; each sums into its own K partials, added up at the end
-  // (row-major walk order: position == walk index, so partials are in index order)
-  auto partial = at::zeros({n_parts, n_k}, out.options());
+  // (row-major walk order: position == walk index, so partials are in index order). One part
+  // sums straight into out.
+  auto partial = n_parts == 1 ? out.zero_().view({1, n_k}) : at::zeros({n_parts, n_k}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "apet_sddmm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *a = dy.data_ptr<scalar_t>(), *b = x.data_ptr<scalar_t>();
@@ -432,7 +433,7 @@ void sddmm_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const 
       }
     });
   });
-  at::sum_out(out, partial, 0);
+  if (n_parts > 1) at::sum_out(out, partial, 0);
 }
 
 namespace {

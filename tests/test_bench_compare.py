@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compare_runs_and_sparse_matches_dense_mask(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--model", "tiny", "--steps", "2", "--warmup", "1",
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--model", "tiny", "--rounds", "2", "--warmup", "1",
            "--device", "cpu", "--dtype", "float32", "--density", "0.01", "--backends", "reference",
            "--methods", "frozen", "sparse merged", "sparse unmerged", "dense-mask", "clone-scatter", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

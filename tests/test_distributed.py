@@ -23,8 +23,16 @@ def _run(args, tmp_path):
 
 
 def _torchrun(mode, out, strategy, tmp_path):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    # --tee 3: each rank's own stdout/stderr appear (prefixed) in torchrun's, so a failing rank's
+    # traceback is in the failure message rather than only torchrun's summary
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "3",
                  str(WORKER), mode, str(out), strategy], tmp_path)
+
+
+def _failure(proc) -> str:
+    lines = proc.stderr.splitlines()
+    causes = [ln for ln in lines if any(w in ln for w in ("Error", "error", "terminate", "Abort", "what()"))]
+    return "\n".join(causes[:40]) + "\n...\n" + proc.stderr[-2000:]
 
 
 def _single(out, strategy, tmp_path):
@@ -36,7 +44,7 @@ def _single(out, strategy, tmp_path):
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_ddp_matches_single_process(tmp_path, strategy):
     proc = _torchrun("ddp", tmp_path / "ddp", strategy, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     single = _single(tmp_path / "single", strategy, tmp_path)
     assert r0.keys() == single.keys()
@@ -52,7 +60,7 @@ def test_fsdp2_unmerged_matches_single_process(tmp_path):
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         if any(s in proc.stderr for s in ("NotImplementedError", "not supported", "requires CUDA", "No backend type")):
             pytest.skip(f"FSDP2 on CPU/gloo is not supported by torch {torch.__version__}: {tail[0][:200]}")
-        raise AssertionError(proc.stderr[-3000:])
+        raise AssertionError(_failure(proc))
     r0 = load_file(str(tmp_path / "fsdp" / "rank0.safetensors"))
     single = _single(tmp_path / "single", "unmerged", tmp_path)
     for name in r0:
