@@ -111,7 +111,6 @@ class Trainee:
 
     def __init__(self, spec: dict, method: str, backend: str):
         import torch
-        import transformers
 
         from methods import METHODS
 
@@ -390,13 +389,6 @@ def main_compare(args) -> list[dict]:
     return rows
 
 
-def _target_numel(cfg: dict) -> int:
-    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    kv_dim = h // heads * kv
-    return layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
-
-
 def main_sweep(args) -> None:
     from tqdm import tqdm
     env = environment(args.device)
@@ -408,11 +400,12 @@ def main_sweep(args) -> None:
             if not (m == "frozen" and d != args.sweep_densities[0])]
     for size, density, method in tqdm(plan, desc="sweep", unit="run", file=sys.stderr):
         cfg = model_config(size)
-        k = 0 if method == "frozen" else round(density * _target_numel(cfg))
+        k, n_target = budget_of(dict(config=cfg), None, density, None)
+        k = 0 if method == "frozen" else k
         res = run_child(dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
                              memory_steps=2, k=k, method=method, backend="auto"), args.timeout)
         results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, k=k,
-                            target_weights=_target_numel(cfg), **res))
+                            target_weights=n_target, **res))
     floors = {r["size"]: r for r in results if r["method"] == "frozen" and "peak_bytes" in r}
     for r in results:
         if "peak_bytes" in r and r["size"] in floors:

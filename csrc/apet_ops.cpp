@@ -108,17 +108,49 @@ Plan plan_for(const at::Tensor& idx, const at::Tensor& group_ptr, const at::Tens
 }
 
 // ------------------------------------------------------------------------------- hot loops
-// acc[i] += a[ra[i]] * b[rb[i]] and prod[i] = v[i] * src[source[i]]: the gather walk's inner loops.
-// GCC does not emit gather instructions for these (it emulates them with scalar inserts, slower than
-// plain scalar code); with AVX2 gathers they take 0.38 ns per pair instead of 0.57 on the dev machine.
+// Each loop has a portable version (compiled three times by target_clones and picked at load time)
+// and, for fp32 on x86, an AVX2 version with intrinsics where the compiler's own code was slow: GCC
+// does not emit gather instructions for the gather walk (it emulates them with scalar inserts,
+// slower than scalar code; AVX2 gathers: 0.38 ns per pair instead of 0.57 on the dev machine), and
+// one FMA chain per dot product was bound by its latency (33 ns per delta and 64-token block).
+#if defined(__x86_64__) && defined(__GNUC__)
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+constexpr bool kHasAvx2 = false;
+#endif
+
 template <typename acc_t>
-void gather_dots(const acc_t* a, const acc_t* b, const int32_t* ra, const int32_t* rb, int64_t n, acc_t* acc) {
+APET_CLONES void gather_dots_portable(const acc_t* a, const acc_t* b, const int32_t* ra, const int32_t* rb,
+                                      int64_t n, acc_t* acc) {
   for (int64_t i = 0; i < n; ++i) acc[i] += a[ra[i]] * b[rb[i]];
 }
 
 template <typename acc_t>
-void gather_products(const acc_t* src, const int32_t* source, const acc_t* v, int64_t n, acc_t* prod) {
+APET_CLONES void gather_products_portable(const acc_t* src, const int32_t* source, const acc_t* v, int64_t n,
+                                          acc_t* prod) {
   for (int64_t i = 0; i < n; ++i) prod[i] = v[i] * src[source[i]];
+}
+
+template <typename acc_t>
+APET_CLONES void block_dots_portable(const acc_t* row, const acc_t* cols, const int32_t* source, int64_t n,
+                                     int64_t tb, acc_t* acc) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t* col = cols + static_cast<int64_t>(source[i]) * tb;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < tb; ++t) sum += row[t] * col[t];
+    acc[i] += sum;
+  }
+}
+
+template <typename acc_t>
+APET_CLONES void block_axpys_portable(acc_t* y, const acc_t* cols, const int32_t* source, const acc_t* v, int64_t n,
+                                      int64_t tb) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t* col = cols + static_cast<int64_t>(source[i]) * tb;
+#pragma omp simd
+    for (int64_t t = 0; t < tb; ++t) y[t] += v[i] * col[t];
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -144,34 +176,6 @@ __attribute__((target("avx2,fma"))) void gather_products_avx2(const float* src, 
   for (; i < n; ++i) prod[i] = v[i] * src[source[i]];
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-
-template <>
-void gather_dots<float>(const float* a, const float* b, const int32_t* ra, const int32_t* rb, int64_t n, float* acc) {
-  if (kHasAvx2) return gather_dots_avx2(a, b, ra, rb, n, acc);
-  for (int64_t i = 0; i < n; ++i) acc[i] += a[ra[i]] * b[rb[i]];
-}
-
-template <>
-void gather_products<float>(const float* src, const int32_t* source, const float* v, int64_t n, float* prod) {
-  if (kHasAvx2) return gather_products_avx2(src, source, v, n, prod);
-  for (int64_t i = 0; i < n; ++i) prod[i] = v[i] * src[source[i]];
-}
-#endif
-
-template <typename acc_t>
-APET_CLONES void block_dots(const acc_t* row, const acc_t* cols, const int32_t* source, int64_t n, int64_t tb,
-                            acc_t* acc) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t* col = cols + static_cast<int64_t>(source[i]) * tb;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < tb; ++t) sum += row[t] * col[t];
-    acc[i] += sum;
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -179,8 +183,7 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
 }
 
 // Four deltas of one row at a time: the row's 8-token chunk is loaded once for four columns and the
-// four dot products run as independent FMA chains (one chain per dot was bound by its latency:
-// 33 ns per delta and 64-token block, 2 threads).
+// four dot products run as independent FMA chains. tb is a multiple of 8.
 __attribute__((target("avx2,fma"))) void block_dots_avx2(const float* row, const float* cols, const int32_t* source,
                                                          int64_t n, int64_t tb, float* acc) {
   int64_t i = 0;
@@ -210,31 +213,6 @@ __attribute__((target("avx2,fma"))) void block_dots_avx2(const float* row, const
   }
 }
 
-template <>
-void block_dots<float>(const float* row, const float* cols, const int32_t* source, int64_t n, int64_t tb,
-                       float* acc) {
-  if (kHasAvx2 && tb % 8 == 0) return block_dots_avx2(row, cols, source, n, tb, acc);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* col = cols + static_cast<int64_t>(source[i]) * tb;
-    float sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < tb; ++t) sum += row[t] * col[t];
-    acc[i] += sum;
-  }
-}
-#endif
-
-template <typename acc_t>
-APET_CLONES void block_axpys(acc_t* y, const acc_t* cols, const int32_t* source, const acc_t* v, int64_t n,
-                             int64_t tb) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t* col = cols + static_cast<int64_t>(source[i]) * tb;
-#pragma omp simd
-    for (int64_t t = 0; t < tb; ++t) y[t] += v[i] * col[t];
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
 // y += v0 c0 + v1 c1 + v2 c2 + v3 c3 per 8-token chunk: one load and store of y for four deltas.
 __attribute__((target("avx2,fma"))) void block_axpys_avx2(float* y, const float* cols, const int32_t* source,
                                                           const float* v, int64_t n, int64_t tb) {
@@ -262,17 +240,48 @@ __attribute__((target("avx2,fma"))) void block_axpys_avx2(float* y, const float*
       _mm256_storeu_ps(y + t, _mm256_fmadd_ps(vi, _mm256_loadu_ps(col + t), _mm256_loadu_ps(y + t)));
   }
 }
-
-template <>
-void block_axpys<float>(float* y, const float* cols, const int32_t* source, const float* v, int64_t n, int64_t tb) {
-  if (kHasAvx2 && tb % 8 == 0) return block_axpys_avx2(y, cols, source, v, n, tb);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* col = cols + static_cast<int64_t>(source[i]) * tb;
-#pragma omp simd
-    for (int64_t t = 0; t < tb; ++t) y[t] += v[i] * col[t];
-  }
-}
+#define APET_HAVE_AVX2_LOOPS 1
 #endif
+
+template <typename acc_t>
+void gather_dots(const acc_t* a, const acc_t* b, const int32_t* ra, const int32_t* rb, int64_t n, acc_t* acc) {
+#ifdef APET_HAVE_AVX2_LOOPS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHasAvx2) return gather_dots_avx2(a, b, ra, rb, n, acc);
+  }
+#endif
+  gather_dots_portable(a, b, ra, rb, n, acc);
+}
+
+template <typename acc_t>
+void gather_products(const acc_t* src, const int32_t* source, const acc_t* v, int64_t n, acc_t* prod) {
+#ifdef APET_HAVE_AVX2_LOOPS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHasAvx2) return gather_products_avx2(src, source, v, n, prod);
+  }
+#endif
+  gather_products_portable(src, source, v, n, prod);
+}
+
+template <typename acc_t>
+void block_dots(const acc_t* row, const acc_t* cols, const int32_t* source, int64_t n, int64_t tb, acc_t* acc) {
+#ifdef APET_HAVE_AVX2_LOOPS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHasAvx2 && tb % 8 == 0) return block_dots_avx2(row, cols, source, n, tb, acc);
+  }
+#endif
+  block_dots_portable(row, cols, source, n, tb, acc);
+}
+
+template <typename acc_t>
+void block_axpys(acc_t* y, const acc_t* cols, const int32_t* source, const acc_t* v, int64_t n, int64_t tb) {
+#ifdef APET_HAVE_AVX2_LOOPS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHasAvx2 && tb % 8 == 0) return block_axpys_avx2(y, cols, source, v, n, tb);
+  }
+#endif
+  block_axpys_portable(y, cols, source, v, n, tb);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // dst[(f0 + i) * tb + t0 + j] = src[(t0 + j) * s_t + f0 + i] for i, j < 8: one 8x8 fp32 tile through

@@ -50,3 +50,12 @@ def backend_param(name):
 
 # triton runs in the interpreter on CPU; native is the compiled extension when built
 BACKENDS = [backend_param(name) for name in ("reference", "triton", "native")]
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer LLaMA (hidden 32, vocab 99) with weights drawn from ``seed``, in eval mode."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **overrides})).eval()

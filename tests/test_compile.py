@@ -5,17 +5,12 @@ import copy
 import pytest
 import torch
 
-from _helpers import rel_err
+from _helpers import rel_err, tiny_llama
 from apet_kernels import ApetConfig, get_apet_model
 
 transformers = pytest.importorskip("transformers")
 
 
-def _base():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 IDS = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -37,13 +32,13 @@ def _step_fn(model):
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_training_step_has_no_graph_break_of_ours(strategy):
     torch._dynamo.reset()
-    plain = _base()
+    plain = tiny_llama()
     plain.lm_head.weight.requires_grad_(True)  # something to step, as the patched model has
     for p in plain.parameters():
         p.requires_grad_(p is plain.lm_head.weight)
     reference = torch._dynamo.explain(_step_fn(plain))()
     torch._dynamo.reset()
-    patched = torch._dynamo.explain(_step_fn(get_apet_model(_base(), ApetConfig(density=0.05,
+    patched = torch._dynamo.explain(_step_fn(get_apet_model(tiny_llama(), ApetConfig(density=0.05,
                                                                                   strategy=strategy))))()
     # the unpatched step breaks once, at loss.backward(); apet adds none (it used to add one per layer)
     assert patched.graph_break_count == reference.graph_break_count, [r.reason for r in patched.break_reasons]
@@ -54,7 +49,7 @@ def test_compiled_training_step_matches_eager(strategy):
     runs = {}
     for mode in ("eager", "compiled"):
         torch._dynamo.reset()
-        model = get_apet_model(_base(), ApetConfig(density=0.05, strategy=strategy))
+        model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
         step = _step_fn(model)
         step = torch.compile(step) if mode == "compiled" else step
         losses = torch.stack([step() for _ in range(4)])

@@ -3,17 +3,14 @@
 import pytest
 import torch
 
-from _helpers import BACKENDS
+from _helpers import BACKENDS, tiny_llama
 from apet_kernels import ApetConfig, get_apet_model
 
 transformers = pytest.importorskip("transformers")
 
 
 def _model(strategy, backend):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    base = tiny_llama()
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         reference = base(input_ids=ids).logits

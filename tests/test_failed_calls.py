@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _helpers import BACKENDS
+from _helpers import BACKENDS, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet
 from apet_kernels import layers as layers_module
 
@@ -21,11 +21,6 @@ def _gpt2(seed=0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _snapshot(model):
@@ -56,7 +51,7 @@ def test_failed_get_apet_model_leaves_no_patched_layer_and_every_flag():
 
 
 def test_failure_in_the_middle_of_patching_is_rolled_back(monkeypatch):
-    base = _llama()
+    base = tiny_llama()
     before = _snapshot(base)
     real = SparseDeltaLinear.from_linear
     calls = []
@@ -76,8 +71,8 @@ def test_failure_in_the_middle_of_patching_is_rolled_back(monkeypatch):
 
 
 def test_failed_load_apet_leaves_the_model_as_it_was(tmp_path, monkeypatch):
-    get_apet_model(_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
-    base = _llama()
+    get_apet_model(tiny_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
+    base = tiny_llama()
     before = _snapshot(base)
     real_copy = torch.Tensor.copy_
 
@@ -105,9 +100,9 @@ def _tensors_with(path, key_suffix, fill):
 
 @pytest.mark.parametrize("fill", [float("nan"), float("inf")])
 def test_adapter_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path, fill):
-    get_apet_model(_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
+    get_apet_model(tiny_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
     key = _tensors_with(str(tmp_path / "adapter_model.safetensors"), "delta_values", fill)
-    base = _llama()
+    base = tiny_llama()
     before = _snapshot(base)
     with pytest.raises(ValueError, match=rf"{key}.*NaN or Inf"):
         load_apet(base, str(tmp_path))
@@ -115,7 +110,7 @@ def test_adapter_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path, fill):
 
 
 def test_save_refuses_nan_values_and_writes_nothing(tmp_path):
-    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     layer_name, layer = next(iter(model.apet_layers().items()))
     layer.delta_values.data[0] = float("nan")
     with pytest.raises(ValueError, match=rf"{layer_name}\.delta_values holds NaN"):
@@ -124,7 +119,7 @@ def test_save_refuses_nan_values_and_writes_nothing(tmp_path):
 
 
 def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
-    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     target = tmp_path / "adapter"
     model.save_apet(str(target))
     files = {name: (target / name).read_bytes() for name in os.listdir(target)}
@@ -176,7 +171,7 @@ def test_wrapper_that_was_garbage_collected_does_not_block():
 
 @pytest.mark.parametrize("first", ["merge_and_unload", "unload"])
 def test_apet_model_refuses_to_work_after_it_was_unloaded(tmp_path, first):
-    model = get_apet_model(_llama(), ApetConfig(density=0.05))
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     next(iter(model.apet_layers().values())).delta_values.data.normal_()
     base = getattr(model, first)()
     state = {n: t.clone() for n, t in base.state_dict().items()}
@@ -189,17 +184,17 @@ def test_apet_model_refuses_to_work_after_it_was_unloaded(tmp_path, first):
 
 
 def test_adapter_does_not_store_the_backend(tmp_path):
-    model = get_apet_model(_llama(), ApetConfig(density=0.05, backend="triton"))
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, backend="triton"))
     model.save_apet(str(tmp_path))
     stored = json.loads((tmp_path / "apet_config.json").read_text())
     assert "backend" not in stored
     stored["backend"] = "triton"  # as written by 0.1.0
     (tmp_path / "apet_config.json").write_text(json.dumps(stored))
-    loaded = load_apet(_llama(), str(tmp_path))
+    loaded = load_apet(tiny_llama(), str(tmp_path))
     assert {m.backend for m in loaded.apet_layers().values()} == {"auto"}
     ids = torch.randint(3, 99, (1, 5))
     loaded(input_ids=ids)
-    assert {m.backend for m in load_apet(_llama(), str(tmp_path), backend="reference").apet_layers().values()} \
+    assert {m.backend for m in load_apet(tiny_llama(), str(tmp_path), backend="reference").apet_layers().values()} \
         == {"reference"}
 
 

@@ -4,17 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _helpers import BACKENDS, oracle_linear, rel_err
+from _helpers import BACKENDS, oracle_linear, rel_err, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model
 
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _train_a_step(model):
@@ -35,9 +30,9 @@ def _assert_state_equal(actual: dict, expected: dict):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_loading_base_weights_then_unload_gives_the_loaded_checkpoint(backend, strategy):
-    model = get_apet_model(_llama(0), ApetConfig(density=0.05, strategy=strategy, backend=backend))
+    model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05, strategy=strategy, backend=backend))
     ids = _train_a_step(model)
-    other = _llama(1).state_dict()
+    other = tiny_llama(1).state_dict()
     model.base_model.load_state_dict(other, strict=False)
     # the tuned deltas now sit on the new base: merged equals unmerged there
     tuned = model(input_ids=ids).logits
@@ -49,14 +44,14 @@ def test_loading_base_weights_then_unload_gives_the_loaded_checkpoint(backend, s
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_meta_device_then_to_empty_then_load_gives_the_checkpoint(backend):
-    checkpoint = _llama(1).state_dict()
+    checkpoint = tiny_llama(1).state_dict()
     with torch.device("meta"):
-        base = _llama(0)
+        base = tiny_llama(0)
     model = get_apet_model(base, ApetConfig(density=0.05, backend=backend))
     model.to_empty(device="cpu")
     model.base_model.load_state_dict(checkpoint, strict=False)
     layers = model.apet_layers()
-    fresh = get_apet_model(_llama(1), ApetConfig(density=0.05, backend=backend)).apet_layers()
+    fresh = get_apet_model(tiny_llama(1), ApetConfig(density=0.05, backend=backend)).apet_layers()
     for name, layer in layers.items():
         assert torch.equal(layer.delta_indices, fresh[name].delta_indices), "positions lost on the meta device"
         assert not layer.delta_values.any()
@@ -86,7 +81,7 @@ def test_indices_without_base_rebase_on_the_pure_weight(backend):
 
 @pytest.mark.parametrize("through", ["apet model", "base model"])
 def test_failing_load_leaves_every_layer_unchanged(through):
-    model = get_apet_model(_llama(0), ApetConfig(density=0.05, method="rows"))
+    model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05, method="rows"))
     _train_a_step(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     target = model if through == "apet model" else model.base_model
@@ -102,7 +97,7 @@ def test_failing_load_leaves_every_layer_unchanged(through):
 
 
 def test_failing_load_on_a_shape_mismatch_changes_nothing():
-    model = get_apet_model(_llama(0), ApetConfig(density=0.05))
+    model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     state["base_model.lm_head.weight"] = torch.randn(5, 5)  # the last module in the model

@@ -125,7 +125,7 @@ class SparseDeltaTerm(torch.autograd.Function):
         dy2, x2 = _as_tokens(dy), _as_tokens(x)
         dx = dv = None
         if ctx.needs_input_grad[1] and not ctx.merged:
-            dx = torch.zeros_like(x)
+            dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # contiguous: its token view is a view
             spmm_t(_as_tokens(dx), dy2, indices, values, col_ptr, col_perm)
         if ctx.needs_input_grad[2]:
             dv = sddmm(dy2, x2, indices, row_ptr)
@@ -138,5 +138,9 @@ def add_sparse_term(y: Tensor, x: Tensor, values: Tensor, indices: Tensor, layou
     """``y + x S^T`` (unmerged) or ``y`` with the SDDMM attached (merged). y (..., out) and x (..., in)
     share their leading dimensions; ``layout`` holds the row order (and, unmerged, the column order)
     of ``indices``."""
+    if backend == "native" and not torch.compiler.is_compiling():
+        # the same Function in C++ (csrc/apet_autograd.cpp): no Python in the call or the backward node
+        return torch.ops.apet_native.sparse_term(y, x, values, indices, layout.row_ptr, layout.col_ptr,
+                                                 layout.col_perm, merged)
     return SparseDeltaTerm.apply(y, x, values, indices, layout.row_ptr, layout.col_ptr, layout.col_perm, merged,
                                  backend)
