@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass, field
 
 from .ops.dispatch import CHOICES
-from .selection import METHODS
+from .positions import SCORES
+from .selection import DATA_METHODS, METHODS
 
 CONFIG_NAME = "apet_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -22,6 +23,9 @@ class ApetConfig:
     ``budget_like`` sets ``num_params`` to another PET method's parameter count on the same
     model, as the paper does: ``"lora:r=8"`` (on the same target modules), ``"bitfit"`` (all
     biases), ``"adapter:d=24"`` (two bottleneck adapters per layer), ``"prompt:n=100"``.
+    ``method``: ``random`` (the paper's APET), ``rows``, ``cols``, ``blocks`` (seeded: an adapter
+    stores the seed), ``magnitude`` (smallest |W|) or ``gradient`` (largest accumulated gradient over
+    calibration batches given to get_apet_model); data-driven positions are stored in the adapter.
     ``target_modules``: ``"all-linear"`` (every nn.Linear / GPT-2 Conv1D except output heads),
     a list of module-name suffixes, or a regex matched against the full name.
     """
@@ -36,6 +40,10 @@ class ApetConfig:
     strategy: str = "auto"
     backend: str = "auto"  # runtime choice: not saved with the adapter
     modules_to_save: list[str] | None = None
+    # method="gradient": accumulate |g| ("abs") or g^2 ("squared", a diagonal Fisher) over the calibration
+    # batches, keeping a candidate pool of pool_factor x K positions per layer (apet_kernels.positions)
+    gradient_score: str = "abs"
+    pool_factor: float = 4.0
     # filled by get_apet_model: per target layer its shape, k and an index checksum
     layers: dict = field(default_factory=dict)
 
@@ -47,8 +55,10 @@ class ApetConfig:
             raise ValueError(f"num_params must be a non-negative int, got {self.num_params!r}")
         if self.density is not None and not 0.0 <= float(self.density) <= 1.0:
             raise ValueError(f"density must lie in [0, 1], got {self.density}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method not in METHODS + DATA_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
+        if self.gradient_score not in SCORES:
+            raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {SCORES}")
         if self.strategy not in ("auto", "merged", "unmerged"):
             raise ValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:

@@ -18,6 +18,7 @@ import shutil
 import uuid
 import warnings
 from collections import Counter
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,8 @@ import torch.nn as nn
 from ._checks import check_finite, check_index_content, check_index_meta
 from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear
-from .selection import select_indices, split_budget
+from .positions import GradientScores, magnitude_indices
+from .selection import METHODS, select_indices, split_budget
 
 # Output layers that "all-linear" leaves alone (PEFT excludes the output layer too).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -124,8 +126,7 @@ def base_fingerprint(base: torch.Tensor) -> str:
 
 def weight_at(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """A linear-like module's weight at flat row-major (out, in) positions."""
-    w = module.weight.detach()
-    w = w.t() if type(module).__name__ == "Conv1D" else w
+    w = _weight_oi(module).detach()
     idx = indices.long().to(w.device)
     return w[idx // w.shape[1], idx % w.shape[1]]
 
@@ -220,12 +221,18 @@ class ApetModel(nn.Module):
         tensors = {}
         for name, layer in self.apet_layers().items():
             tensors[f"{name}.delta_values"] = layer.delta_values.detach()
-            if self.apet_config.method != "random":
+            if not self._indices_regenerable(name, layer):
                 tensors[f"{name}.delta_indices"] = layer.delta_indices
         for name, p in self.base_model.named_parameters():
             if _within(name.rpartition(".")[0], self.apet_config.modules_to_save):
                 tensors[name] = p.detach()
         return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+
+    def _indices_regenerable(self, name: str, layer: SparseDeltaLinear) -> bool:
+        """Seeded positions that never moved (no regrowth): the adapter stores the seed, not indices."""
+        info = self.apet_config.layers.get(name, {})
+        return (self.apet_config.method in METHODS and info.get("checksum") == index_checksum(layer.delta_indices)
+                and info.get("positions") != "stored")
 
     def save_apet(self, directory: str) -> None:
         """adapter_model.safetensors (about 4 bytes per tuned parameter for method='random')
@@ -238,7 +245,10 @@ class ApetModel(nn.Module):
             check_finite(t, f"adapter tensor {key}")
         config = copy.deepcopy(self.apet_config)
         for name, layer in self.apet_layers().items():
-            config.layers[name]["base_fingerprint"] = base_fingerprint(layer.current_base())
+            stored = f"{name}.delta_indices" in tensors
+            config.layers[name].update(checksum=index_checksum(layer.delta_indices),
+                                       base_fingerprint=base_fingerprint(layer.current_base()),
+                                       positions="stored" if stored else "seed")
         directory = os.path.abspath(directory)
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
@@ -358,13 +368,18 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
     return ApetModel(model, config, requires_grad, saved_modules)
 
 
-def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
+def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable | None = None,
+                   loss_fn: Callable | None = None) -> ApetModel:
     """Replace the target linears of ``model`` in place with SparseDeltaLinear layers.
 
-    The budget is split over the targets in proportion to their size (split_budget); each
-    layer's positions come from select_indices(..., seed=config.seed, key=<qualified name>).
-    Everything else is frozen except ``modules_to_save``. ``config`` is copied, not changed, so
-    one config can patch several models. If anything fails, the model is left exactly as it was.
+    The budget is split over the targets in proportion to their size (split_budget). Each layer's
+    positions come from select_indices(..., seed=config.seed, key=<qualified name>) for the seeded
+    methods, from its own weight for ``method="magnitude"``, and for ``method="gradient"`` from
+    the gradients of ``calibration`` (an iterable of batches: ``model(**batch).loss``, or
+    ``loss_fn(model, batch)``), accumulated without ever forming a layer's dense weight gradient
+    (apet_kernels.positions). Everything else is frozen except ``modules_to_save``. ``config`` is
+    copied, not changed, so one config can patch several models. If anything fails, the model is
+    left exactly as it was.
     """
     _check_targets(model, {})
     config = copy.deepcopy(config)
@@ -375,9 +390,26 @@ def get_apet_model(model: nn.Module, config: ApetConfig) -> ApetModel:
         budget = split_budget(shapes, num_params=budget_like_count(model, config.budget_like, targets))
     else:
         budget = split_budget(shapes, num_params=config.num_params, density=config.density)
-    indices = {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
-               for name in targets}
+    if config.method == "gradient":
+        if calibration is None:
+            raise ValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
+        scores = GradientScores(model, targets, budget, score=config.gradient_score, pool_factor=config.pool_factor,
+                                backend=config.backend)
+        scores.accumulate(calibration, loss_fn)
+        indices = scores.indices()
+    elif config.method == "magnitude":
+        indices = {name: magnitude_indices(_weight_oi(m), budget[name]) for name, m in targets.items()}
+    else:
+        if calibration is not None:
+            raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
+        indices = {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed,
+                                        key=name) for name in targets}
     return _patch(model, config, indices)
+
+
+def _weight_oi(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as (out, in), a view for GPT-2's Conv1D."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
 def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend: str = "auto") -> ApetModel:
@@ -413,10 +445,11 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
         shape = linear_shape(module)
         if list(shape) != list(info["shape"]):
             raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {shape}")
-        if config.method == "random":
-            idx = select_indices(shape, int(info["k"]), method="random", seed=config.seed, key=name)
+        key = f"{name}.delta_indices"
+        if key not in tensors and config.method in METHODS and info.get("positions") != "stored":
+            # seeded positions: regenerated, and checked against the stored checksum below
+            idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
         else:
-            key = f"{name}.delta_indices"
             if key not in tensors:
                 raise ValueError(f"{path} lacks {key}")
             idx = tensors[key]

@@ -282,6 +282,29 @@ class SparseDeltaLinear(nn.Module):
             self.strategy = "unmerged"
             self._rebuild_layout()  # the unmerged backward walks the deltas by column too
 
+    @torch.no_grad()
+    def set_positions(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Tune K other positions (K unchanged): W is restored at the old positions, the base read at
+        the new ones, and ``values`` (default: zeros) written in place into ``delta_values`` so an
+        optimizer keeps its reference. Used by drop-and-regrow (apet_kernels.positions.Regrower)."""
+        k, numel = self.delta_indices.numel(), self.out_features * self.in_features
+        check_index_meta(indices, numel)
+        if indices.numel() != k:
+            raise ValueError(f"set_positions keeps K fixed: got {indices.numel()} positions, the layer has {k}")
+        check_index_content(indices, numel)
+        if values is not None and tuple(values.shape) != (k,):
+            raise ValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
+        if self.strategy == "merged":
+            self._write_base()
+        self.delta_indices.copy_(indices.to(self.delta_indices.device, self.delta_indices.dtype))
+        self._base_stale = True
+        self._read_base()
+        self._rebuild_layout()
+        if values is None:
+            self.delta_values.zero_()
+        else:
+            self.delta_values.copy_(values)
+
     def delta_weight(self) -> torch.Tensor:
         """Dense fp32 Delta W (out, in). For inspection and merging only: allocates out x in."""
         dense = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,

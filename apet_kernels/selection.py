@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-METHODS = ("random", "rows", "cols", "blocks")
+METHODS = ("random", "rows", "cols", "blocks")  # seeded: an adapter can store the seed instead of indices
+DATA_METHODS = ("magnitude", "gradient")  # from the weights or from data: adapters store their indices
 BLOCK_SHAPE = (16, 16)  # tile of the `blocks` method: one tensor-core fragment
 
 INT32_LIMIT = 2**31
@@ -99,14 +100,24 @@ def _blocks(rows: int, cols: int, k: int, gen) -> torch.Tensor:
 
 
 def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed: int = 0,
-                   key: str = "") -> torch.Tensor:
+                   key: str = "", weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted unique flat (row-major) indices of ``k`` tunable positions in a weight of ``shape``.
 
     method: ``random`` (uniform, the paper's APET), ``rows`` / ``cols`` (whole random
-    rows / columns, the last one cut at k), ``blocks`` (random 16x16 tiles).
+    rows / columns, the last one cut at k), ``blocks`` (random 16x16 tiles), ``magnitude``
+    (the k entries of smallest |W| of ``weight``, given as (out, in); PaFi's criterion;
+    streamed over row blocks). ``gradient`` needs data: ``get_apet_model(..., calibration=...)``.
     ``key`` (e.g. the module's qualified name) decorrelates layers that share a seed.
     Returns int32 while the weight has fewer than 2**31 elements, else int64.
     """
+    if method == "magnitude":
+        if weight is None or tuple(weight.shape) != tuple(int(s) for s in shape):
+            raise ValueError(f"method='magnitude' needs weight=, the (out, in) weight of shape {tuple(shape)}")
+        _check_args(shape, k, "random")
+        from .positions import magnitude_indices
+        return magnitude_indices(weight, k)
+    if method == "gradient":
+        raise ValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
     rows, cols = _check_args(shape, k, method)
     gen = _generator(method, seed, key, (rows, cols), k)
     if method == "random":

@@ -196,13 +196,19 @@ def test_disable_apet_gives_base_outputs():
     torch.testing.assert_close(logits(model, inputs), tuned, rtol=0, atol=0)
 
 
-def test_non_random_methods_store_indices(tmp_path):
-    model = get_apet_model(build("llama"), ApetConfig(density=0.05, method="rows"))
+@pytest.mark.parametrize("method,stored", [("random", False), ("rows", False), ("blocks", False),
+                                           ("magnitude", True)])
+def test_adapters_store_indices_unless_a_seed_regenerates_them(tmp_path, method, stored):
+    model = get_apet_model(build("llama"), ApetConfig(density=0.05, method=method))
+    inputs = batch("llama")
+    for m in model.apet_layers().values():
+        m.delta_values.data.normal_(0, 0.05)
     model.save_apet(str(tmp_path))
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
-    assert any(k.endswith(".delta_indices") for k in keys)
-    load_apet(build("llama"), str(tmp_path))
+    assert any(k.endswith(".delta_indices") for k in keys) == stored
+    loaded = load_apet(build("llama"), str(tmp_path), strict=True)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
 
 
 def _saved(tmp_path, arch="llama"):
@@ -320,7 +326,7 @@ def test_apet_model_deepcopies_and_pickles_consistently(tmp_path):
 
 
 def test_load_rejects_bad_stored_indices_before_touching_the_model(tmp_path):
-    model = get_apet_model(build("llama"), ApetConfig(density=0.05, method="rows"))
+    model = get_apet_model(build("llama"), ApetConfig(density=0.05, method="magnitude"))
     model.save_apet(str(tmp_path))
     from safetensors.torch import load_file, save_file
     path = str(tmp_path / "adapter_model.safetensors")

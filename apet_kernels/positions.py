@@ -1,0 +1,369 @@
+"""Learned positions without dense masks: smallest |W|, largest accumulated gradient, drop-and-regrow.
+
+Memory never grows with out x in beyond one row block:
+
+- ``magnitude_indices``: the K entries of smallest |W| (PaFi's criterion), streamed over row blocks
+  with a running top-K.
+- ``GradientScores``: the K entries with the largest gradient magnitude accumulated over a few
+  batches. A batch's dense gradient dW = dy^T x is formed one row block at a time (block x in) and
+  only its top-(c K) entries are kept. A per-layer candidate pool of c K positions carries exact
+  accumulated scores: each batch adds |dW| at the pool's positions (an SDDMM, no dense dW) and offers
+  the batch's top-(c K) as newcomers, which enter with their score of that batch only (so a
+  position that first enters late misses its earlier batches). A second pass over the same batches
+  then accumulates the pool's exact scores (SDDMM only) and the top-K is taken from those: the one
+  approximation left is a true top-K position that never made it into the pool (tested against the
+  exact dense top-K: >= 90% overlap).
+- ``Regrower``: every ``interval`` steps, drop the fraction rho of each layer's deltas with the
+  smallest |value| and regrow as many at the untuned positions with the largest gradient magnitude
+  of that step (SpIEL-AG's idea, mask-free), rho decaying to 0. Values and optimizer state move with
+  their positions; new entries start at zero with zeroed moments.
+
+Row blocks hold at most ``max(1, min(out // 8, 2**24 // in))`` rows (<= 64 MB of fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .ops.dispatch import implementation, resolve
+from .ops.layout import build_layout
+from .selection import index_dtype
+
+SCORES = ("abs", "squared")  # |g| or g^2 (a diagonal Fisher estimate) accumulated over batches
+
+
+def block_rows(out_features: int, in_features: int) -> int:
+    """Rows per block: at most out/8 and at most 2**24 elements (64 MB of fp32)."""
+    return max(1, min(max(1, out_features // 8), 2**24 // max(1, in_features)))
+
+
+def _merge_top(best_score, best_flat, score, flat, k: int, largest: bool):
+    """The k best of two candidate sets; ties go to the lower flat index (deterministic)."""
+    score = torch.cat([best_score, score])
+    flat = torch.cat([best_flat, flat])
+    order = torch.sort(flat, stable=True).indices
+    score, flat = score[order], flat[order]
+    keep = torch.sort(score, descending=largest, stable=True).indices[:k]
+    return score[keep], flat[keep]
+
+
+def _top_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], in_features: int, k: int, largest: bool,
+                   exclude: torch.Tensor | None = None):
+    """Running top-k over (first_row, block scores (rows, in)) pairs: (scores, flat indices)."""
+    best_score = torch.empty(0)
+    best_flat = torch.empty(0, dtype=torch.int64)
+    for r0, block in blocks:
+        flat_block = block.reshape(-1)
+        base = r0 * in_features
+        n_ex, ex = 0, None
+        if exclude is not None and exclude.numel():  # take as many more, then drop them: no copy of the block
+            ex = exclude.long().to(flat_block.device)
+            ex = ex[(ex >= base) & (ex < base + flat_block.numel())] - base
+            n_ex = ex.numel()
+        if best_score.numel() == k and k:
+            # only entries strictly better than the k-th best so far can enter (a later block loses
+            # ties): one pass over the block instead of a top-k of it, which cost as much as its GEMM
+            worst = best_score.min() if largest else best_score.max()
+            pos = torch.nonzero(flat_block > worst if largest else flat_block < worst).squeeze(1)
+            score = flat_block[pos]
+        else:
+            n = min(k + n_ex, flat_block.numel())
+            score, pos = torch.topk(flat_block, n, largest=largest, sorted=False)
+        if n_ex:
+            keep = ~torch.isin(pos, ex)
+            score, pos = score[keep], pos[keep]
+        best_score, best_flat = _merge_top(best_score.to(score.device), best_flat.to(score.device), score,
+                                           pos + base, k, largest)
+    return best_score, best_flat
+
+
+def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides)."""
+    out_f, in_f = weight_oi.shape
+    if k < 0 or k > out_f * in_f:
+        raise ValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
+    rows = block_rows(out_f, in_f)
+    w = weight_oi.detach()
+    blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))
+    _, flat = _top_of_blocks(blocks, in_f, k, largest=False)
+    return torch.sort(flat).values.to(index_dtype(out_f * in_f)).cpu()
+
+
+def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str):
+    """(first row, |dW| or dW^2 of rows r0..r0+rows) for dW = dy^T x, one row block at a time, fp32."""
+    rows = block_rows(out_f, x.shape[1])
+    xf = x.float()
+    for r0 in range(0, out_f, rows):
+        g = dy[:, r0:r0 + rows].float().t() @ xf
+        yield r0, (g.abs_() if score == "abs" else g.square_())
+
+
+class _PoolState:
+    """One layer's candidate pool: flat positions and their accumulated scores. ``exclude`` (sorted
+    flat positions) never enter it: the regrower's currently tuned positions."""
+
+    def __init__(self, shape: tuple[int, int], k: int, pool_factor: float, exclude: torch.Tensor | None = None):
+        self.shape, self.k, self.exclude = shape, k, exclude
+        self.size = min(shape[0] * shape[1], max(k, math.ceil(pool_factor * k)))
+        self.flat = torch.empty(0, dtype=torch.int64)
+        self.score = torch.empty(0)
+
+    def add_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:
+        out_f, in_f = self.shape
+        dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+        if self.flat.numel():  # exact increments at the pool's positions (the SDDMM walks them sorted)
+            order = torch.sort(self.flat).indices
+            idx = self.flat[order].to(x.device).to(index_dtype(out_f * in_f))
+            layout = build_layout(idx, self.shape, columns=False)
+            g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr)
+            increment = torch.empty_like(g).index_copy_(0, order.to(g.device), g)
+            self.score = self.score.to(g.device) + (increment.abs() if score == "abs" else increment.square()).float()
+        cand_score, cand_flat = _top_of_blocks(_dense_grad_blocks(dy, x, out_f, score), in_f, self.size,
+                                               largest=True, exclude=self.exclude)
+        if self.flat.numel():  # newcomers enter with this batch's score; members keep theirs
+            new = ~torch.isin(cand_flat, self.flat.to(cand_flat.device))
+            cand_score, cand_flat = cand_score[new], cand_flat[new]
+        self.score, self.flat = _merge_top(self.score.to(cand_score.device), self.flat.to(cand_flat.device),
+                                           cand_score, cand_flat, self.size, largest=True)
+
+    def rescore_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:
+        """Second pass: exact accumulated scores of the pool's positions only (an SDDMM per batch)."""
+        out_f, in_f = self.shape
+        dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+        if not hasattr(self, "exact"):
+            order = torch.sort(self.flat).indices
+            self.flat, self.exact = self.flat[order], torch.zeros(self.flat.numel(), device=x.device)
+        idx = self.flat.to(x.device).to(index_dtype(out_f * in_f))
+        layout = build_layout(idx, self.shape, columns=False)
+        g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr).float()
+        self.exact += g.abs() if score == "abs" else g.square()
+
+    def finish_rescoring(self) -> None:
+        if hasattr(self, "exact"):
+            self.score = self.exact
+            del self.exact
+
+    def best(self) -> torch.Tensor:
+        keep = torch.sort(self.score, descending=True, stable=True).indices[:self.k]
+        out_f, in_f = self.shape
+        return torch.sort(self.flat[keep]).values.to(index_dtype(out_f * in_f)).cpu()
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+
+
+@contextlib.contextmanager
+def _observe(model: nn.Module, modules: dict[str, nn.Module], on_grad: Callable[[str, torch.Tensor, torch.Tensor],
+                                                                                  None]):
+    """While active, each module's backward calls on_grad(name, dy, x). The model's input embeddings
+    are made to require grad, so the backward reaches every layer although all weights are frozen
+    (and autograd never forms a weight gradient)."""
+    handles = []
+
+    def forward_hook(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if output.requires_grad:  # (each call's own x: a module called twice gets both)
+                output.register_hook(lambda dy: on_grad(name, dy.detach(), x))
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(forward_hook(name)))
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if embeddings is not None:
+        handles.append(embeddings.register_forward_hook(
+            lambda m, a, out: out if out.requires_grad else out.detach().requires_grad_()))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _loss(model: nn.Module, batch, loss_fn: Callable | None) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    out = model(**batch) if isinstance(batch, dict) else model(*batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no .loss for a calibration batch: include labels, or pass loss_fn")
+    return loss
+
+
+class GradientScores:
+    """Accumulated gradient magnitudes of the target layers' weights over calibration batches, kept
+    per layer as a candidate pool of ``pool_factor`` x K positions (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], budget: dict[str, int],
+                 score: str = "abs", pool_factor: float = 4.0, backend: str = "auto"):
+        if score not in SCORES:
+            raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
+        self.model, self.targets, self.score, self.backend = model, targets, score, backend
+        self.pools = {name: _PoolState(_linear_shape(m), budget[name], pool_factor) for name, m in targets.items()}
+
+    def _on_grad(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self.pools[name].add_batch(dy, x, self.score, self.backend)
+
+    def accumulate(self, batches: Iterable, loss_fn: Callable | None = None, rescore: bool = True) -> int:
+        """Run forward and backward on each batch; no parameter gets a gradient (all are frozen for the
+        duration and restored after). With ``rescore`` a second pass over the same batches gives the
+        pool's positions their exact accumulated scores, so the final top-K is exact within the pool
+        (measured on a tiny LLaMA, 4 batches, pool 4K: 79% overlap with the dense top-K in one pass).
+        Returns the batch count."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("no calibration batches were given")
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with _observe(self.model, self.targets, self._on_grad):
+                for batch in batches:
+                    _loss(self.model, batch, loss_fn).backward()
+            if rescore:
+                with _observe(self.model, self.targets, self._on_rescore):
+                    for batch in batches:
+                        _loss(self.model, batch, loss_fn).backward()
+                for pool in self.pools.values():
+                    pool.finish_rescoring()
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        return len(batches)
+
+    def _on_rescore(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self.pools[name].rescore_batch(dy, x, self.score, self.backend)
+
+    def indices(self) -> dict[str, torch.Tensor]:
+        return {name: pool.best() for name, pool in self.pools.items()}
+
+
+# ----------------------------------------------------------------------------- drop and regrow
+def regrow_fraction(step: int, total_steps: int, fraction: float, schedule: str) -> float:
+    """rho at ``step``: ``fraction`` decaying to 0 at ``total_steps``, linearly or along a half cosine."""
+    progress = min(1.0, max(0.0, step / max(1, total_steps)))
+    if schedule == "linear":
+        return fraction * (1.0 - progress)
+    if schedule == "cosine":
+        return fraction * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
+
+
+def _move(layer, new_flat: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Drop as many of ``layer``'s deltas (smallest |value|) as ``new_flat`` has positions and tune those
+    instead. Values and every per-entry optimizer state tensor move with their positions; the new
+    entries start at zero with zero moments."""
+    n = new_flat.numel()
+    if n == 0:
+        return
+    values = layer.delta_values.detach()
+    k = values.numel()
+    order_by_size = torch.sort(values.abs().float().cpu(), stable=True).indices
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[order_by_size[:n]] = False
+    keep = keep.to(values.device)
+    indices = torch.cat([layer.delta_indices.long()[keep], new_flat.to(values.device).long()])
+    order = torch.sort(indices).indices
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[keep], torch.zeros(n, dtype=t.dtype, device=t.device)])[order]
+
+    if optimizer is not None:
+        state = optimizer.state.get(layer.delta_values, {})
+        for name, t in state.items():
+            if torch.is_tensor(t) and t.shape == (k,):
+                t.copy_(moved(t))
+    layer.set_positions(indices[order].to(layer.delta_indices.dtype), moved(values))
+
+
+class Regrower:
+    """Drop-and-regrow for the SparseDeltaLinear layers of a model (plain training loops).
+
+        regrower = Regrower(model, optimizer, interval=100, fraction=0.3, total_steps=len(loader))
+        for batch in loader:
+            with regrower.observe():          # gathers gradient scores on the steps before a regrowth
+                model(**batch).loss.backward()
+            optimizer.step()
+            regrower.step()                   # every `interval` steps: move the weakest deltas
+            optimizer.zero_grad()
+
+    A regrowth at step t drops round(rho(t) * K) deltas of each layer (smallest |value|) and tunes the
+    untuned positions with the largest gradient magnitude of the observed step (summed over its
+    micro-batches) instead; rho decays from ``fraction`` to 0 over ``total_steps``. K stays fixed;
+    indices stay sorted and unique; merged weights are restored at dropped positions and re-based at
+    new ones, so unmerge stays bit-exact.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, interval: int,
+                 total_steps: int, fraction: float = 0.2, schedule: str = "cosine", score: str = "abs",
+                 pool_factor: float = 2.0):
+        from .layers import SparseDeltaLinear
+        if interval < 1 or total_steps < 1 or not 0.0 <= fraction <= 1.0:
+            raise ValueError("interval and total_steps must be >= 1 and fraction within [0, 1]")
+        if score not in SCORES:
+            raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
+        regrow_fraction(0, total_steps, fraction, schedule)  # checks the schedule's name
+        inner = getattr(model, "base_model", model)
+        self.model = model
+        self.layers = {n: m for n, m in inner.named_modules() if isinstance(m, SparseDeltaLinear)}
+        if not self.layers:
+            raise ValueError("the model has no SparseDeltaLinear layers to regrow")
+        self.optimizer, self.interval, self.total_steps = optimizer, interval, total_steps
+        self.fraction, self.schedule, self.score, self.pool_factor = fraction, schedule, score, pool_factor
+        self.steps = 0
+        self.moved = 0  # deltas moved so far, all layers
+        self._pools: dict[str, _PoolState] | None = None
+
+    def due(self) -> bool:
+        """Whether the step now running ends with a regrowth."""
+        nxt = self.steps + 1
+        return nxt % self.interval == 0 and nxt < self.total_steps and bool(self._counts(nxt))
+
+    def _counts(self, step: int) -> dict[str, int]:
+        rho = regrow_fraction(step, self.total_steps, self.fraction, self.schedule)
+        counts = {name: min(round(rho * m.delta_values.numel()),
+                            m.out_features * m.in_features - m.delta_values.numel())
+                  for name, m in self.layers.items()}
+        return {name: c for name, c in counts.items() if c > 0}
+
+    @contextlib.contextmanager
+    def observe(self):
+        """Around the forward and backward of a step: on a step that ends with a regrowth, gathers
+        each layer's top untuned positions by gradient magnitude (row blocks, no out x in tensor)."""
+        if not self.due():
+            yield
+            return
+        counts = self._counts(self.steps + 1)
+        self._pools = {name: _PoolState((m.out_features, m.in_features), counts[name], self.pool_factor,
+                                        exclude=m.delta_indices) for name, m in self.layers.items() if name in counts}
+        watched = {name: self.layers[name] for name in self._pools}
+
+        def on_grad(name, dy, x):
+            self._pools[name].add_batch(dy, x, self.score, self.layers[name].backend)
+        with _observe(self.model, watched, on_grad):
+            yield
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Call after optimizer.step(): counts the step and regrows if it was due. Returns the number
+        of deltas moved."""
+        self.steps += 1
+        pools, self._pools = self._pools, None
+        if not pools:
+            return 0
+        moved = 0
+        for name, pool in pools.items():
+            if pool.flat.numel():
+                new = pool.best()
+                _move(self.layers[name], new, self.optimizer)
+                moved += new.numel()
+        self.moved += moved
+        return moved

@@ -1,0 +1,247 @@
+"""Learned positions: magnitude, gradient calibration and drop-and-regrow, all without dense masks."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from _helpers import oracle_linear, rel_err, tiny_llama
+from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet, select_indices
+from apet_kernels.positions import GradientScores, Regrower, block_rows, magnitude_indices, regrow_fraction
+
+transformers = pytest.importorskip("transformers")
+
+
+class _Allocations(TorchDispatchMode):
+    """Element counts of every tensor an op allocates (views of an input allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.sizes += [t.numel() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def _exact_smallest(w, k):
+    flat = w.detach().abs().reshape(-1)
+    order = torch.sort(torch.arange(flat.numel()), stable=True).indices  # ties: lower index first
+    keep = torch.sort(flat[order], stable=True).indices[:k]
+    return torch.sort(order[keep]).values
+
+
+@pytest.mark.parametrize("shape,k", [((64, 40), 100), ((7, 300), 1), ((33, 17), 120), ((33, 17), 561), ((5, 5), 0)])
+def test_magnitude_is_the_exact_smallest_and_stays_in_row_blocks(shape, k):
+    w = torch.randn(*shape)
+    w.view(-1)[::7] = 0.25  # ties
+    rec = _Allocations()
+    with rec:
+        got = magnitude_indices(w, k)
+    assert got.tolist() == _exact_smallest(w, k).tolist()
+    bound = block_rows(*shape) * shape[1] + 2 * k  # one row block and the running candidates
+    if bound < shape[0] * shape[1]:
+        assert max(rec.sizes) <= bound, "magnitude formed a tensor the size of W"
+    assert torch.equal(select_indices(shape, k, method="magnitude", weight=w), got)
+
+
+def test_magnitude_needs_the_weight_and_gradient_needs_data():
+    with pytest.raises(ValueError, match="needs weight="):
+        select_indices((4, 4), 3, method="magnitude")
+    with pytest.raises(ValueError, match="calibration"):
+        select_indices((4, 4), 3, method="gradient")
+    with pytest.raises(ValueError, match="calibration"):
+        get_apet_model(tiny_llama(), ApetConfig(density=0.05, method="gradient"))
+
+
+def test_magnitude_positions_of_a_patched_model_and_its_conv1d():
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, method="magnitude"))
+    for layer in model.apet_layers().values():
+        assert layer.delta_indices.tolist() == _exact_smallest(layer._weight_oi(), layer.delta_indices.numel()).tolist()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
+                                                                n_positions=16))
+    conv = gpt2.transformer.h[0].attn.c_attn
+    expected = _exact_smallest(conv.weight.t(), 40)
+    layer = get_apet_model(gpt2, ApetConfig(num_params=40, method="magnitude", target_modules=["c_attn"]))
+    assert layer.apet_layers()["transformer.h.0.attn.c_attn"].delta_indices.tolist() == expected.tolist()
+
+
+def _batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(3, 99, (2, 9), generator=g)), "labels": ids} for _ in range(n)]
+
+
+def _exact_gradient_top(model, batches, k_of, score):
+    """Dense oracle: accumulate |dW| (or dW^2) per target over the batches, then the top K."""
+    model = copy.deepcopy(model)
+    totals = {}
+    for batch in batches:
+        model.zero_grad()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model(**batch).loss.backward()
+        for name, k in k_of.items():
+            g = model.get_submodule(name).weight.grad
+            totals[name] = totals.get(name, 0) + (g.abs() if score == "abs" else g.square())
+    return {name: set(torch.topk(t.reshape(-1), k_of[name]).indices.tolist()) for name, t in totals.items()}
+
+
+@pytest.mark.parametrize("score", ["abs", "squared"])
+def test_gradient_positions_match_the_exact_dense_top_k(score):
+    model = tiny_llama()
+    batches = _batches()
+    config = ApetConfig(density=0.05, method="gradient", gradient_score=score)
+    patched = get_apet_model(copy.deepcopy(model), config, calibration=batches)
+    k_of = {name: m.delta_indices.numel() for name, m in patched.apet_layers().items()}
+    exact = _exact_gradient_top(model, batches, k_of, score)
+    hits = sum(len(exact[name] & set(m.delta_indices.tolist())) for name, m in patched.apet_layers().items())
+    assert hits / sum(k_of.values()) >= 0.9
+    assert all(len(exact[name] & set(m.delta_indices.tolist())) / k_of[name] >= 0.8
+               for name, m in patched.apet_layers().items())
+
+
+def test_gradient_calibration_forms_no_layer_sized_gradient_and_changes_no_flag():
+    model = tiny_llama(hidden_size=24, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    from apet_kernels.hf import find_targets, linear_shape
+    targets = find_targets(model, ApetConfig(num_params=0))
+    sizes = {o * i for o, i in (linear_shape(m) for m in targets.values())}
+    scores = GradientScores(model, targets, {n: 10 for n in targets})
+    rec = _Allocations()
+    with rec:
+        scores.accumulate(_batches(2))
+    assert not sizes & set(rec.sizes), f"a tensor the size of a target weight was formed: {sizes & set(rec.sizes)}"
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_gradient_adapter_stores_its_indices(tmp_path):
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, method="gradient"), calibration=_batches(2))
+    for m in model.apet_layers().values():
+        m.delta_values.data.normal_(0, 0.05)
+    model.save_apet(str(tmp_path))
+    loaded = load_apet(tiny_llama(), str(tmp_path), strict=True)
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- drop and regrow
+def test_regrow_fraction_decays_to_zero():
+    assert regrow_fraction(0, 100, 0.3, "cosine") == pytest.approx(0.3)
+    assert regrow_fraction(50, 100, 0.3, "cosine") == pytest.approx(0.15)
+    assert regrow_fraction(100, 100, 0.3, "linear") == 0.0
+    assert regrow_fraction(25, 100, 0.4, "linear") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="schedule"):
+        regrow_fraction(1, 10, 0.1, "step")
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_regrowth_moves_values_and_optimizer_state_and_keeps_the_weight_exact(strategy):
+    base = tiny_llama()
+    original = {n: t.clone() for n, t in base.state_dict().items()}
+    model = get_apet_model(base, ApetConfig(density=0.05, strategy=strategy))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    regrower = Regrower(model, opt, interval=2, fraction=0.5, total_steps=12, schedule="linear")
+    batches = _batches(12, seed=1)
+    moved_total = 0
+    for step, batch in enumerate(batches):
+        with regrower.observe():
+            model(**batch).loss.backward()
+        opt.step()
+        before = {n: (m.delta_indices.clone(), m.delta_values.detach().clone(),
+                      opt.state[m.delta_values]["exp_avg"].clone()) for n, m in model.apet_layers().items()}
+        moved = regrower.step()
+        opt.zero_grad()
+        moved_total += moved
+        for name, m in model.apet_layers().items():
+            idx, vals, avg = before[name]
+            new_idx = m.delta_indices
+            assert new_idx.numel() == idx.numel() and bool((new_idx[1:] > new_idx[:-1]).all())
+            kept = torch.isin(new_idx, idx)
+            if moved:
+                where_old = torch.searchsorted(idx, new_idx[kept])
+                assert torch.equal(m.delta_values.detach()[kept], vals[where_old])
+                assert torch.equal(opt.state[m.delta_values]["exp_avg"][kept], avg[where_old])
+                assert not m.delta_values.detach()[~kept].any()
+                assert not opt.state[m.delta_values]["exp_avg"][~kept].any()
+                assert not opt.state[m.delta_values]["exp_avg_sq"][~kept].any()
+            # the layer computes base + S for its current positions and values
+            x = torch.randn(3, m.in_features)
+            w0 = original[name + ".weight"]
+            y_ref, _ = oracle_linear(x, w0, None, m.delta_values, m.delta_indices)
+            assert rel_err(m(x), y_ref) <= 1e-6
+    assert moved_total > 0 and regrower.moved == moved_total
+    restored = model.unload()
+    for name, t in restored.state_dict().items():
+        assert torch.equal(t, original[name]), f"{name} changed after regrowth and unload"
+
+
+def test_regrowth_step_allocates_no_out_by_in_tensor():
+    model = get_apet_model(tiny_llama(hidden_size=24, intermediate_size=56), ApetConfig(density=0.05))
+    sizes = {m.out_features * m.in_features for m in model.apet_layers().values()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    regrower = Regrower(model, opt, interval=1, fraction=0.3, total_steps=10)
+    batch = _batches(1)[0]
+    rec = _Allocations()
+    with rec:
+        with regrower.observe():
+            model(**batch).loss.backward()
+        opt.step()
+        assert regrower.step() > 0
+    assert not sizes & set(rec.sizes), f"regrowth formed a tensor the size of a weight: {sizes & set(rec.sizes)}"
+
+
+def test_regrown_adapter_stores_its_moved_positions(tmp_path):
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    regrower = Regrower(model, opt, interval=1, fraction=0.5, total_steps=4)
+    for batch in _batches(2):
+        with regrower.observe():
+            model(**batch).loss.backward()
+        opt.step()
+        regrower.step()
+        opt.zero_grad()
+    model.save_apet(str(tmp_path))
+    loaded = load_apet(tiny_llama(), str(tmp_path), strict=True)
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_set_positions_checks_its_input():
+    layer = SparseDeltaLinear.from_linear(nn.Linear(8, 6), k=5)
+    with pytest.raises(ValueError, match="keeps K fixed"):
+        layer.set_positions(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="unsorted"):
+        layer.set_positions(torch.tensor([5, 4, 3, 2, 1], dtype=torch.int32))
+
+
+def test_regrowth_callback_in_trainer(tmp_path):
+    pytest.importorskip("accelerate")
+    from apet_kernels.trainer import RegrowthCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = torch.randint(3, 99, (9,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+    start = {n: m.delta_indices.clone() for n, m in model.apet_layers().items()}
+    callback = RegrowthCallback(interval=2, fraction=0.5)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True, gradient_accumulation_steps=2)
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    assert callback.regrower.moved > 0
+    assert any(not torch.equal(start[n], m.delta_indices) for n, m in model.apet_layers().items())
