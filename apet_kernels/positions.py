@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 import torch
@@ -191,7 +192,7 @@ def _observe(model: nn.Module, modules: dict[str, nn.Module], on_grad: Callable[
 def _loss(model: nn.Module, batch, loss_fn: Callable | None) -> torch.Tensor:
     if loss_fn is not None:
         return loss_fn(model, batch)
-    out = model(**batch) if isinstance(batch, dict) else model(*batch)
+    out = model(**batch) if isinstance(batch, Mapping) else model(*batch)  # (BatchEncoding is a Mapping)
     loss = getattr(out, "loss", None)
     if loss is None:
         raise ValueError("the model returned no .loss for a calibration batch: include labels, or pass loss_fn")

@@ -14,6 +14,7 @@ save_apet under --output-dir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -56,8 +57,9 @@ def build_model(name: str, num_labels: int, seed: int):
     return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
-def apply_method(model, args):
-    """Freeze the encoder and add the method's trainable parameters; returns (model, note)."""
+def apply_method(model, args, calibration=None):
+    """Freeze the encoder and add the method's trainable parameters; returns (model, note).
+    ``calibration``: training batches for ``--position gradient``."""
     from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
     if args.method == "full":
         return model, "all parameters trainable"
@@ -66,10 +68,13 @@ def apply_method(model, args):
         cfg = peft.LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
                               lora_dropout=0.0)
         return peft.get_peft_model(model, cfg), f"LoRA r={args.lora_r}"
-    budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
+    if args.budget_like:
+        budget = dict(budget_like=args.budget_like)
+    else:
+        budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
     config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[HEAD],
                         strategy=args.strategy)
-    apet = get_apet_model(model, config)
+    apet = get_apet_model(model, config, calibration=calibration if args.position == "gradient" else None)
     if args.method == "apet":
         return apet, f"APET K={sum(m.delta_values.numel() for m in apet.apet_layers().values())}"
     # dense-mask APET on exactly the same positions: swap each sparse layer for the dense baseline
@@ -120,8 +125,14 @@ def parse_args(argv=None):
     ap.add_argument("--method", choices=METHODS, default="apet")
     ap.add_argument("--num-params", type=int, default=None, help="APET: K tuned scalars (split over all linears)")
     ap.add_argument("--density", type=float, default=1e-3, help="APET: K as a fraction of the linear weights")
-    ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks"],
-                    help="APET position scheme")
+    ap.add_argument("--budget-like", default=None,
+                    help="APET: K = another method's parameter count on the same layers (e.g. lora:r=8)")
+    ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks", "magnitude", "gradient"],
+                    help="APET position scheme (gradient: from --calibration-batches training batches)")
+    ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
+    ap.add_argument("--regrow-interval", type=int, default=0,
+                    help="APET: drop-and-regrow every N steps (0: never); fraction decays by cosine to 0")
+    ap.add_argument("--regrow-fraction", type=float, default=0.3, help="APET: fraction of K moved at the first regrowth")
     ap.add_argument("--strategy", default="auto", choices=["auto", "merged", "unmerged"])
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -145,23 +156,38 @@ def run(args) -> dict:
         train = train.select(range(min(args.max_train, len(train))))
     dev = data["validation"].select(range(min(args.max_eval or len(data["validation"]), len(data["validation"]))))
     model, tokenizer = build_model(args.model, task.num_labels, args.seed)
-    model, note = apply_method(model, args)
     train, dev = encode(train, tokenizer, args.max_len), encode(dev, tokenizer, args.max_len)
+    calibration = None
+    if args.method in ("apet", "dense-mask") and args.position == "gradient":
+        first = batches(train, tokenizer, args.batch_size, shuffle_seed=args.seed)
+        calibration = [b for _, b in zip(range(args.calibration_batches), first)]
+    model, note = apply_method(model, args, calibration)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr or {"apet": 1e-2, "dense-mask": 1e-2, "lora": 1e-3, "full": 5e-5}[args.method]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = max(1, int(args.epochs * -(-len(train) // args.batch_size)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
                                               * max(0.0, 1 - s / steps))
+    regrower = None
+    if args.regrow_interval:
+        if args.method != "apet":
+            raise SystemExit("--regrow-interval applies to --method apet")
+        from apet_kernels import Regrower
+        regrower = Regrower(model, opt, interval=args.regrow_interval, total_steps=steps,
+                            fraction=args.regrow_fraction, schedule="cosine")
+        note += f", regrow every {args.regrow_interval} steps from {args.regrow_fraction:g}"
     model.train()
     t0, step, losses = time.perf_counter(), 0, []
     with tqdm(total=steps, desc=f"{task.name} {note}", file=sys.stderr) as bar:
         epoch = 0
         while step < steps:
             for b in batches(train, tokenizer, args.batch_size, shuffle_seed=args.seed + epoch):
-                loss = model(**b).loss
-                loss.backward()
+                with regrower.observe() if regrower else contextlib.nullcontext():
+                    loss = model(**b).loss
+                    loss.backward()
                 opt.step()
+                if regrower:
+                    regrower.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
@@ -175,6 +201,8 @@ def run(args) -> dict:
     acc, dev_loss = evaluate(model, dev, tokenizer, args.batch_size * 2)
     trainable = sum(p.numel() for p in params)
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
+                  budget_like=args.budget_like, regrow_interval=args.regrow_interval,
+                  moved=regrower.moved if regrower else 0,
                   trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
                   seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
                   dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],

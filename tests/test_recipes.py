@@ -85,3 +85,22 @@ def test_scaling_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines), "a rerun must skip finished points"
+
+
+def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
+    pytest.importorskip("peft")
+    results = tmp_path / "positions.jsonl"
+    cmd = [sys.executable, str(ROOT / "python" / "positions_study.py"), "--data-root", str(sst2_dir.parent),
+           "--tasks", "SST-2", "--model", str(tiny_model_dir), "--seeds", "0", "--budgets", "lora:r=1",
+           "--batch-size", "8", "--max-len", "16", "--calibration-batches", "2", "--regrow-interval", "1",
+           "--results", str(results)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["study_method"] for r in rows} == {"random", "magnitude", "gradient", "gradient+regrow", "lora", "full"}
+    by = {r["study_method"]: r for r in rows}
+    assert by["lora"]["trainable"] == by["random"]["trainable"]  # same parameter count as LoRA r=1
+    assert by["gradient+regrow"]["moved"] > 0 and by["gradient"]["moved"] == 0
+    assert "| sst2 | lora:r=1 | gradient+regrow | 1 |" in results.with_suffix(".md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(results.read_text().splitlines()) == len(rows), "a rerun must skip runs"

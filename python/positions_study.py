@@ -1,0 +1,103 @@
+"""Where to tune: random, magnitude, gradient and gradient+regrowth positions against PEFT LoRA and full
+fine-tuning, on real GLUE-format tasks, several seeds and budgets. Resumable: one JSON line per run
+in --results; a rerun skips finished runs and only writes the summary again.
+
+    python python/positions_study.py --tasks SST-2 --seeds 0 1 --budgets lora:r=8 --max-train 4000
+    python python/positions_study.py --tasks SST-2 MRPC RTE --seeds 0 1 2 --budgets lora:r=2 lora:r=8
+
+Methods (each on the same encoder, the classifier head always trained): `random`, `magnitude`,
+`gradient` (calibrated on --calibration-batches training batches), `gradient+regrow` (gradient
+positions, drop-and-regrow every --regrow-interval steps from --regrow-fraction, cosine decay),
+`lora` (PEFT LoRA of the budget's rank: the same parameter count), `full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import finetune  # noqa: E402
+
+METHODS = ("random", "magnitude", "gradient", "gradient+regrow", "lora", "full")
+
+
+def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
+    argv = ["--data-dir", str(Path(args.data_root) / task), "--model", args.model, "--seed", str(seed),
+            "--epochs", str(args.epochs), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
+    if args.max_train:
+        argv += ["--max-train", str(args.max_train)]
+    if method == "full":
+        return argv + ["--method", "full"]
+    if method == "lora":
+        return argv + ["--method", "lora", "--lora-r", budget.split("=")[1]]
+    position = method.split("+")[0]
+    argv += ["--method", "apet", "--budget-like", budget, "--position", position,
+             "--calibration-batches", str(args.calibration_batches)]
+    if method.endswith("+regrow"):
+        argv += ["--regrow-interval", str(args.regrow_interval), "--regrow-fraction", str(args.regrow_fraction)]
+    return argv
+
+
+def summarize(rows: list[dict], budgets: list[str]) -> str:
+    lines = ["| task | budget | method | runs | dev accuracy, mean ± std (%) | trainable |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for task in sorted({r["task"] for r in rows}):
+        for budget in budgets:
+            for method in METHODS:
+                at = [r for r in rows if r["task"] == task and r["study_method"] == method
+                      and (r["study_budget"] == budget or method == "full")]
+                if not at:
+                    continue
+                acc = [100 * r["dev_accuracy"] for r in at]
+                std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+                lines.append(f"| {task} | {budget if method != 'full' else '—'} | {method} | {len(acc)} | "
+                             f"{statistics.mean(acc):.1f} ± {std:.1f} | {at[0]['trainable']:,d} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--tasks", nargs="+", default=["SST-2"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--budgets", nargs="+", default=["lora:r=2", "lora:r=8"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--regrow-interval", type=int, default=20)
+    ap.add_argument("--regrow-fraction", type=float, default=0.3)
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "positions.jsonl"))
+    args = ap.parse_args(argv)
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    seen = {(r["task"], r["seed"], r["study_budget"], r["study_method"]) for r in done}
+    plan = [(t, s, b, m) for t in args.tasks for s in args.seeds for m in args.methods
+            for b in (args.budgets if m != "full" else ["—"])]
+    for task, seed, budget, method in plan:
+        name = finetune.glue.task_for_folder(str(Path(args.data_root) / task)).name
+        if (name, seed, budget, method) in seen:
+            continue
+        result = finetune.run(finetune.parse_args(run_args(args, task, seed, budget, method)))
+        result.update(study_method=method, study_budget=budget, command=" ".join(run_args(args, task, seed, budget,
+                                                                                         method)))
+        with open(out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        done.append(result)
+        print(f"{name} seed {seed} {budget} {method}: {100 * result['dev_accuracy']:.1f}%", flush=True)
+    table = summarize(done, args.budgets)
+    print("\n" + table)
+    out.with_suffix(".md").write_text(f"# python/positions_study.py\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
