@@ -8,8 +8,9 @@ Every row trains the same model on the same data with AdamW:
 the frozen floor (no trainable parameters, same forward and input-gradient work), sparse APET
 (merged and unmerged, per available backend), dense-mask APET on the same positions, the
 clone-and-scatter algorithm of SpIEL's/SHiRA's released code, PEFT LoRA with a matched parameter
-count, PEFT SHiRA, and full fine-tuning. Memory: each row runs alone in its own subprocess, so
-its peak (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated) is its own. Time: all rows in one
+count, PEFT SHiRA, and full fine-tuning. Memory: on the CPU each row runs alone in its own
+subprocess, so its peak RSS is its own; on a GPU all rows run one after another in one subprocess
+and each peak is torch.cuda.max_memory_allocated over what was allocated before it. Time: all rows in one
 process, --warmup untimed steps each, then --rounds interleaved rounds (one step of every method
 per round, order rotated, a frozen step between any two), each ratio taken against the frozen steps
 right before and after it: this machine drifts by ±15% between runs, which such ratios cancel.
@@ -170,6 +171,39 @@ def run_memory(spec: dict) -> dict:
         trainee.step()
     peak = (torch.cuda.max_memory_allocated(trainee.device) if trainee.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return _memory_row(trainee, peak)
+
+
+def run_memory_each(spec: dict) -> dict:
+    """Child process for every method of a GPU run, one after another. The caching allocator counts
+    exactly what is allocated, so one process serves all rows (each peak is taken over what was
+    allocated before its model was built, and that must come back once the method is gone); a
+    process per method cost ~15 s of CUDA start-up each on an H200, most of a GPU lease."""
+    import gc
+
+    import torch
+    out = {}
+    for key, (method, backend) in spec["memory_methods"].items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        try:
+            trainee = Trainee(spec, method, backend)
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(spec["memory_steps"]):
+                trainee.step()
+            out[key] = _memory_row(trainee, torch.cuda.max_memory_allocated() - before)
+        except Exception as exc:  # one failing method must not cost the others' rows
+            out[key] = {"error": f"{type(exc).__name__}: {str(exc)[:250]}"}
+        trainee = None
+        gc.collect()
+        leftover = torch.cuda.memory_allocated() - before
+        if leftover > 0 and "error" not in out[key]:
+            out[key]["note"] = f"{leftover} bytes still allocated after the method was dropped"
+    return out
+
+
+def _memory_row(trainee: "Trainee", peak: int) -> dict:
     return dict(peak_bytes=peak, state_bytes=trainee.state_bytes(), trainable=sum(p.numel() for p in trainee.params),
                 model_params=sum(p.numel() for p in trainee.model.parameters()), **trainee.extra)
 
@@ -359,10 +393,17 @@ def main_compare(args) -> list[dict]:
     runnable = [r for r in rows if not r["skip"]]
     for row in rows:
         row["k"] = k
-    # memory: each method alone in its own process, so its peak is its own
-    for row in tqdm(runnable, desc="memory, one process per method", unit="method", file=sys.stderr):
-        row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto",
-                              "memory_steps": 2}, args.timeout))
+    if args.device.startswith("cuda"):  # the allocator's own counts: one process for all rows
+        print(f"memory of {len(runnable)} methods, one after another ...", file=sys.stderr, flush=True)
+        measured = run_child({**base_spec, "memory_steps": 2, "memory_methods":
+                              {label(r): (r["method"], r["backend"] or "auto") for r in runnable}},
+                             args.timeout * max(1, len(runnable)))
+        for row in runnable:
+            row.update(measured.get(label(row)) or {"error": measured.get("error", "no memory result")})
+    else:  # CPU: peak RSS is per process, so each method runs alone in its own
+        for row in tqdm(runnable, desc="memory, one process per method", unit="method", file=sys.stderr):
+            row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto",
+                                  "memory_steps": 2}, args.timeout))
     # time: every method in one process, interleaved rounds
     print(f"timing {len(runnable)} methods in {args.rounds} interleaved rounds ...", file=sys.stderr, flush=True)
     timed = run_child({**base_spec, "warmup": args.warmup, "rounds": args.rounds,
@@ -516,7 +557,8 @@ def parse_args(argv=None):
 def main(argv=None):
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         spec = json.loads(sys.argv[2])
-        print("RESULT " + json.dumps(run_timing(spec) if "methods" in spec else run_memory(spec)), flush=True)
+        run = run_timing if "methods" in spec else run_memory_each if "memory_methods" in spec else run_memory
+        print("RESULT " + json.dumps(run(spec)), flush=True)
         return
     args = parse_args(argv)
     if args.sweep:
