@@ -26,11 +26,36 @@ import finetune  # noqa: E402
 METHODS = ("random", "magnitude", "gradient", "gradient+regrow", "lora", "full")
 
 
+def per_key(pairs: list[str], cast=float) -> dict[str, object]:
+    """["RTE=2", "MRPC=3"] -> {"RTE": 2.0, "MRPC": 3.0}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = cast(value)
+    return out
+
+
+def setting(args, name: str, key: str):
+    """--epochs / --max-len / --max-train: the plain value, or its --per-task override for this task."""
+    plain = getattr(args, name)
+    return getattr(args, f"{name}_by").get(key, plain)
+
+
+def lr_of(args, method: str) -> float | None:
+    """The learning rate a run uses: per method, else finetune.py's default for its --method."""
+    return args.lr_by.get(method, args.lr)
+
+
 def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
     argv = ["--data-dir", str(Path(args.data_root) / task), "--model", args.model, "--seed", str(seed),
-            "--epochs", str(args.epochs), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
-    if args.max_train:
-        argv += ["--max-train", str(args.max_train)]
+            "--epochs", str(setting(args, "epochs", task)), "--max-len", str(setting(args, "max_len", task)),
+            "--batch-size", str(args.batch_size)]
+    if setting(args, "max_train", task):
+        argv += ["--max-train", str(setting(args, "max_train", task))]
+    if lr_of(args, method):
+        argv += ["--lr", str(lr_of(args, method))]
     if method == "full":
         return argv + ["--method", "full"]
     if method == "lora":
@@ -43,9 +68,10 @@ def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
     return argv
 
 
-def summarize(rows: list[dict], budgets: list[str]) -> str:
-    lines = ["| task | budget | method | runs | dev accuracy, mean ± std (%) | trainable |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def summarize(rows: list[dict], budgets: list[str], majority: dict[str, float]) -> str:
+    lines = ["Majority class of each dev set: " + ", ".join(f"{t} {100 * m:.1f}%" for t, m in sorted(majority.items())),
+             "", "| task | budget | method | runs | dev accuracy, mean ± std (%) | trainable | lr | epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task in sorted({r["task"] for r in rows}):
         for budget in budgets:
             for method in METHODS:
@@ -56,7 +82,8 @@ def summarize(rows: list[dict], budgets: list[str]) -> str:
                 acc = [100 * r["dev_accuracy"] for r in at]
                 std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
                 lines.append(f"| {task} | {budget if method != 'full' else '—'} | {method} | {len(acc)} | "
-                             f"{statistics.mean(acc):.1f} ± {std:.1f} | {at[0]['trainable']:,d} |")
+                             f"{statistics.mean(acc):.1f} ± {std:.1f} | {at[0]['trainable']:,d} | {at[0]['lr']:g} | "
+                             f"{at[0]['epochs']:g} |")
     return "\n".join(lines)
 
 
@@ -71,30 +98,50 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--per-task", nargs="+", default=[], metavar="TASK:SETTING=VALUE",
+                    help="override epochs, max_len or max_train for one task, e.g. RTE:epochs=3 RTE:max_len=128")
+    ap.add_argument("--lr", type=float, default=None, help="default: finetune.py's per --method default")
+    ap.add_argument("--lr-by-method", nargs="+", default=[], metavar="METHOD=LR",
+                    help="e.g. gradient=1e-3 gradient+regrow=1e-3 (part of a run's identity when resuming)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--regrow-interval", type=int, default=20)
     ap.add_argument("--regrow-fraction", type=float, default=0.3)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "positions.jsonl"))
     args = ap.parse_args(argv)
+    args.lr_by = per_key(args.lr_by_method)
+    args.epochs_by, args.max_len_by, args.max_train_by = {}, {}, {}
+    for item in args.per_task:
+        task, _, rest = item.partition(":")
+        name, _, value = rest.partition("=")
+        if name not in ("epochs", "max_len", "max_train") or not value:
+            raise SystemExit(f"--per-task wants TASK:epochs|max_len|max_train=VALUE, got {item!r}")
+        getattr(args, f"{name}_by")[task] = float(value) if name == "epochs" else int(value)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    seen = {(r["task"], r["seed"], r["study_budget"], r["study_method"]) for r in done}
+    # a run is the same run only with the same settings: resuming after changing one reruns it
+    identity = lambda r: (r["task"], r["seed"], r["study_budget"], r["study_method"], r["command"])  # noqa: E731
+    seen = {identity(r) for r in done}
     plan = [(t, s, b, m) for t in args.tasks for s in args.seeds for m in args.methods
             for b in (args.budgets if m != "full" else ["—"])]
+    current = []
     for task, seed, budget, method in plan:
         name = finetune.glue.task_for_folder(str(Path(args.data_root) / task)).name
-        if (name, seed, budget, method) in seen:
+        command = " ".join(run_args(args, task, seed, budget, method))
+        if (name, seed, budget, method, command) in seen:
+            current += [r for r in done if identity(r) == (name, seed, budget, method, command)][:1]
             continue
         result = finetune.run(finetune.parse_args(run_args(args, task, seed, budget, method)))
-        result.update(study_method=method, study_budget=budget, command=" ".join(run_args(args, task, seed, budget,
-                                                                                         method)))
+        result.update(study_method=method, study_budget=budget, command=command)
         with open(out, "a") as f:
             f.write(json.dumps(result) + "\n")
-        done.append(result)
+        current.append(result)
         print(f"{name} seed {seed} {budget} {method}: {100 * result['dev_accuracy']:.1f}%", flush=True)
-    table = summarize(done, args.budgets)
+    from scaling_study import majority_rate
+    majority = {finetune.glue.task_for_folder(str(Path(args.data_root) / t)).name: majority_rate(str(Path(args.data_root) / t))
+                for t in args.tasks}
+    table = summarize(current, args.budgets, majority)  # this plan's runs only, not older settings in the same file
     print("\n" + table)
     out.with_suffix(".md").write_text(f"# python/positions_study.py\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
 

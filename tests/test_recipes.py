@@ -104,3 +104,12 @@ def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     assert "| sst2 | lora:r=1 | gradient+regrow | 1 |" in results.with_suffix(".md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(results.read_text().splitlines()) == len(rows), "a rerun must skip runs"
+    # a changed setting is another run: only that one runs, and the table shows this plan's runs only
+    changed = subprocess.run(cmd + ["--methods", "gradient", "--lr-by-method", "gradient=0.003",
+                                    "--per-task", "SST-2:epochs=2"], capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    new = [json.loads(line) for line in results.read_text().splitlines()][len(rows):]
+    assert [(r["study_method"], r["lr"], r["epochs"]) for r in new] == [("gradient", 0.003, 2.0)]
+    table = results.with_suffix(".md").read_text()
+    assert "| sst2 | lora:r=1 | gradient | 1 |" in table and "| 0.003 | 2 |" in table and "random" not in table
+    assert "Majority class of each dev set: sst2 " in table
