@@ -113,3 +113,36 @@ def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     table = results.with_suffix(".md").read_text()
     assert "| sst2 | lora:r=1 | gradient | 1 |" in table and "| 0.003 | 2 |" in table and "random" not in table
     assert "Majority class of each dev set: sst2 " in table
+
+
+@pytest.fixture
+def tiny_decoder_dir(tmp_path, tiny_model_dir):
+    """A tiny Gemma 3 text model (the architecture of `--model gemma`) with the tiny BERT's tokenizer."""
+    folder = tmp_path / "decoder"
+    cfg = transformers.Gemma3TextConfig(vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=24,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=8, max_position_embeddings=32, pad_token_id=None)
+    transformers.Gemma3ForCausalLM(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["apet", "lora"])
+def test_finetune_decoder_lm_as_classifier(tmp_path, tiny_decoder_dir, sst2_dir, method):
+    """A causal LM becomes a sequence classifier: its head is `score` (trained, never an APET target)
+    and the pad id it pools by comes from the tokenizer when the config has none."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import finetune
+    model, tok = finetune.build_model(str(tiny_decoder_dir), 2, 0)
+    assert finetune.head_name(model) == "score" and model.config.pad_token_id == tok.pad_token_id
+    results = tmp_path / "r.jsonl"
+    cmd = [sys.executable, str(ROOT / "python" / "finetune.py"), "--data-dir", str(sst2_dir), "--model",
+           str(tiny_decoder_dir), "--method", method, "--batch-size", "8", "--max-len", "16", "--results", str(results)]
+    cmd += ["--budget-like", "lora:r=1"] if method == "apet" else ["--lora-r", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(results.read_text().splitlines()[-1])
+    head = 16 * 2  # score: hidden x labels, no bias
+    linears = [(16, 16), (8, 16), (8, 16), (16, 16), (24, 16), (24, 16), (16, 24)]  # q k v o gate up down (out, in)
+    lora_r1 = sum(o + i for o, i in linears)
+    assert row["trainable"] == head + lora_r1  # APET at LoRA r=1's budget: the same count
