@@ -4,6 +4,7 @@ in --results; a rerun skips finished runs and only writes the summary again.
 
     python python/positions_study.py --tasks SST-2 --seeds 0 1 --budgets lora:r=8 --max-train 4000
     python python/positions_study.py --tasks SST-2 MRPC RTE --seeds 0 1 2 --budgets lora:r=2 lora:r=8
+    python python/positions_study.py --models minilm gemma --tasks SST-2 --lr-by-method gradient=1e-3
 
 Methods (each on the same encoder, the classifier head always trained): `random`, `magnitude`,
 `gradient` (calibrated on --calibration-batches training batches), `gradient+regrow` (gradient
@@ -48,8 +49,8 @@ def lr_of(args, method: str) -> float | None:
     return args.lr_by.get(method, args.lr)
 
 
-def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
-    argv = ["--data-dir", str(Path(args.data_root) / task), "--model", args.model, "--seed", str(seed),
+def run_args(args, model: str, task: str, seed: int, budget: str, method: str) -> list[str]:
+    argv = ["--data-dir", str(Path(args.data_root) / task), "--model", model, "--seed", str(seed),
             "--epochs", str(setting(args, "epochs", task)), "--max-len", str(setting(args, "max_len", task)),
             "--batch-size", str(args.batch_size)]
     if setting(args, "max_train", task):
@@ -70,19 +71,19 @@ def run_args(args, task: str, seed: int, budget: str, method: str) -> list[str]:
 
 def summarize(rows: list[dict], majority: dict[str, float]) -> str:
     lines = ["Majority class of each dev set: " + ", ".join(f"{t} {100 * m:.1f}%" for t, m in sorted(majority.items())),
-             "", "| task | budget | method | runs | dev accuracy, mean ± std (%) | trainable | lr | epochs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for task in sorted({r["task"] for r in rows}):
-        budgets = sorted({r["study_budget"] for r in rows if r["task"] == task}, key=lambda b: (b == "—", b))
+             "", "| model | task | budget | method | runs | dev accuracy, mean ± std (%) | trainable | lr | epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model, task in sorted({(r["model"], r["task"]) for r in rows}):
+        mine = [r for r in rows if r["model"] == model and r["task"] == task]
+        budgets = sorted({r["study_budget"] for r in mine}, key=lambda b: (b == "—", b))
         for budget in budgets:  # "—" (full fine-tuning) last
             for method in METHODS:
-                at = [r for r in rows if r["task"] == task and r["study_method"] == method
-                      and r["study_budget"] == budget]
+                at = [r for r in mine if r["study_method"] == method and r["study_budget"] == budget]
                 if not at:
                     continue
                 acc = [100 * r["dev_accuracy"] for r in at]
                 std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-                lines.append(f"| {task} | {budget} | {method} | {len(acc)} | {statistics.mean(acc):.1f} ± {std:.1f} | "
+                lines.append(f"| {model} | {task} | {budget} | {method} | {len(acc)} | {statistics.mean(acc):.1f} ± {std:.1f} | "
                              f"{at[0]['trainable']:,d} | {at[0]['lr']:g} | {at[0]['epochs']:g} |")
     return "\n".join(lines)
 
@@ -94,7 +95,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budgets", nargs="+", default=["lora:r=2", "lora:r=8"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--models", "--model", nargs="+", default=["minilm"],
+                    help="minilm, gemma (the causal LM Gemma 3 270M as a classifier) or model folders: the grid "
+                         "runs on each")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=64)
@@ -126,21 +129,22 @@ def main(argv=None) -> None:
     identity = lambda r: (r["task"], r["seed"], r["study_budget"], r["study_method"], r["command"])  # noqa: E731
     seen = {identity(r) for r in done}
     # seeds outermost: a study cut short still has every task and method at the seeds it reached
-    plan = [(t, s, b, m) for s in args.seeds for t in args.tasks for m in args.methods
+    plan = [(mo, t, s, b, m) for s in args.seeds for mo in args.models for t in args.tasks for m in args.methods
             for b in (args.budgets_by.get(t, args.budgets) if m != "full" else ["—"])]
     current = []
-    for task, seed, budget, method in plan:
+    for model, task, seed, budget, method in plan:
         name = finetune.glue.task_for_folder(str(Path(args.data_root) / task)).name
-        command = " ".join(run_args(args, task, seed, budget, method))
+        argv_run = run_args(args, model, task, seed, budget, method)
+        command = " ".join(argv_run)
         if (name, seed, budget, method, command) in seen:
             current += [r for r in done if identity(r) == (name, seed, budget, method, command)][:1]
             continue
-        result = finetune.run(finetune.parse_args(run_args(args, task, seed, budget, method)))
+        result = finetune.run(finetune.parse_args(argv_run))
         result.update(study_method=method, study_budget=budget, command=command)
         with open(out, "a") as f:
             f.write(json.dumps(result) + "\n")
         current.append(result)
-        print(f"{name} seed {seed} {budget} {method}: {100 * result['dev_accuracy']:.1f}%", flush=True)
+        print(f"{model} {name} seed {seed} {budget} {method}: {100 * result['dev_accuracy']:.1f}%", flush=True)
     from scaling_study import majority_rate
     majority = {finetune.glue.task_for_folder(str(Path(args.data_root) / t)).name: majority_rate(str(Path(args.data_root) / t))
                 for t in args.tasks}

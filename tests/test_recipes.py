@@ -101,7 +101,7 @@ def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     by = {r["study_method"]: r for r in rows}
     assert by["lora"]["trainable"] == by["random"]["trainable"]  # same parameter count as LoRA r=1
     assert by["gradient+regrow"]["moved"] > 0 and by["gradient"]["moved"] == 0
-    assert "| sst2 | lora:r=1 | gradient+regrow | 1 |" in results.with_suffix(".md").read_text()
+    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient+regrow | 1 |" in results.with_suffix(".md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(results.read_text().splitlines()) == len(rows), "a rerun must skip runs"
     # a changed setting is another run: only that one runs, and the table shows this plan's runs only
@@ -111,7 +111,8 @@ def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     new = [json.loads(line) for line in results.read_text().splitlines()][len(rows):]
     assert [(r["study_method"], r["lr"], r["epochs"]) for r in new] == [("gradient", 0.003, 2.0)]
     table = results.with_suffix(".md").read_text()
-    assert "| sst2 | lora:r=1 | gradient | 1 |" in table and "| 0.003 | 2 |" in table and "random" not in table
+    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient | 1 |" in table and "| 0.003 | 2 |" in table
+    assert "random" not in table
     assert "Majority class of each dev set: sst2 " in table
 
 
