@@ -28,7 +28,7 @@ METHODS = ("random", "magnitude", "gradient", "gradient+regrow", "lora", "full")
 
 
 def per_key(pairs: list[str], cast=float) -> dict[str, object]:
-    """["RTE=2", "MRPC=3"] -> {"RTE": 2.0, "MRPC": 3.0}."""
+    """["gradient=1e-3", "lora=3e-3"] -> {"gradient": 0.001, "lora": 0.003} (``cast`` applied to each value)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -116,11 +116,10 @@ def main(argv=None) -> None:
     args.lr_by = per_key(args.lr_by_method)
     args.epochs_by, args.max_len_by, args.max_train_by, args.budgets_by = {}, {}, {}, {}
     cast = {"epochs": float, "max_len": int, "max_train": int, "budgets": lambda v: v.split(",")}
-    for item in args.per_task:
-        task, _, rest = item.partition(":")
-        name, _, value = rest.partition("=")
+    for key, value in per_key(args.per_task, str).items():
+        task, _, name = key.partition(":")
         if name not in cast or not value:
-            raise SystemExit(f"--per-task wants TASK:{'|'.join(cast)}=VALUE, got {item!r}")
+            raise SystemExit(f"--per-task wants TASK:{'|'.join(cast)}=VALUE, got {key}={value}")
         getattr(args, f"{name}_by")[task] = cast[name](value)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
