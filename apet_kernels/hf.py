@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ._checks import check_finite, check_index_content, check_index_meta
 from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
-from .layers import SparseDeltaLinear
+from .layers import SparseDeltaLinear, linear_shape
 from .positions import GradientScores, magnitude_indices
 from .selection import METHODS, select_indices, split_budget
 
@@ -35,12 +35,6 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features); GPT-2's Conv1D stores its weight as (in, out)."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
 
 
 def _matches(name: str, spec) -> bool:

@@ -39,6 +39,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out)."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
 def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
     """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
     nn.Linear / Conv1D layers with a floating, unsharded weight that no other module uses."""

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .layers import linear_shape
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout
 from .selection import index_dtype
@@ -155,11 +156,6 @@ class _PoolState:
         return torch.sort(self.flat[keep]).values.to(index_dtype(out_f * in_f)).cpu()
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
-
-
 @contextlib.contextmanager
 def _observe(model: nn.Module, modules: dict[str, nn.Module], on_grad: Callable[[str, torch.Tensor, torch.Tensor],
                                                                                   None]):
@@ -208,7 +204,7 @@ class GradientScores:
         if score not in SCORES:
             raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
         self.model, self.targets, self.score, self.backend = model, targets, score, backend
-        self.pools = {name: _PoolState(_linear_shape(m), budget[name], pool_factor) for name, m in targets.items()}
+        self.pools = {name: _PoolState(linear_shape(m), budget[name], pool_factor) for name, m in targets.items()}
 
     def _on_grad(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
         self.pools[name].add_batch(dy, x, self.score, self.backend)
