@@ -27,6 +27,7 @@ from ._checks import check_finite, check_index_content, check_index_meta
 from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear, linear_shape
 from .positions import GradientScores, magnitude_indices
+from .quantized import dequantize, float_dtype, quantization_of, quantize_like, values_at
 from .selection import METHODS, select_indices, split_budget
 
 # Output layers that "all-linear" leaves alone (PEFT excludes the output layer too).
@@ -118,11 +119,40 @@ def base_fingerprint(base: torch.Tensor) -> str:
     return hashlib.sha256(base.detach().to("cpu", torch.float32).numpy().tobytes()).hexdigest()[:16]
 
 
+SKETCH_SIZE = 8  # projections in a base sketch
+SKETCH_QUANTIZATION_ONLY = 0.5  # sketch distance under which two bases differ only by quantization
+
+
+def base_sketch(base: torch.Tensor) -> list[float]:
+    """8 fixed random +-1 projections of the K base values, / sqrt(K): unlike the fingerprint, close
+    (not equal) for a quantized copy of the same base, and far apart (distance ~1) for another base.
+    Not the weights: 8 numbers cannot give back K > 8 values."""
+    v = base.detach().to("cpu", torch.float32).reshape(-1)
+    signs = torch.randint(0, 2, (SKETCH_SIZE, v.numel()), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    return [round(float(x), 7) for x in signs @ v / max(v.numel(), 1) ** 0.5]
+
+
+def sketch_distance(a: list[float], b: list[float]) -> float:
+    a, b = torch.tensor(a), torch.tensor(b)
+    return float((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-30))
+
+
+def float_weight_oi(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as floats (out, in): a view, or a dequantized copy of a quantized one."""
+    return dequantize(module) if quantization_of(module) is not None else _weight_oi(module).detach()
+
+
 def weight_at(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """A linear-like module's weight at flat row-major (out, in) positions."""
+    """A linear-like module's weight at flat row-major (out, in) positions (dequantized if quantized)."""
+    if quantization_of(module) is not None:
+        return values_at(module, indices)
     w = _weight_oi(module).detach()
     idx = indices.long().to(w.device)
     return w[idx // w.shape[1], idx % w.shape[1]]
+
+
+def _first_few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -141,6 +171,10 @@ class ApetModel(nn.Module):
     Attribute access and calls fall through to the wrapped model, so Trainer, generate() and
     friends work on it as on the base model.
     """
+
+    # transformers' Trainer refuses to train a quantized model unless it carries trainable adapters,
+    # which it recognizes by PEFT's class or this flag (read on the model it is given, i.e. this wrapper)
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: ApetConfig, requires_grad: dict[str, bool],
                  saved_modules: dict[str, torch.Tensor]):
@@ -240,8 +274,11 @@ class ApetModel(nn.Module):
         config = copy.deepcopy(self.apet_config)
         for name, layer in self.apet_layers().items():
             stored = f"{name}.delta_indices" in tensors
+            quant = layer.quantization
             config.layers[name].update(checksum=index_checksum(layer.delta_indices),
                                        base_fingerprint=base_fingerprint(layer.current_base()),
+                                       base_sketch=base_sketch(layer.current_base()),
+                                       base_quantization=str(quant) if quant is not None else None,
                                        positions="stored" if stored else "seed")
         directory = os.path.abspath(directory)
         parent = os.path.dirname(directory)
@@ -261,15 +298,20 @@ class ApetModel(nn.Module):
 
     save_pretrained = save_apet
 
-    def _restore(self, merge: bool) -> nn.Module:
+    def _restore(self, merge: bool, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
+        """Put each base layer back (merged: with W + S written into it; ``replacements``: new modules
+        for some layers, built beforehand so that nothing here can fail half-way)."""
         self._require_patched("merge_and_unload()" if merge else "unload()")
+        replacements = replacements or {}
         for name, layer in self.apet_layers().items():
-            if merge:
+            if name in replacements:
+                pass
+            elif merge:
                 layer._write_merged(layer.delta_values)  # W[p] = cast(base + v), kept
             else:
                 layer.unmerge()
             layer.release_weight()
-            _set_module(self.base_model, name, layer.base_layer)
+            _set_module(self.base_model, name, replacements.get(name, layer.base_layer))
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
             if not merge:
@@ -282,18 +324,93 @@ class ApetModel(nn.Module):
         self._unloaded_by = "merge_and_unload()" if merge else "unload()"
         return self.base_model
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, requantize=False) -> nn.Module:
         """Write W + S into each weight for good and return the plain base model (modules_to_save
-        keep their trained weights)."""
+        keep their trained weights).
+
+        Quantized layers are dequantized, the deltas added in fp32, and the result cast to the dtype
+        the layer was quantized from: by default they become plain float ``nn.Linear`` layers.
+        ``requantize=True`` quantizes that weight again the same way (bitsandbytes: same type, block
+        size, storage; torchao: the config inferred from the tensor class, or pass the config itself
+        as ``requantize=``). Re-quantization rounds most small deltas away: the error it adds against
+        keeping the deltas separate is stored per layer in ``self.requantization_report`` and summed
+        up in a warning."""
         self._require_patched("merge_and_unload()")
-        tied = [n for n, m in self.apet_layers().items() if m.weight_shared]
+        layers = self.apet_layers()
+        quantized = {n: m for n, m in layers.items() if m.quantization is not None}
+        if requantize is not False and not quantized:
+            raise ValueError("requantize needs quantized layers; this model has none (its merged weights are "
+                             "written in its own float dtype)")
+        tied = [n for n, m in layers.items() if m.weight_shared]
         if tied:
             warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
-        return self._restore(merge=True)
+        config = None if requantize is True or requantize is False else requantize
+        dtype = _activation_dtype(self.base_model)
+        replacements, report = {}, {}
+        for name, layer in quantized.items():  # everything built before any layer changes
+            replacements[name], report[name] = _merge_quantized(layer, requantize is not False, config, dtype)
+        if requantize is not False:
+            self.requantization_report = report
+            warnings.warn(_requantization_summary(report))
+        return self._restore(merge=True, replacements=replacements)
 
     def unload(self) -> nn.Module:
         """Restore the original modules, weights and modules_to_save bit-exactly and return the base model."""
         return self._restore(merge=False)
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a quantized model computes in: that of its first float parameter (embeddings, norms)
+    that is not a quantized weight. A merged float layer takes it, so it accepts the inputs it gets."""
+    quantized = {id(m.base_layer.weight) for m in model.modules()
+                 if isinstance(m, SparseDeltaLinear) and m.quantization is not None}
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in quantized), None)
+
+
+@torch.no_grad()
+def _merge_quantized(layer: SparseDeltaLinear, requantize: bool, config=None,
+                     dtype: torch.dtype | None = None) -> tuple[nn.Module, dict | None]:
+    """A quantized layer's merged replacement: dequantized W + S (added in fp32) as a float nn.Linear in
+    ``dtype`` (default: the layer's own), or quantized again like the base, with a report: the largest
+    error against W + S kept apart, that error's norm over the deltas' norm, and the part of the deltas
+    that survives (their projection on what re-quantizing W + S changed relative to re-quantizing W)."""
+    base = layer.base_layer
+    dense = dequantize(base).float()
+    merged = dense.clone()
+    idx = layer.delta_indices.long().to(merged.device)
+    merged.view(-1)[idx] += layer.delta_values.detach().float().to(merged.device)
+    dtype = dtype or float_dtype(base)
+    if not requantize:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                           device=merged.device, dtype=dtype)
+        linear.weight.copy_(merged)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias.detach())
+        return linear.requires_grad_(False), None
+    new = quantize_like(base, merged, config)
+    got = dequantize(new).float()
+    # re-quantizing a dequantized weight is not the identity (block scales are recomputed): what the
+    # deltas did through quantization is measured against re-quantizing the base alone
+    floor = dequantize(quantize_like(base, dense, config)).float().view(-1)[idx]
+    delta = layer.delta_values.detach().float().to(merged.device)
+    delta_sq = max(float(delta.pow(2).sum()), 1e-30)
+    report = {"max_abs_error": float((got - merged).abs().max()),
+              "error_over_delta": float((got - merged).norm()) / delta_sq ** 0.5,
+              "delta_retained": float(((got.view(-1)[idx] - floor) * delta).sum()) / delta_sq,
+              "positions_changed": float((got.view(-1)[idx] != floor).float().mean())}
+    return new, report
+
+
+def _requantization_summary(report: dict[str, dict]) -> str:
+    if not report:
+        return "requantize: no quantized layer"
+    worst = max(report, key=lambda n: report[n]["error_over_delta"])
+    changed = [r["positions_changed"] for r in report.values()]
+    return (f"re-quantizing {len(report)} merged layers: on average {100 * sum(changed) / len(changed):.0f}% of the "
+            f"tuned positions hold a different quantized value than the base re-quantized alone (min "
+            f"{100 * min(changed):.0f}%); the weight error against W + S kept apart is up to "
+            f"{report[worst]['error_over_delta']:.2f}x the deltas' own norm ({worst}). Keep the adapter unmerged "
+            f"(or merge to a float model) to apply the deltas exactly; per-layer numbers: requantization_report")
 
 
 def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None:
@@ -392,7 +509,7 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
         scores.accumulate(calibration, loss_fn)
         indices = scores.indices()
     elif config.method == "magnitude":
-        indices = {name: magnitude_indices(_weight_oi(m), budget[name]) for name, m in targets.items()}
+        indices = {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
     else:
         if calibration is not None:
             raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
@@ -431,7 +548,7 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is truncated or malformed: {exc}") from None
     modules = dict(model.named_modules())
-    indices, expected, foreign_base = {}, set(), []
+    indices, expected, foreign_base, requantized = {}, set(), [], []
     for name, info in config.layers.items():
         module = modules.get(name)
         if module is None or not is_linear_like(module):
@@ -461,8 +578,17 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
             raise ValueError(f"{path}: {name}.delta_values is missing or not a float tensor of shape ({idx.numel()},)")
         expected.add(f"{name}.delta_values")
         stored = info.get("base_fingerprint")
-        if stored is not None and not module.weight.is_meta and base_fingerprint(weight_at(module, idx)) != stored:
-            foreign_base.append(name)
+        if stored is not None and not module.weight.is_meta:
+            base = weight_at(module, idx)
+            if base_fingerprint(base) != stored:
+                quant = quantization_of(module)
+                quant = str(quant) if quant is not None else None
+                sketch = info.get("base_sketch")
+                if quant != info.get("base_quantization") and sketch is not None \
+                        and sketch_distance(base_sketch(base), sketch) <= SKETCH_QUANTIZATION_ONLY:
+                    requantized.append(f"{name} ({info.get('base_quantization') or 'float'} -> {quant or 'float'})")
+                else:
+                    foreign_base.append(name)
         indices[name] = idx
     params = dict(model.named_parameters())
     for key, t in tensors.items():
@@ -475,8 +601,13 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
     for key, t in tensors.items():
         check_finite(t, f"{path}: {key}")
+    if requantized:
+        warnings.warn(f"the base differs from the one the adapter was trained on only by quantization in "
+                      f"{len(requantized)} of {len(config.layers)} adapter layers ({_first_few(requantized)}): its "
+                      f"weights at the tuned positions are a quantized (or dequantized) copy of those, so the "
+                      f"deltas apply on a slightly different base")
     if foreign_base:
-        shown = ", ".join(foreign_base[:3]) + (f" and {len(foreign_base) - 3} more" if len(foreign_base) > 3 else "")
+        shown = _first_few(foreign_base)
         message = (f"base fingerprint mismatch in {len(foreign_base)} of {len(indices)} adapter layers ({shown}): "
                    f"this model's weights at the tuned positions differ from those the adapter was trained on")
         if strict:

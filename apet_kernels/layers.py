@@ -15,6 +15,8 @@ from ._checks import check_finite, check_index_content, check_index_meta, valida
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .ops.library import add_sparse_term
+from .quantized import dims as quantized_dims
+from .quantized import float_dtype, quantization_of, values_at
 from .selection import select_indices
 
 STRATEGIES = ("auto", "merged", "unmerged")
@@ -40,15 +42,26 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out)."""
+    """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out);
+    a quantized weight may be packed (bitsandbytes 4-bit: (n, 1) bytes)."""
+    if quantization_of(module) is not None:
+        return quantized_dims(module)
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
 
 
+def _is_plain(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
 def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
     """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
-    nn.Linear / Conv1D layers with a floating, unsharded weight that no other module uses."""
-    if type(base_layer) is not nn.Linear and not is_conv1d(base_layer):
+    nn.Linear / Conv1D layers with a floating, unquantized, unsharded weight that no other module uses."""
+    quant = quantization_of(base_layer)
+    if quant is not None:
+        return False, (f"the weight is quantized ({quant}): merging would write its quantized storage, so the "
+                       f"deltas run unmerged (merge_and_unload() dequantizes the layer and adds them)")
+    if not _is_plain(base_layer):
         return False, (f"the base layer is a {type(base_layer).__name__}, not a plain nn.Linear or Conv1D "
                        f"(its forward may not be x W^T + b on .weight)")
     weight = base_layer.weight
@@ -115,10 +128,11 @@ class SparseDeltaLinear(nn.Module):
         if backend not in CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
         weight = getattr(base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        quantized = quantization_of(base_layer) is not None
+        if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and not quantized):
             raise TypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
         transposed = is_conv1d(base_layer)
-        self.out_features, self.in_features = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        self.out_features, self.in_features = linear_shape(base_layer)
         numel = self.out_features * self.in_features
         check_index_meta(indices, numel)
         check_index_content(indices, numel)
@@ -138,7 +152,9 @@ class SparseDeltaLinear(nn.Module):
         # on the meta device the buffers hold no data; keep the positions until they do (_materialize)
         self._host_indices = indices.detach().to("cpu").clone() if weight.is_meta else None
         self.register_buffer("delta_indices", indices.detach().to(weight.device).clone())
-        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=weight.dtype, device=weight.device))
+        # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
+        base_dtype = float_dtype(base_layer) if quantized else weight.dtype
+        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=base_dtype, device=weight.device))
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
         self._base_stale = True  # delta_base is read from the pure W before W is first written
         self._read_base()
@@ -162,8 +178,7 @@ class SparseDeltaLinear(nn.Module):
         if isinstance(linear, SparseDeltaLinear):
             raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
                             "delta into the same weight (unmerge or unload the first one)")
-        weight = linear.weight
-        shape = tuple(weight.shape[::-1]) if is_conv1d(linear) else tuple(weight.shape)
+        shape = linear_shape(linear)
         if indices is None:
             k = _budget(shape[0] * shape[1], k, density)
             indices = select_indices(shape, k, method=method, seed=seed, key=key or "")
@@ -222,7 +237,10 @@ class SparseDeltaLinear(nn.Module):
         self._written = None
         if self.weight.is_meta or self.delta_indices.is_meta:
             return  # nothing to read yet: _materialize or a load reads it (the base stays stale)
-        base = self._storage()[self._positions()]
+        if self.quantization is not None:
+            base = values_at(self.base_layer, self.delta_indices)  # one dequantized copy of this layer, freed
+        else:
+            base = self._storage()[self._positions()]
         if self.delta_base.shape == base.shape and self.delta_base.dtype == base.dtype \
                 and self.delta_base.device == base.device:
             self.delta_base.copy_(base)
@@ -261,6 +279,11 @@ class SparseDeltaLinear(nn.Module):
             self._write_merged(self.delta_values)
 
     # ----------------------------------------------------------------- merge state
+    @property
+    def quantization(self):
+        """The base weight's quantization (apet_kernels.quantized.Quantization), or None."""
+        return quantization_of(self.base_layer)
+
     @property
     def merged(self) -> bool:
         """True while the merged strategy runs: every enabled forward writes W + S into W's storage."""
@@ -425,7 +448,12 @@ class SparseDeltaLinear(nn.Module):
             self._sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
-        return add_sparse_term(self.base_layer(x), x, values, self.delta_indices, self.layout, merged, backend_name)
+        y = self.base_layer(x)
+        if not merged and y._is_view() and not _is_plain(self.base_layer):
+            # the sparse term is added in place; a library's custom Function may return a view of its own
+            # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
+            y = y.clone()
+        return add_sparse_term(y, x, values, self.delta_indices, self.layout, merged, backend_name)
 
     def _sync(self, values: torch.Tensor, backend_name: str) -> None:
         """Make W hold cast(base + v) for ``values``. On a GPU, or while compiling: always write (one
@@ -470,7 +498,8 @@ class SparseDeltaLinear(nn.Module):
         k, numel = self.delta_indices.numel(), self.out_features * self.in_features
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
-                f"strategy={self.strategy}, backend={self.backend}")
+                f"strategy={self.strategy}, backend={self.backend}"
+                + (f", quantized={self.quantization}" if self.quantization is not None else ""))
 
 
 def _check_not_wrapped(weight: torch.Tensor) -> None:
