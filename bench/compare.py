@@ -110,15 +110,19 @@ def budget_of(spec: dict, budget_like: str | None, density: float, num_params: i
 class Trainee:
     """One method applied to a freshly built model, ready to take AdamW steps on the fixed batch."""
 
-    def __init__(self, spec: dict, method: str, backend: str):
+    def __init__(self, spec: dict, method: str, backend: str, quant: str | None = None):
         import torch
 
-        from methods import METHODS
+        from methods import METHODS, quantized, weight_storage_bytes
 
         self.device = torch.device(spec["device"])
+        dtype = getattr(torch, spec["dtype"])
         torch.manual_seed(0)
-        model = build_model(spec).to(self.device, getattr(torch, spec["dtype"]))
+        model = build_model(spec).to(dtype)
+        # a quantized base: the same weights, quantized the way transformers loads them
+        model = quantized(model, quant, dtype, spec["device"]) if quant else model.to(self.device)
         model.eval()  # no dropout: losses comparable across methods
+        self.weight_bytes = weight_storage_bytes(model)
         gen = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(self.device)
         # causal LMs predict their input; a classifier gets fixed random labels
@@ -164,7 +168,7 @@ class Trainee:
 def run_memory(spec: dict) -> dict:
     """Child process for one method: its peak memory (CPU: peak RSS; GPU: max allocated) and state."""
     import torch
-    trainee = Trainee(spec, spec["method"], spec["backend"])
+    trainee = Trainee(spec, spec["method"], spec["backend"], spec.get("quant"))
     if trainee.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainee.device)
     for _ in range(spec["memory_steps"]):
@@ -183,12 +187,12 @@ def run_memory_each(spec: dict) -> dict:
 
     import torch
     out = {}
-    for key, (method, backend) in spec["memory_methods"].items():
+    for key, (method, backend, quant) in spec["memory_methods"].items():
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         try:
-            trainee = Trainee(spec, method, backend)
+            trainee = Trainee(spec, method, backend, quant)
             torch.cuda.reset_peak_memory_stats()
             for _ in range(spec["memory_steps"]):
                 trainee.step()
@@ -205,7 +209,8 @@ def run_memory_each(spec: dict) -> dict:
 
 def _memory_row(trainee: "Trainee", peak: int) -> dict:
     return dict(peak_bytes=peak, state_bytes=trainee.state_bytes(), trainable=sum(p.numel() for p in trainee.params),
-                model_params=sum(p.numel() for p in trainee.model.parameters()), **trainee.extra)
+                model_params=sum(p.numel() for p in trainee.model.parameters()), weight_bytes=trainee.weight_bytes,
+                **trainee.extra)
 
 
 def run_timing(spec: dict) -> dict:
@@ -213,7 +218,12 @@ def run_timing(spec: dict) -> dict:
     once (order rotated per round) with a frozen step between any two, and each method's ratio is its
     step over the mean of the two frozen steps around it: drift of the machine, within a round as
     between rounds, cancels (with one frozen step per round, two runs disagreed by up to 5%)."""
-    trainees = {key: Trainee(spec, method, backend) for key, (method, backend) in spec["methods"].items()}
+    trainees, failed = {}, {}
+    for key, (method, backend, quant) in spec["methods"].items():
+        try:
+            trainees[key] = Trainee(spec, method, backend, quant)
+        except Exception as exc:  # (e.g. a quantization the model's shapes do not allow): its row says why
+            failed[key] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:250]}"}
     floor = trainees.get("frozen")
     keys = [key for key in trainees if key != "frozen"]
     for _ in range(spec["warmup"]):
@@ -241,7 +251,7 @@ def run_timing(spec: dict) -> dict:
         out[key] = dict(step_ms=1e3 * statistics.median(times[key]), losses=trainee.losses,
                         final_loss=trainee.losses[-1],
                         ratio_to_frozen=statistics.median(rs) if rs else float("nan"), ratio_q1=q[0], ratio_q3=q[2])
-    return out
+    return {**out, **failed}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -274,8 +284,20 @@ def planned_rows(args) -> list[dict]:
                 rows.append(dict(method=method, backend=backend, skip=why))
         else:
             rows.append(dict(method=method, backend="", skip=None))
-    from methods import NEEDS
+    from methods import NEEDS, QUANT_KINDS, QUANT_METHODS
+    for kind in args.quant or ():
+        for method in QUANT_METHODS:  # (a quantized base runs APET unmerged: any sparse row asks for it)
+            if method in args.methods or (method.startswith("sparse") and any(m.startswith("sparse")
+                                                                              for m in args.methods)):
+                rows.append(dict(method=method, backend="", quant=kind, skip=None))
     for row in rows:
+        if row.get("quant"):
+            library = QUANT_KINDS[row["quant"]]
+            try:
+                __import__(library)
+            except ImportError:
+                row["skip"] = f"{library} is not installed (pip install -e '.[quant]')"
+                continue
         need = NEEDS.get(row["method"])
         if need and row["skip"] is None:
             module, _, attr = need.partition(".")
@@ -301,18 +323,28 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 
 def label(row) -> str:
-    return f"{row['method']} [{row['backend']}]" if row["backend"] else row["method"]
+    name = f"{row['method']} [{row['backend']}]" if row["backend"] else row["method"]
+    return f"{name} over {row['quant']}" if row.get("quant") else name
+
+
+def method_key(row) -> tuple:
+    return row["method"], row["backend"] or "auto", row.get("quant")
 
 
 def summarize(rows: list[dict]) -> None:
-    floor = next((r for r in rows if r["method"] == "frozen" and "peak_bytes" in r), None)
+    """Memory over the frozen floor of the same base (float or quantized the same way); a quantized
+    row's time also against its own quantized floor; losses against dense-mask APET (float rows)."""
+    floors = {r.get("quant"): r for r in rows if r["method"] == "frozen" and "peak_bytes" in r and "step_ms" in r}
     dense = next((r for r in rows if r["method"] == "dense-mask" and "losses" in r), None)
     for r in rows:
         if "step_ms" not in r:
             continue
+        floor = floors.get(r.get("quant"))
         if floor and "peak_bytes" in r:
             r["peak_over_frozen_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
-        if dense and r["method"] != "frozen":
+        if floor and r.get("quant"):
+            r["ratio_to_own_floor"] = r["ratio_to_frozen"] / floor["ratio_to_frozen"]
+        if dense and r["method"] != "frozen" and not r.get("quant"):
             r["max_rel_loss_diff_vs_dense_mask"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], dense["losses"]))
 
 
@@ -333,7 +365,11 @@ def markdown(rows: list[dict]) -> str:
         if "step_ms" not in r:
             out.append(f"| {label(r)} | | | | | | | | | {r.get('skip') or r.get('error')} |")
             continue
-        note = f"rank {r['rank']}, {r['trainable'] - r['k']:+d} params vs K" if "rank" in r else ""
+        notes = [f"rank {r['rank']}, {r['trainable'] - r['k']:+d} params vs K"] if "rank" in r else []
+        if "ratio_to_own_floor" in r:
+            notes.append(f"{r['ratio_to_own_floor']:.3f}× the {r['quant']} frozen step; weights "
+                         f"{fmt_bytes(r['weight_bytes'])}")
+        note = "; ".join(notes)
         diff = r.get("max_rel_loss_diff_vs_dense_mask")
         ratio = (f"{r.get('ratio_to_frozen', float('nan')):.3f} ({r.get('ratio_q1', float('nan')):.3f}–"
                  f"{r.get('ratio_q3', float('nan')):.3f})")
@@ -372,9 +408,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_outputs(rows, env, args, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["method", "backend", "k", "trainable", "step_ms", "ratio_to_frozen", "ratio_q1", "ratio_q3", "peak_bytes",
+    keys = ["method", "backend", "quant", "k", "trainable", "step_ms", "ratio_to_frozen", "ratio_q1", "ratio_q3", "peak_bytes",
             "peak_over_frozen_bytes",
-            "state_bytes", "final_loss", "max_rel_loss_diff_vs_dense_mask", "rank", "model_params", "skip", "error"]
+            "state_bytes", "weight_bytes", "ratio_to_own_floor", "final_loss", "max_rel_loss_diff_vs_dense_mask", "rank",
+            "model_params", "skip", "error"]
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -396,24 +433,24 @@ def main_compare(args) -> list[dict]:
     if args.device.startswith("cuda"):  # the allocator's own counts: one process for all rows
         print(f"memory of {len(runnable)} methods, one after another ...", file=sys.stderr, flush=True)
         measured = run_child({**base_spec, "memory_steps": 2, "memory_methods":
-                              {label(r): (r["method"], r["backend"] or "auto") for r in runnable}},
+                              {label(r): method_key(r) for r in runnable}},
                              args.timeout * max(1, len(runnable)))
         for row in runnable:
             row.update(measured.get(label(row)) or {"error": measured.get("error", "no memory result")})
     else:  # CPU: peak RSS is per process, so each method runs alone in its own
         for row in tqdm(runnable, desc="memory, one process per method", unit="method", file=sys.stderr):
             row.update(run_child({**base_spec, "method": row["method"], "backend": row["backend"] or "auto",
-                                  "memory_steps": 2}, args.timeout))
+                                  "quant": row.get("quant"), "memory_steps": 2}, args.timeout))
     # time: every method in one process, interleaved rounds
     print(f"timing {len(runnable)} methods in {args.rounds} interleaved rounds ...", file=sys.stderr, flush=True)
     timed = run_child({**base_spec, "warmup": args.warmup, "rounds": args.rounds,
-                       "methods": {label(r): (r["method"], r["backend"] or "auto") for r in runnable}},
+                       "methods": {label(r): method_key(r) for r in runnable}},
                       args.timeout * max(1, len(runnable)))
     if "error" in timed:
         raise SystemExit(f"the timing process failed: {timed['error']}")
     for row in runnable:
         if "error" not in row:
-            row.update(timed[label(row)])
+            row.update(timed.get(label(row)) or {"error": "no timing result"})
     summarize(rows)
     what = REAL_MODELS.get(args.model, args.model)
     budget = f", budget like {args.budget_like}" if args.budget_like else ""
@@ -435,31 +472,37 @@ def main_sweep(args) -> None:
     env = environment(args.device)
     sizes = args.sweep_sizes or (["tiny", "small", "base", "large"] if args.device.startswith("cuda")
                                  else ["tiny", "small", "base"])
-    methods = ["frozen", "sparse merged", "dense-mask"]
+    from methods import QUANT_METHODS
+    methods = [(m, None) for m in ("frozen", "sparse merged", "dense-mask")]
+    methods += [(m, kind) for kind in args.quant or () for m in QUANT_METHODS]
     results = []
-    plan = [(s, d, m) for s in sizes for d in args.sweep_densities for m in methods
+    plan = [(s, d, m, q) for s in sizes for d in args.sweep_densities for m, q in methods
             if not (m == "frozen" and d != args.sweep_densities[0])]
-    for size, density, method in tqdm(plan, desc="sweep", unit="run", file=sys.stderr):
+    for size, density, method, quant in tqdm(plan, desc="sweep", unit="run", file=sys.stderr):
         cfg = model_config(size)
         k, n_target = budget_of(dict(config=cfg), None, density, None)
         k = 0 if method == "frozen" else k
         res = run_child(dict(config=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                             memory_steps=2, k=k, method=method, backend="auto"), args.timeout)
-        results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, k=k,
-                            target_weights=n_target, **res))
-    floors = {r["size"]: r for r in results if r["method"] == "frozen" and "peak_bytes" in r}
+                             memory_steps=2, k=k, method=method, backend="auto", quant=quant), args.timeout)
+        results.append(dict(size=size, density=density if method != "frozen" else 0.0, method=method, quant=quant,
+                            k=k, target_weights=n_target, **res))
+    floors = {(r["size"], r["quant"]): r for r in results if r["method"] == "frozen" and "peak_bytes" in r}
     for r in results:
-        if "peak_bytes" in r and r["size"] in floors:
-            r["peak_over_frozen_bytes"] = r["peak_bytes"] - floors[r["size"]]["peak_bytes"]
+        floor = floors.get((r["size"], r["quant"]))
+        if "peak_bytes" in r and floor:
+            r["peak_over_frozen_bytes"] = r["peak_bytes"] - floor["peak_bytes"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    estimate = capacity_estimate(results)
-    (out / "sweep.json").write_text(json.dumps({"environment": env, "rows": results, "estimate": estimate},
-                                               indent=1, default=str))
-    lines = ["| size | target weights | method | density | K | state | peak − frozen |", "|---|---|---|---|---|---|---|"]
+    estimate = capacity_estimate(results, args)
+    (out / "sweep.json").write_text(json.dumps({"environment": env, "arguments": vars(args), "rows": results,
+                                                "estimate": estimate}, indent=1, default=str))
+    lines = ["| size | target weights | method | base | density | K | weights | state | peak − frozen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['size']} | {r['target_weights'] / 1e6:.1f}M | {r['method']} | {r['density']:g} | {r['k']:,d} | "
-                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} |")
+        lines.append(f"| {r['size']} | {r['target_weights'] / 1e6:.1f}M | {r['method']} | {r['quant'] or args.dtype} | "
+                     f"{r['density']:g} | {r['k']:,d} | {fmt_bytes(r.get('weight_bytes'))} | "
+                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} |"
+                     + (f" {r['error']} |" if "error" in r else ""))
     text = "\n".join(lines) + "\n\n" + estimate["text"]
     print("\n" + text)
     (out / "sweep.md").write_text(f"# bench/compare.py --sweep\n\n{env}\n\n{text}\n")
@@ -468,27 +511,38 @@ def main_sweep(args) -> None:
     print(f"wrote {out}/sweep.{{md,json{',png' if not args.no_plot else ''}}}")
 
 
-def capacity_estimate(results: list[dict]) -> dict:
-    """Largest model each method could train in a memory budget, from measured per-parameter costs.
+def capacity_estimate(results: list[dict], args=None) -> dict:
+    """Largest model each method could train in a memory budget, from measured per-weight costs.
 
-    An estimate: weights in bf16 (2 bytes per parameter) plus the method's measured trainable state
-    per weight element, ignoring activations (which all methods share)."""
+    An estimate: the target weights' storage per element (bf16, 2 bytes, for a float base; for a quantized
+    base the bytes measured on the largest size, scales included) plus the method's measured trainable
+    state per weight element. Activations, embeddings and the output layer are excluded (stated beside it:
+    the frozen floor's measured peak at the benchmark's batch)."""
     per_weight = {}
-    for method in ("dense-mask", "sparse merged"):
-        rs = [r for r in results if r["method"] == method and "state_bytes" in r]
+    for method, quant in sorted({(r["method"], r.get("quant")) for r in results if r["method"] != "frozen"},
+                                key=lambda mq: (mq[1] or "", mq[0])):
+        rs = [r for r in results if r["method"] == method and r.get("quant") == quant and "state_bytes" in r]
         for density in sorted({r["density"] for r in rs}):
-            at = [r for r in rs if r["density"] == density]
-            biggest = max(at, key=lambda r: r["target_weights"])
-            per_weight[f"{method} @ {density:g}"] = biggest["state_bytes"] / biggest["target_weights"]
+            biggest = max((r for r in rs if r["density"] == density), key=lambda r: r["target_weights"])
+            weight = biggest["weight_bytes"] / biggest["target_weights"] if quant else 2.0
+            name = f"{method}{f' over {quant}' if quant else ''} @ {density:g}"
+            per_weight[name] = (weight, biggest["state_bytes"] / biggest["target_weights"])
     budgets = {"24 GiB": 24 * 2**30, "80 GB": 80e9}
-    lines = ["Estimate (not a measurement): largest model whose bf16 weights (2 B/param) plus the measured "
-             "trainable state per weight fit in memory, activations excluded:", ""]
+    lines = ["Estimate (not a measurement): the largest model whose target weights (bf16: 2 B each; quantized: "
+             "the bytes measured per weight, scales included) plus the measured trainable state per weight fit in "
+             "memory, activations excluded:", ""]
     table = {}
-    for name, cost in per_weight.items():
-        caps = {b: v / (2 + cost) for b, v in budgets.items()}
-        table[name] = {"state_bytes_per_weight": cost, **{b: c for b, c in caps.items()}}
-        lines.append(f"- {name}: {cost:.4g} B of trainable state per weight → "
+    for name, (weight, cost) in per_weight.items():
+        caps = {b: v / (weight + cost) for b, v in budgets.items()}
+        table[name] = {"weight_bytes_per_weight": weight, "state_bytes_per_weight": cost, **caps}
+        lines.append(f"- {name}: {weight:.3g} B weights + {cost:.4g} B trainable state per weight → "
                      + ", ".join(f"{b}: {c / 1e9:.1f}B params" for b, c in caps.items()))
+    floors = [r for r in results if r["method"] == "frozen" and "peak_bytes" in r and not r.get("quant")]
+    if floors and args is not None:
+        lines += ["", f"Activations come on top, for every method alike: the frozen floor's whole peak "
+                      f"({'max allocated' if args.device.startswith('cuda') else 'RSS, runtime included'}) at batch "
+                      f"{args.batch} × {args.seq} tokens, {args.dtype}: "
+                  + ", ".join(f"{r['size']} {fmt_bytes(r['peak_bytes'])}" for r in floors) + "."]
     return {"per_weight": table, "text": "\n".join(lines)}
 
 
@@ -517,7 +571,7 @@ def plot_sweep(results: list[dict], path: Path) -> None:
 
 def parse_args(argv=None):
     import torch
-    from methods import METHODS
+    from methods import METHODS, QUANT_KINDS
     on_gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="large" if on_gpu else "base",
@@ -539,6 +593,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of every method first")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help=f"rows to run: {', '.join(METHODS)}")
+    ap.add_argument("--quant", nargs="+", default=[], choices=list(QUANT_KINDS), metavar="KIND",
+                    help=f"add rows over a quantized base ({', '.join(QUANT_KINDS)}): its frozen floor, sparse APET "
+                         f"(unmerged) and PEFT LoRA at the same count (QLoRA for nf4); needs pip install -e '.[quant]'")
     ap.add_argument("--backends", nargs="+", default=None, choices=["reference", "native", "triton"],
                     help="backends for the sparse rows (default: every available one)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/compare-<device>-<date>)")

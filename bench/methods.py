@@ -123,3 +123,65 @@ METHODS = {
     "full fine-tuning": full,
 }
 NEEDS = {"lora (peft)": "peft", "shira (peft)": "peft.ShiraConfig"}
+
+# ----------------------------------------------------------------------------- quantized bases
+# kind -> (library it needs, transformers quantization config for a compute dtype and device). Loaded the way
+# users load them (from_pretrained with a quantization_config), so the same linears are quantized as there.
+QUANT_KINDS = {
+    "nf4": "bitsandbytes",  # QLoRA's choice: NF4 with double quantization
+    "int8": "bitsandbytes",  # LLM.int8() weights (threshold 0: no fp16 outlier columns)
+    "torchao-int8": "torchao",  # weight-only int8, per row
+    "torchao-int4": "torchao",  # weight-only int4, groups of 32 (CPU: IntxWeightOnly; CUDA: tinygemm layout)
+}
+QUANT_METHODS = ("frozen", "sparse unmerged", "lora (peft)")  # the rows a quantized base gets
+
+
+def quantization_config(kind: str, dtype, device: str):
+    import torch
+    import transformers
+    if kind == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if kind == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    if kind == "torchao-int8":
+        return transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    if kind == "torchao-int4":
+        config = (Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d")
+                  if device.startswith("cuda") else IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                                         granularity=PerGroup(32)))
+        return transformers.TorchAoConfig(config)
+    raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_KINDS)}")
+
+
+def quantized(model, kind: str, dtype, device: str):
+    """``model`` (float) saved and loaded back with ``kind``'s quantization_config on ``device``."""
+    import tempfile
+    import warnings
+    cls = type(model)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+        return cls.from_pretrained(folder, quantization_config=quantization_config(kind, dtype, device),
+                                   dtype=dtype, device_map=device)
+
+
+def weight_storage_bytes(model) -> int:
+    """Bytes the target linears' weights take, with their quantization state (scales, codebooks)."""
+    import torch
+    total = 0
+    for module in _targets(model).values():
+        w = module.weight
+        tensors = [getattr(w, n) for n in getattr(w, "tensor_data_names", [])] or [w.data]
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.nested else [])
+        tensors += [getattr(w, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)]
+        seen = set()
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total

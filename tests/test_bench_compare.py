@@ -29,3 +29,29 @@ def test_compare_runs_and_sparse_matches_dense_mask(tmp_path):
         assert rows[key]["state_bytes"] < dense["state_bytes"] / 10
     assert rows[("frozen", "")]["ratio_to_frozen"] == 1.0
     assert "| sparse merged [reference] |" in proc.stdout
+
+
+def test_compare_and_sweep_add_rows_over_a_quantized_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--model", "tiny", "--rounds", "2", "--warmup", "1",
+           "--device", "cpu", "--dtype", "float32", "--density", "0.01", "--backends", "native", "--no-plot",
+           "--methods", "frozen", "sparse merged", "lora (peft)", "--quant", "nf4", "--out", str(tmp_path / "c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["method"], r.get("quant")): r for r in json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]}
+    floor, apet, qlora = rows[("frozen", "nf4")], rows[("sparse unmerged", "nf4")], rows[("lora (peft)", "nf4")]
+    assert all("error" not in r for r in (floor, apet, qlora)), (floor, apet, qlora)
+    # 4-bit weights with their scales: about an eighth of fp32
+    assert floor["weight_bytes"] < rows[("frozen", None)]["weight_bytes"] / 6
+    assert apet["trainable"] == apet["k"] and apet["ratio_to_own_floor"] > 0
+    assert apet["state_bytes"] < qlora["state_bytes"] * 2  # same budget: same order of state
+    assert "| sparse unmerged over nf4 |" in proc.stdout
+
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--sweep", "--sweep-sizes", "tiny", "--sweep-densities",
+           "0.01", "--device", "cpu", "--dtype", "float32", "--quant", "nf4", "--no-plot", "--out", str(tmp_path / "s")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    estimate = json.loads((tmp_path / "s" / "sweep.json").read_text())["estimate"]["per_weight"]
+    nf4, dense = estimate["sparse unmerged over nf4 @ 0.01"], estimate["dense-mask @ 0.01"]
+    assert nf4["weight_bytes_per_weight"] < 0.6 and nf4["24 GiB"] > 10 * dense["24 GiB"]
