@@ -33,6 +33,21 @@ timeout 150 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | t
 step "pytest -m gpu (real sizes, every kernel backend against the reference)"
 timeout 110 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
 
+step "quantized bases (bitsandbytes / torchao: from bench/wheels/ when carried, the machine has no network)"
+# pip download --no-deps -d bench/wheels bitsandbytes==0.50.2 torchao==0.18.0   (46 MB; carry bench/wheels)
+ls bench/wheels/*.whl >/dev/null 2>&1 && timeout 60 "$PY" -m pip install -q --no-index --no-deps bench/wheels/*.whl \
+  2>&1 | tail -3 | tee -a "$log"
+if "$PY" -c "import bitsandbytes, torchao" >/dev/null 2>&1; then
+  timeout -s INT 70 "$PY" -m pytest -q tests/test_quantized.py -p no:cacheprovider -k "cuda or trains" 2>&1 \
+    | tail -12 | tee -a "$log"
+  timeout 100 "$PY" bench/compare.py --device cuda --model base --methods frozen "sparse unmerged" "lora (peft)" \
+    --quant nf4 int8 torchao-int8 torchao-int4 --rounds 5 --warmup 2 --no-plot --out "$OUT/compare_quant" 2>&1 \
+    | tail -16 | tee -a "$log"
+  [ -d "$OUT/compare_quant" ] && tar -C "$OUT" -czf "$OUT/compare_quant.tgz" compare_quant && rm -rf "$OUT/compare_quant"
+else
+  echo "bitsandbytes / torchao not importable: quantized bases not checked on this GPU" | tee -a "$log"
+fi
+
 step "host time per call (does a Triton call cost what its kernel does? h200-2026-11-27 said no)"
 timeout 60 "$PY" bench/launch_overhead.py --device cuda 2>&1 | tee "$OUT/launch_overhead.md" | tail -40 | tee -a "$log"
 
@@ -42,14 +57,14 @@ TRITON_PRINT_AUTOTUNING=1 timeout 170 "$PY" bench/kernels.py --device cuda --dty
   --profile 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
 
 step "model-level comparison (bench/compare.py, large preset, bf16, interleaved rounds)"
-timeout 200 "$PY" bench/compare.py --device cuda --out "$OUT/compare" --rounds 6 --warmup 2 --no-plot 2>&1 \
+timeout 170 "$PY" bench/compare.py --device cuda --out "$OUT/compare" --rounds 6 --warmup 2 --no-plot 2>&1 \
   | tail -24 | tee -a "$log"
 # the device tool returns at most 8 files: pack this folder into one
 [ -d "$OUT/compare" ] && tar -C "$OUT" -czf "$OUT/compare.tgz" compare && rm -rf "$OUT/compare"
 
 step "every kernel test on CUDA tensors (odd shapes, all dtypes, poisoned outputs, layer vs dense-mask)"
 # SIGINT, not SIGTERM: pytest then still prints how many passed before the limit
-timeout -s INT 120 "$PY" -m pytest -q -x tests/test_kernels.py -m "not gpu" -p no:cacheprovider \
+timeout -s INT 90 "$PY" -m pytest -q -x tests/test_kernels.py -m "not gpu" -p no:cacheprovider \
   2>&1 | tail -15 | tee -a "$log"
 
 step "host time per layer (64x64, T=1 and 4): frozen, merged, unmerged, PEFT LoRA"
