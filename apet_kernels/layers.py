@@ -449,7 +449,7 @@ class SparseDeltaLinear(nn.Module):
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
         y = self.base_layer(x)
-        if not merged and y._is_view() and not _is_plain(self.base_layer):
+        if not merged and not _is_plain(self.base_layer) and y._is_view():  # (plain first: compiles)
             # the sparse term is added in place; a library's custom Function may return a view of its own
             # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
             y = y.clone()
