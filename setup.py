@@ -71,6 +71,7 @@ def _extensions():
     use_cuda = bool(torch.version.cuda) and bool(cu) and cuda_home is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        _write_build_info("CUDAExtension (CPU + CUDA kernels)", torch, os.environ["TORCH_CUDA_ARCH_LIST"])
         _log(f"building CUDAExtension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
              f"with CUDA_HOME={os.environ['CUDA_HOME']}")
         ext = CUDAExtension("apet_kernels._C", cpp + cu, include_dirs=_nvidia_wheel_includes(), extra_link_args=link,
@@ -78,8 +79,17 @@ def _extensions():
     else:
         why = "torch has no CUDA" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)"
         _log(f"building the CPU-only CppExtension: {why}")
+        _write_build_info(f"CppExtension (CPU kernels only: {why})", torch, None)
         ext = CppExtension("apet_kernels._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": _TolerantBuild.wrap(BuildExtension)}
+
+
+def _write_build_info(kind: str, torch, cuda_archs: str | None) -> None:
+    """apet_kernels/_build_info.py: what `python -m apet_kernels` reports about this build."""
+    info = dict(kind=kind, torch=torch.__version__, cuda=torch.version.cuda, cuda_archs=cuda_archs,
+                python=sys.version.split()[0])
+    (ROOT / "apet_kernels" / "_build_info.py").write_text(
+        "# written by setup.py at build time (not tracked)\nBUILD_INFO = " + repr(info) + "\n")
 
 
 class _TolerantBuild:
