@@ -30,8 +30,6 @@ import csv
 import datetime as dt
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import DTYPES, environment, markdown_table, torch_dtype, trainable_state_bytes  # noqa: E402
+
 # LLaMA-style presets: name -> (hidden, layers, intermediate, heads, vocab)
 PRESETS = {
     "tiny": (128, 2, 344, 4, 512),
@@ -51,7 +51,6 @@ PRESETS = {
     "large": (2048, 8, 5504, 16, 8000),
     "xl": (4096, 8, 11008, 32, 8000),
 }
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def model_config(name: str) -> dict:
@@ -116,7 +115,7 @@ class Trainee:
         from methods import METHODS, quantized, weight_storage_bytes
 
         self.device = torch.device(spec["device"])
-        dtype = getattr(torch, spec["dtype"])
+        dtype = torch_dtype(spec["dtype"])
         torch.manual_seed(0)
         model = build_model(spec).to(dtype)
         # a quantized base: the same weights, quantized the way transformers loads them
@@ -156,13 +155,8 @@ class Trainee:
         return seconds
 
     def state_bytes(self) -> int:
-        """Parameters and their gradients, AdamW's state, and the method's new buffers."""
-        import torch
-        state = sum(2 * p.numel() * p.element_size() for p in self.params)
-        if self.opt is not None:
-            state += sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
-                         if torch.is_tensor(t) and t.dim() > 0)
-        return state + sum(b.numel() * b.element_size() for b in self.new_buffers)
+        """Trainable state (bench/common.py): parameters, gradients, AdamW's state, the method's new buffers."""
+        return trainable_state_bytes(self.params, self.opt, self.new_buffers)
 
 
 def run_memory(spec: dict) -> dict:
@@ -255,20 +249,6 @@ def run_timing(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def environment(device: str) -> dict:
-    import torch
-    env = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
-               torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count(), device=device)
-    for mod in ("triton", "transformers", "peft"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except ImportError:
-            env[mod] = "absent"
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
 def planned_rows(args) -> list[dict]:
     import apet_kernels
     status = apet_kernels.backends()
@@ -360,24 +340,23 @@ def fmt_bytes(n) -> str:
 def markdown(rows: list[dict]) -> str:
     head = ["method", "trainable", "step ms", "× frozen (q1–q3)", "peak", "peak − frozen", "trainable state",
             "final loss", "max loss diff vs dense-mask", "note"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         if "step_ms" not in r:
-            out.append(f"| {label(r)} | | | | | | | | | {r.get('skip') or r.get('error')} |")
+            cells.append({"method": label(r), "note": r.get("skip") or r.get("error")})
             continue
         notes = [f"rank {r['rank']}, {r['trainable'] - r['k']:+d} params vs K"] if "rank" in r else []
         if "ratio_to_own_floor" in r:
             notes.append(f"{r['ratio_to_own_floor']:.3f}× the {r['quant']} frozen step; weights "
                          f"{fmt_bytes(r['weight_bytes'])}")
-        note = "; ".join(notes)
         diff = r.get("max_rel_loss_diff_vs_dense_mask")
         ratio = (f"{r.get('ratio_to_frozen', float('nan')):.3f} ({r.get('ratio_q1', float('nan')):.3f}–"
                  f"{r.get('ratio_q3', float('nan')):.3f})")
-        out.append("| " + " | ".join([
+        cells.append(dict(zip(head, [
             label(r), f"{r['trainable']:,d}", f"{r['step_ms']:.1f}", ratio,
             fmt_bytes(r["peak_bytes"]), fmt_bytes(r.get("peak_over_frozen_bytes")), fmt_bytes(r["state_bytes"]),
-            f"{r['final_loss']:.5f}", "" if diff is None else f"{diff:.1e}", note]) + " |")
-    return "\n".join(out)
+            f"{r['final_loss']:.5f}", "" if diff is None else f"{diff:.1e}", "; ".join(notes)])))
+    return markdown_table(cells, head)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -463,7 +442,8 @@ def main_compare(args) -> list[dict]:
     (out / "compare.md").write_text(f"# bench/compare.py\n\n{title}\n\n{env}\n\n{table}\n")
     if not args.no_plot:
         plot(rows, out / "compare.png", title)
-    print(f"wrote {out}/compare.{{md,csv,json{',png' if not args.no_plot else ''}}}")
+    print(f"wrote {out.resolve()}/compare.{{md,csv,json{',png' if not args.no_plot else ''}}} "
+          f"(table: compare.md{', figure: compare.png' if not args.no_plot else ''})")
     return rows
 
 
@@ -496,19 +476,18 @@ def main_sweep(args) -> None:
     estimate = capacity_estimate(results, args)
     (out / "sweep.json").write_text(json.dumps({"environment": env, "arguments": vars(args), "rows": results,
                                                 "estimate": estimate}, indent=1, default=str))
-    lines = ["| size | target weights | method | base | density | K | weights | state | peak − frozen |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['size']} | {r['target_weights'] / 1e6:.1f}M | {r['method']} | {r['quant'] or args.dtype} | "
-                     f"{r['density']:g} | {r['k']:,d} | {fmt_bytes(r.get('weight_bytes'))} | "
-                     f"{fmt_bytes(r.get('state_bytes'))} | {fmt_bytes(r.get('peak_over_frozen_bytes'))} |"
-                     + (f" {r['error']} |" if "error" in r else ""))
-    text = "\n".join(lines) + "\n\n" + estimate["text"]
+    head = ["size", "target weights", "method", "base", "density", "K", "weights", "state", "peak − frozen", "note"]
+    table = markdown_table([dict(zip(head, [
+        r["size"], f"{r['target_weights'] / 1e6:.1f}M", r["method"], r["quant"] or args.dtype, f"{r['density']:g}",
+        f"{r['k']:,d}", fmt_bytes(r.get("weight_bytes")), fmt_bytes(r.get("state_bytes")),
+        fmt_bytes(r.get("peak_over_frozen_bytes")), r.get("error", "")])) for r in results], head)
+    text = table + "\n\n" + estimate["text"]
     print("\n" + text)
     (out / "sweep.md").write_text(f"# bench/compare.py --sweep\n\n{env}\n\n{text}\n")
     if not args.no_plot:
         plot_sweep(results, out / "sweep.png")
-    print(f"wrote {out}/sweep.{{md,json{',png' if not args.no_plot else ''}}}")
+    print(f"wrote {out.resolve()}/sweep.{{md,json{',png' if not args.no_plot else ''}}} "
+          f"(table: sweep.md{', figure: sweep.png' if not args.no_plot else ''})")
 
 
 def capacity_estimate(results: list[dict], args=None) -> dict:
@@ -598,7 +577,8 @@ def parse_args(argv=None):
                          f"(unmerged) and PEFT LoRA at the same count (QLoRA for nf4); needs pip install -e '.[quant]'")
     ap.add_argument("--backends", nargs="+", default=None, choices=["reference", "native", "triton"],
                     help="backends for the sparse rows (default: every available one)")
-    ap.add_argument("--out", default=None, help="output folder (default bench/results/compare-<device>-<date>)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/runs/compare-<device>-<date>, git-ignored; "
+                                                "committed runs go to bench/results/ with --out)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per row")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="memory against model size and density instead")
@@ -607,7 +587,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.out is None:
         kind = "sweep" if args.sweep else "compare"
-        args.out = str(HERE / "results" / f"{kind}-{args.device.split(':')[0]}-{dt.date.today().isoformat()}")
+        args.out = str(HERE / "runs" / f"{kind}-{args.device.split(':')[0]}-{dt.date.today().isoformat()}")
     return args
 
 

@@ -4,7 +4,7 @@
     python bench/kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32 \
       --layer-densities 1e-3
 
-Prints a markdown table and writes CSV + markdown to --out (default bench/results/).
+Prints a markdown table and writes CSV + markdown to --out (default $OUT, else bench/runs/, git-ignored).
 Layer step = forward + backward with x requiring grad (the frozen row computes the same
 forward and input gradient, no weight gradient); ratios are to the frozen step.
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime as dt
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -25,13 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import DTYPES, environment, torch_dtype, trainable_state_bytes  # noqa: E402
+from common import markdown_table as markdown  # noqa: E402
 from timing import copy_bandwidth_gbs, median_ms, sddmm_bytes, spmm_bytes  # noqa: E402
 
 import apet_kernels  # noqa: E402
 from apet_kernels import DenseMaskLinear, SparseDeltaLinear, select_indices  # noqa: E402
 from apet_kernels.ops.layout import build_layout  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _shape(s: str) -> tuple[int, int]:
@@ -79,15 +78,6 @@ def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
     return rows
 
 
-def trainable_state_bytes(module) -> int:
-    """Parameters + gradients + Adam's two fp32 moments + the index/base/mask buffers."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    total = sum(2 * p.numel() * p.element_size() + 8 * p.numel() for p in params)
-    total += sum(b.numel() * b.element_size() for n, b in module.named_buffers()
-                 if n in ("delta_indices", "delta_base", "mask"))
-    return total
-
-
 def _step(module, x, dy):
     def run():
         x.grad = None
@@ -128,7 +118,8 @@ def layer_rows(shape, t, density, dtype, device, backends):
         rows.append(dict(kind="layer", op=label, backend=",".join(backends), shape=f"{out_f}x{in_f}", tokens=t,
                          density=density, k=k, dtype=str(dtype).replace("torch.", ""),
                          ms=times[label], us=times[label] * 1e3,
-                         trainable_state_bytes_adam=trainable_state_bytes(module)))
+                         trainable_state_bytes_adam=trainable_state_bytes(
+                             [p for p in module.parameters() if p.requires_grad], buffers=list(module.buffers()))))
     for r in rows:
         r["ratio_to_frozen"] = r["ms"] / times["frozen"]
     return rows
@@ -162,33 +153,10 @@ def profile_steps(shape, t, density, dtype, device, backend) -> str:
     return "\n".join(report)
 
 
-def environment(device) -> dict:
-    env = dict(date=dt.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-               machine=platform.machine(), cpu_threads=torch.get_num_threads())
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "absent"
-    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return env
-
-
-def markdown(rows, keys) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, "")
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"],
                     help="out x in of the layer (LLaMA-7B: 4096x4096, 11008x4096, 4096x11008)")
     ap.add_argument("--tokens", type=int, default=4096)
@@ -199,13 +167,13 @@ def main(argv=None):
     ap.add_argument("--kernel-backends", nargs="+", default=None)
     ap.add_argument("--layer-only", action="store_true")
     ap.add_argument("--kernels-only", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "runs"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table (CUDA)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    env = environment(device)
+    dtype = torch_dtype(args.dtype)
+    env = environment(str(device))
     print("environment:", env, flush=True)
     print("backends:", apet_kernels.backends(), flush=True)
     rows = []

@@ -1,0 +1,57 @@
+"""What the benchmarks share: the environment they record, markdown tables, dtypes, and one definition
+of a method's trainable state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    import torch
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def environment(device: str) -> dict:
+    """Date, versions, machine and device of a run (written beside its results)."""
+    import torch
+    env = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+               torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count(),
+               cpu_threads=torch.get_num_threads(), device=str(device))
+    for module in ("triton", "transformers", "peft", "bitsandbytes", "torchao"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = "absent"
+    if str(device).startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def markdown_table(rows: list[dict], keys: list[str], header: list[str] | None = None) -> str:
+    """A markdown table of ``rows`` (dicts) over ``keys``; floats to 4 significant digits."""
+    lines = ["| " + " | ".join(header or keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "") for k in keys)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def trainable_state_bytes(params, optimizer=None, buffers=()) -> int:
+    """What training a method adds to memory besides the frozen model: its trainable parameters and
+    their gradients, the optimizer's state (measured when ``optimizer`` has stepped, else AdamW's two
+    fp32 moments per parameter), and the buffers the method adds (indices, bases, masks, orderings)."""
+    import torch
+    params = list(params)
+    total = sum(2 * p.numel() * p.element_size() for p in params)
+    if optimizer is not None and optimizer.state:
+        total += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                     if torch.is_tensor(t) and t.dim() > 0)
+    else:
+        total += sum(8 * p.numel() for p in params)
+    return total + sum(b.numel() * b.element_size() for b in buffers)
