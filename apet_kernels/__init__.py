@@ -2,7 +2,7 @@
 
 from .config import ApetConfig
 from .functional import sparse_delta_linear
-from .hf import ApetModel, get_apet_model, load_apet
+from .hf import ApetModel, get_apet_model, load_apet, replace_linears
 from .layers import DenseMaskLinear, SparseDeltaLinear
 from .ops.dispatch import backends
 from .positions import GradientScores, Regrower, magnitude_indices
@@ -11,5 +11,5 @@ from .selection import select_indices, split_budget
 __version__ = "0.1.0"
 
 __all__ = ["ApetConfig", "ApetModel", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear", "backends",
-           "get_apet_model", "load_apet", "magnitude_indices", "select_indices", "sparse_delta_linear", "split_budget",
+           "get_apet_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices", "sparse_delta_linear", "split_budget",
            "__version__"]

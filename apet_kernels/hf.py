@@ -160,6 +160,36 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module],
+                    targets: Iterable[str] | ApetConfig | None = None) -> dict[str, nn.Module]:
+    """Swap linear-like modules of ``model``, in place, for ``make(name, module)``.
+
+    ``targets``: qualified module names, or an ``ApetConfig`` whose ``target_modules`` /
+    ``exclude_modules`` pick them (default: ``ApetConfig``'s ``"all-linear"``, output heads excluded).
+    If ``make`` raises, every module swapped so far is put back (a new module that claimed its weight,
+    like SparseDeltaLinear, releases it) and the error propagates: the model is as it was. Returns
+    qualified name -> new module, in model order. Parameters' ``requires_grad`` flags are left alone.
+    """
+    if targets is None or isinstance(targets, ApetConfig):
+        names = list(find_targets(model, targets if targets is not None else ApetConfig(num_params=0)))
+    else:
+        names = list(targets)
+    originals = {name: model.get_submodule(name) for name in names}  # (a missing name fails here, before any swap)
+    new: dict[str, nn.Module] = {}
+    try:
+        for name, module in originals.items():
+            new[name] = make(name, module)
+            _set_module(model, name, new[name])
+    except BaseException:
+        for name, module in new.items():
+            _set_module(model, name, originals[name])
+            release = getattr(module, "release_weight", None)
+            if callable(release):
+                release()
+        raise
+    return new
+
+
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     return {pid for pid, n in counts.items() if n > 1}
@@ -458,19 +488,13 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
     shared = _shared_parameter_ids(model)
     saved_modules = {n: p.detach().clone() for n, p in model.named_parameters()
                      if _within(n.rpartition(".")[0], config.modules_to_save)}
-    layers: dict[str, SparseDeltaLinear] = {}
     try:
         for name, p in model.named_parameters():
             p.requires_grad_(name in saved_modules)
-        for name, module in targets.items():
-            layers[name] = SparseDeltaLinear.from_linear(
-                module, indices=indices[name], strategy=config.strategy, backend=config.backend,
-                weight_shared=id(module.weight) in shared)  # tied: the merged strategy must not write it
-            _set_module(model, name, layers[name])
+        replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
+            module, indices=indices[name], strategy=config.strategy, backend=config.backend,
+            weight_shared=id(module.weight) in shared), targets)  # tied: the merged strategy must not write it
     except BaseException:
-        for name, layer in layers.items():
-            _set_module(model, name, targets[name])
-            layer.release_weight()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         raise

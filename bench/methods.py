@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
-from apet_kernels.hf import find_targets, linear_shape, _set_module
+from apet_kernels.hf import find_targets, linear_shape, replace_linears
 
 
 class CloneScatterLinear(nn.Module):
@@ -65,12 +65,10 @@ def sparse(model, k, strategy, backend, **_):
 
 def _replace_each(model, k, make):
     _freeze(model)
-    params = []
-    for name, idx in _budget_indices(model, k).items():
-        module = make(model.get_submodule(name), idx.to(next(model.parameters()).device))
-        _set_module(model, name, module)
-        params += [p for p in module.parameters() if p.requires_grad]
-    return model, params, {}
+    indices = _budget_indices(model, k)
+    device = next(model.parameters()).device
+    new = replace_linears(model, lambda name, linear: make(linear, indices[name].to(device)), indices)
+    return model, [p for m in new.values() for p in m.parameters() if p.requires_grad], {}
 
 
 def dense_mask(model, k, **_):

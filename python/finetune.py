@@ -99,7 +99,7 @@ def build_model(name: str, num_labels: int, seed: int):
 def apply_method(model, args, calibration=None):
     """Freeze the encoder and add the method's trainable parameters; returns (model, note).
     ``calibration``: training batches for ``--position gradient``."""
-    from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
+    from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model, replace_linears
     if args.method == "full":
         return model, "all parameters trainable"
     if args.method == "lora":
@@ -118,13 +118,11 @@ def apply_method(model, args, calibration=None):
     if args.method == "apet":
         return apet, f"APET K={sum(m.delta_values.numel() for m in apet.apet_layers().values())}"
     # dense-mask APET on exactly the same positions: swap each sparse layer for the dense baseline
-    from apet_kernels.hf import _set_module
     indices = {name: layer.delta_indices for name, layer in apet.apet_layers().items()}
     base = apet.unload()
     for name, p in base.named_parameters():
         p.requires_grad_(name.startswith(head))
-    for name, idx in indices.items():
-        _set_module(base, name, DenseMaskLinear.from_linear(base.get_submodule(name), idx))
+    replace_linears(base, lambda name, linear: DenseMaskLinear.from_linear(linear, indices[name]), indices)
     return base, f"dense-mask APET, same {sum(i.numel() for i in indices.values())} positions"
 
 
