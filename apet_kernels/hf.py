@@ -220,6 +220,8 @@ class ApetModel(nn.Module):
         # a load_state_dict through either is checked as a whole before any layer changes
         for module in (self, model):
             module.register_load_state_dict_pre_hook(check_whole_state_dict)
+        self.register_load_state_dict_pre_hook(_note_checkpoint_state)
+        self.register_load_state_dict_post_hook(_adapter_checkpoint_missing_keys)
 
     def __getattr__(self, name):
         try:
@@ -274,6 +276,30 @@ class ApetModel(nn.Module):
         finally:
             for layer, was in before:
                 layer.apet_disabled = was
+
+    # ----------------------------------------------------------------- transformers.Trainer checkpoints
+    def state_dict(self, *args, **kwargs):
+        """The whole model's state dict, as for any module, except when transformers' Trainer saves a
+        checkpoint or ``save_model``: Trainer only knows PreTrainedModel and PeftModel and saves any
+        other model's full ``state_dict()``. Called from ``Trainer._save`` it writes the adapter folder
+        (``save_apet``) into the output folder and returns the training state only (``checkpoint_state_dict``):
+        checkpoints hold the adapter, not the base weights, and resume loads them back exactly."""
+        if not args and not kwargs:
+            trainer_save = _trainer_save_frame()
+            if trainer_save is not None:
+                output_dir, trainer = trainer_save.f_locals.get("output_dir"), trainer_save.f_locals.get("self")
+                if output_dir and getattr(getattr(trainer, "args", None), "should_save", True):
+                    self.save_apet(output_dir)
+                return self.checkpoint_state_dict()
+        return super().state_dict(*args, **kwargs)
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What resuming needs, under the full state dict's keys: every trainable parameter (the deltas,
+        modules_to_save) and every layer's positions. ``load_state_dict`` takes it back as a partial
+        state dict (the frozen weights it lacks are not reported missing)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().contiguous() for k, v in super().state_dict().items()
+                if k in trainable or k.endswith(".delta_indices")}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -461,6 +487,33 @@ def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None
                 raise RuntimeError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
                                    f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
                                    f"{tuple(mine.shape)} (nothing was loaded)")
+
+
+def _trainer_save_frame():
+    """The frame of transformers' ``Trainer._save`` if it is what asks for this state dict, else None."""
+    import sys
+    frame = sys._getframe(2)  # 0: here, 1: ApetModel.state_dict, 2: its caller
+    name = frame.f_globals.get("__name__", "")
+    return frame if frame.f_code.co_name == "_save" and name.startswith("transformers.trainer") else None
+
+
+def _adapter_checkpoint_missing_keys(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of an ApetModel: a checkpoint_state_dict lacks the frozen weights by
+    design; only trainable parameters and positions it lacks are reported missing."""
+    if not module.__dict__.pop("_loading_checkpoint_state", False):
+        return
+    needed = {n for n, p in module.named_parameters() if p.requires_grad}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k in needed or k.endswith(".delta_indices")]
+
+
+def _note_checkpoint_state(module: nn.Module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of an ApetModel: is this a checkpoint_state_dict (deltas, no frozen weight)?"""
+    if prefix:
+        return
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    module._loading_checkpoint_state = any(k.endswith(".delta_values") for k in state_dict) and \
+        not any(k in frozen for k in state_dict)
 
 
 def _remove_load_check(module: nn.Module) -> None:
