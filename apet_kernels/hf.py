@@ -214,6 +214,8 @@ class ApetModel(nn.Module):
         self._requires_grad = requires_grad
         self._saved_modules = saved_modules  # modules_to_save as they were: unload() restores them
         self._unloaded_by = None  # "unload()" / "merge_and_unload()" once the layers are gone
+        self.active_adapter = "default"
+        self._inactive: dict[str, tuple[ApetConfig, dict]] = {}  # name -> (config, layer -> (indices, values))
         # the base model's own forward, so its signature shows: Trainer reads it to keep the
         # dataset columns the model takes
         self.forward = model.forward
@@ -277,6 +279,81 @@ class ApetModel(nn.Module):
             for layer, was in before:
                 layer.apet_disabled = was
 
+    # ----------------------------------------------------------------- several adapters on one base
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names, the active one first."""
+        return [self.active_adapter, *self._inactive]
+
+    def add_adapter(self, name: str, config: ApetConfig) -> None:
+        """Add an inactive adapter (zero values) with seeded positions on the patched layers that
+        ``config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
+        the one applied and trained. Data-driven positions come in through ``load_apet(..., adapter_name=)``."""
+        self._require_patched("add_adapter()")
+        self._check_new_name(name)
+        if config.method not in METHODS:
+            raise ValueError(f"add_adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
+                             f"load an adapter with stored positions through load_apet(..., adapter_name=)")
+        if config.modules_to_save:
+            raise ValueError("modules_to_save belong to the model, not to an added adapter")
+        config = copy.deepcopy(config)
+        layers = self.apet_layers()
+        chosen = {n: m for n, m in layers.items() if _targeted(n, config)}
+        if not chosen:
+            raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers")
+        shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
+        if config.budget_like is not None:
+            count = budget_like_count(self.base_model, config.budget_like, {n: m.base_layer for n, m in chosen.items()})
+            budget = split_budget(shapes, num_params=count)
+        else:
+            budget = split_budget(shapes, num_params=config.num_params, density=config.density)
+        entries, config.layers = {}, {}
+        for n, m in layers.items():
+            if n in chosen:
+                idx = select_indices(shapes[n], budget[n], method=config.method, seed=config.seed, key=n)
+                config.layers[n] = {"shape": list(shapes[n]), "k": int(idx.numel()), "checksum": index_checksum(idx)}
+            else:
+                idx = torch.empty(0, dtype=m.delta_indices.dtype)
+            entries[n] = (idx.to(m.delta_indices.device), torch.zeros(idx.numel(), device=m.delta_values.device))
+        self._inactive[name] = (config, entries)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter names are non-empty strings, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
+
+    def set_adapter(self, name: str) -> None:
+        """Apply and train adapter ``name`` instead of the active one. Each layer rewrites only the
+        positions involved (merged: W restored at the old K positions, base + v written at the new K).
+        ``delta_values`` are the same Parameters where K is unchanged, new ones elsewhere: build the
+        optimizer after switching."""
+        self._require_patched("set_adapter()")
+        if name == self.active_adapter:
+            return
+        if name not in self._inactive:
+            raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
+        config, entries = self._inactive[name]
+        layers, stash = self.apet_layers(), {}
+        try:
+            for n, layer in layers.items():
+                stash[n] = layer.swap_adapter(*entries[n])
+        except BaseException:
+            for n, old in stash.items():  # put back the layers already switched
+                layers[n].swap_adapter(*old)
+            raise
+        del self._inactive[name]
+        self._inactive[self.active_adapter] = (self.apet_config, stash)
+        self.apet_config, self.active_adapter = config, name
+
+    def delete_adapter(self, name: str) -> None:
+        self._require_patched("delete_adapter()")
+        if name == self.active_adapter:
+            raise ValueError(f"{name!r} is the active adapter: set_adapter() another one before deleting it")
+        if name not in self._inactive:
+            raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
+        del self._inactive[name]
+
     # ----------------------------------------------------------------- transformers.Trainer checkpoints
     def state_dict(self, *args, **kwargs):
         """The whole model's state dict, as for any module, except when transformers' Trainer saves a
@@ -304,6 +381,8 @@ class ApetModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for name, layer in self.apet_layers().items():
+            if name not in self.apet_config.layers:
+                continue  # a layer the active adapter does not tune (an added adapter's subset)
             tensors[f"{name}.delta_values"] = layer.delta_values.detach()
             if not self._indices_regenerable(name, layer):
                 tensors[f"{name}.delta_indices"] = layer.delta_indices
@@ -329,6 +408,8 @@ class ApetModel(nn.Module):
             check_finite(t, f"adapter tensor {key}")
         config = copy.deepcopy(self.apet_config)
         for name, layer in self.apet_layers().items():
+            if name not in config.layers:
+                continue
             stored = f"{name}.delta_indices" in tensors
             quant = layer.quantization
             config.layers[name].update(checksum=index_checksum(layer.delta_indices),
@@ -489,6 +570,15 @@ def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None
                                    f"{tuple(mine.shape)} (nothing was loaded)")
 
 
+def _targeted(name: str, config: ApetConfig) -> bool:
+    """Whether ``config`` targets the (already patched) layer ``name``, as find_targets would choose it."""
+    if config.target_modules == "all-linear":
+        ok = not any(part in HEAD_NAMES for part in name.split("."))
+    else:
+        ok = _matches(name, config.target_modules)
+    return ok and not _matches(name, config.exclude_modules)
+
+
 def _trainer_save_frame():
     """The frame of transformers' ``Trainer._save`` if it is what asks for this state dict, else None."""
     import sys
@@ -600,7 +690,8 @@ def _weight_oi(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
-def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend: str = "auto") -> ApetModel:
+def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend: str = "auto",
+              adapter_name: str | None = None) -> ApetModel:
     """Patch a fresh base ``model`` with the adapter in ``directory`` (safetensors + JSON only).
 
     Everything is checked before the model is touched: the modules exist and have the stored
@@ -609,12 +700,28 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
     it was. If the base weights at the tuned positions differ from those the adapter was saved
     over (its fingerprints), this warns naming the layers, or raises with ``strict=True``.
     ``backend`` is a runtime choice (not stored in the adapter).
+
+    ``adapter_name``: ``model`` is an ApetModel, and the adapter is added to it under that name, inactive
+    (``set_adapter`` applies it); its layers must be among the model's APET layers.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
-        raise ValueError("load_apet needs a base model without APET layers (call unload() first)")
+    if adapter_name is not None:
+        if not isinstance(model, ApetModel):
+            raise ValueError("adapter_name= adds an adapter to an ApetModel; load the first one with "
+                             "load_apet(base_model, path)")
+        model._require_patched("load_apet(..., adapter_name=)")
+        model._check_new_name(adapter_name)
+        apet_layers = model.apet_layers()
+        modules = apet_layers
+        shape_of, base_at = (lambda m: (m.out_features, m.in_features)), (lambda m, idx: m.base_values_at(idx))
+    elif isinstance(model, ApetModel) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("load_apet needs a base model without APET layers (call unload() first), or "
+                         "adapter_name= to add the adapter to an ApetModel")
+    else:
+        modules = dict(model.named_modules())
+        shape_of, base_at = linear_shape, weight_at
     config = ApetConfig.from_pretrained(directory)
     config.backend = ApetConfig(num_params=0, backend=backend).backend  # validated like any config
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -624,13 +731,13 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is truncated or malformed: {exc}") from None
-    modules = dict(model.named_modules())
     indices, expected, foreign_base, requantized = {}, set(), [], []
     for name, info in config.layers.items():
         module = modules.get(name)
-        if module is None or not is_linear_like(module):
-            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model")
-        shape = linear_shape(module)
+        if module is None or not (adapter_name is not None or is_linear_like(module)):
+            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model"
+                             + (" with APET layers (added adapters tune a subset of them)" if adapter_name else ""))
+        shape = shape_of(module)
         if list(shape) != list(info["shape"]):
             raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {shape}")
         key = f"{name}.delta_indices"
@@ -656,7 +763,7 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
         expected.add(f"{name}.delta_values")
         stored = info.get("base_fingerprint")
         if stored is not None and not module.weight.is_meta:
-            base = weight_at(module, idx)
+            base = base_at(module, idx)
             if base_fingerprint(base) != stored:
                 quant = quantization_of(module)
                 quant = str(quant) if quant is not None else None
@@ -667,7 +774,7 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
                 else:
                     foreign_base.append(name)
         indices[name] = idx
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if adapter_name is None else {}
     for key, t in tensors.items():
         if key in expected:
             continue
@@ -690,6 +797,15 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
         if strict:
             raise ValueError(message + " (strict=True)")
         warnings.warn(message)
+    if adapter_name is not None:
+        entries = {}
+        for n, m in apet_layers.items():
+            idx = indices.get(n, torch.empty(0, dtype=m.delta_indices.dtype))
+            values = tensors.get(f"{n}.delta_values", torch.zeros(0)).float()
+            entries[n] = (idx.to(m.delta_indices.device), values.to(m.delta_values.device))
+        config.layers = {n: {k: v for k, v in info.items()} for n, info in config.layers.items()}
+        model._inactive[adapter_name] = (config, entries)
+        return model
     apet = _patch(model, config, indices)
     try:
         layers = apet.apet_layers()

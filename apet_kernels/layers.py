@@ -334,6 +334,52 @@ class SparseDeltaLinear(nn.Module):
         else:
             self.delta_values.copy_(values)
 
+    @torch.no_grad()
+    def swap_adapter(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make this layer apply another adapter's deltas (any K) and return the current ones (indices,
+        values), detached. Touches only the positions involved: W is restored at the old K positions and
+        (merged) ``cast(base + v)`` written at the new K right away. ``delta_values`` stays the same
+        Parameter when K is unchanged, else it is replaced (an optimizer must be rebuilt then).
+        Checked before anything changes."""
+        numel = self.out_features * self.in_features
+        check_index_meta(indices, numel)
+        check_index_content(indices, numel)
+        if tuple(values.shape) != (indices.numel(),) or not values.is_floating_point():
+            raise ValueError(f"values must be a float tensor of shape ({indices.numel()},), got "
+                             f"{values.dtype} {tuple(values.shape)}")
+        check_finite(values, "adapter values")
+        old = (self.delta_indices.clone(), self.delta_values.detach().clone())
+        if self.strategy == "merged":
+            self._write_base()
+        device = self.delta_indices.device
+        self.delta_indices = indices.to(device).clone()
+        if values.numel() == self.delta_values.numel():
+            self.delta_values.copy_(values)
+        else:
+            self.delta_values = nn.Parameter(values.detach().to(device, torch.float32).clone(),
+                                             requires_grad=self.delta_values.requires_grad)
+        self._base_stale = True
+        self._read_base()
+        self._rebuild_layout()
+        if self.strategy == "merged":
+            self._write_merged(self.delta_values)
+        return old
+
+    @torch.no_grad()
+    def base_values_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The base weight's values at any positions (dequantized if quantized), without unmerging: where a
+        merged W holds W + S, the saved base is used."""
+        if self.quantization is not None:
+            return values_at(self.base_layer, indices)
+        idx = indices.long().to(self.delta_indices.device)
+        values = self._storage()[idx // self.in_features, idx % self.in_features].clone()
+        if self.strategy == "merged" and self.delta_indices.numel():
+            mine = self.delta_indices.long()
+            overlap = torch.isin(idx, mine)
+            if overlap.any():
+                values[overlap] = self.current_base()[torch.searchsorted(mine, idx[overlap])]
+        return values
+
     def delta_weight(self) -> torch.Tensor:
         """Dense fp32 Delta W (out, in). For inspection and merging only: allocates out x in."""
         dense = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,

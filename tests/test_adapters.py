@@ -1,0 +1,119 @@
+"""Several adapters on one base: add_adapter, load_apet(..., adapter_name=), set_adapter, delete_adapter."""
+
+import pytest
+import torch
+
+from _helpers import tiny_llama
+from apet_kernels import ApetConfig, get_apet_model, load_apet
+
+IDS = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.apet_layers().values():
+            layer.delta_values.copy_(torch.randn(layer.delta_values.shape, generator=g) * 0.1)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(params=["merged", "unmerged"])
+def two_adapters(request, tmp_path):
+    """A model with adapter "default" (density 5%) and "b" (another seed, 2%, attention only), both
+    trained (random values), each also saved alone."""
+    strategy = request.param
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
+    _randomize(model, 1)
+    model.save_apet(tmp_path / "default")
+    model.add_adapter("b", ApetConfig(density=0.02, seed=7, target_modules=["q_proj", "v_proj"], strategy=strategy))
+    model.set_adapter("b")
+    _randomize(model, 2)
+    model.save_apet(tmp_path / "b")
+    return model, tmp_path, strategy
+
+
+def test_switching_gives_each_adapter_alone_exactly(two_adapters):
+    model, folder, strategy = two_adapters
+    alone = {name: _logits(load_apet(tiny_llama(), folder / name)) for name in ("default", "b")}
+    assert model.active_adapter == "b" and model.adapters == ["b", "default"]
+    for name in ["default", "b", "default", "b"]:
+        model.set_adapter(name)
+        torch.testing.assert_close(_logits(model), alone[name], rtol=0, atol=0)
+    # the subset adapter tunes only its targets: the other layers apply nothing while it is active
+    model.set_adapter("b")
+    assert {n for n, m in model.apet_layers().items() if m.delta_indices.numel()} == \
+        {n for n in model.apet_layers() if n.endswith(("q_proj", "v_proj"))}
+
+
+def test_many_switches_then_unload_restore_the_base_bit_exactly(two_adapters):
+    model, _, _ = two_adapters
+    reference = tiny_llama().state_dict()
+    for _ in range(5):
+        model.set_adapter("default")
+        model.set_adapter("b")
+    base = model.unload()
+    for name, t in base.state_dict().items():
+        assert torch.equal(t, reference[name]), name
+
+
+def test_a_merged_switch_rewrites_only_the_positions_involved(two_adapters):
+    model, _, strategy = two_adapters
+    if strategy != "merged":
+        pytest.skip("only the merged strategy writes W")
+    layer = model.apet_layers()["model.layers.0.self_attn.q_proj"]
+    w_b = layer.weight.detach().clone()
+    pos_b = layer.delta_indices.long().clone()
+    model.set_adapter("default")
+    pos_default = layer.delta_indices.long()
+    changed = (layer.weight.detach() != w_b).reshape(-1).nonzero().squeeze(1)
+    involved = torch.unique(torch.cat([pos_b, pos_default]))
+    assert changed.numel() > 0 and torch.isin(changed, involved).all()
+
+
+def test_only_the_active_adapter_trains_and_the_others_keep_their_values(two_adapters, tmp_path):
+    model, folder, _ = two_adapters
+    model.set_adapter("default")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    model.save_apet(tmp_path / "default2")
+    model.set_adapter("b")
+    torch.testing.assert_close(_logits(model), _logits(load_apet(tiny_llama(), folder / "b")), rtol=0, atol=0)
+
+
+def test_load_apet_adds_a_saved_adapter_under_a_name(two_adapters):
+    model, folder, strategy = two_adapters
+    fresh = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
+    load_apet(fresh, folder / "b", adapter_name="b")
+    assert fresh.adapters == ["default", "b"]
+    fresh.set_adapter("b")
+    torch.testing.assert_close(_logits(fresh), _logits(load_apet(tiny_llama(), folder / "b")), rtol=0, atol=0)
+
+
+def test_bad_calls_name_the_problem_and_change_nothing(two_adapters, tmp_path):
+    model, folder, strategy = two_adapters
+    before = _logits(model)
+    with pytest.raises(ValueError, match="exists already"):
+        model.add_adapter("default", ApetConfig(density=0.01))
+    with pytest.raises(ValueError, match="no adapter named 'c'"):
+        model.set_adapter("c")
+    with pytest.raises(ValueError, match="active adapter"):
+        model.delete_adapter("b")
+    with pytest.raises(ValueError, match="seeded positions"):
+        model.add_adapter("g", ApetConfig(density=0.01, method="gradient"))
+    with pytest.raises(ValueError, match="matches none"):
+        model.add_adapter("n", ApetConfig(density=0.01, target_modules=["nothing_like_this"]))
+    other = get_apet_model(tiny_llama(hidden_size=48, intermediate_size=40), ApetConfig(density=0.05))
+    other.save_apet(tmp_path / "other")
+    with pytest.raises(ValueError, match="shape"):
+        load_apet(model, tmp_path / "other", adapter_name="other")
+    with pytest.raises(ValueError, match="adapter_name= adds an adapter to an ApetModel"):
+        load_apet(tiny_llama(), folder / "b", adapter_name="b")
+    assert model.adapters == ["b", "default"]
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+    model.delete_adapter("default")
+    assert model.adapters == ["b"]
