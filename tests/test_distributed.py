@@ -65,3 +65,22 @@ def test_fsdp2_unmerged_matches_single_process(tmp_path):
     single = _single(tmp_path / "single", "unmerged", tmp_path)
     for name in r0:
         torch.testing.assert_close(r0[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_accelerate_launch_matches_single_process(tmp_path, strategy):
+    """`accelerate launch` with 2 CPU processes trains a patched model as one process does. (accelerate's
+    `--cpu` alone starts one process and its multi-CPU mode needs mpirun; `--multi_gpu` starts the processes
+    through torch.distributed.run, and Accelerator(cpu=True) in the worker makes them CPU/gloo ranks.)"""
+    pytest.importorskip("accelerate")
+    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
+                 "accelerate", str(tmp_path / "acc"), strategy], tmp_path)
+    assert proc.returncode == 0, _failure(proc)
+    r0, r1 = (load_file(str(tmp_path / "acc" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = _single(tmp_path / "single", strategy, tmp_path)
+    assert r0.keys() == single.keys()
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), f"{name} differs across processes"
+        torch.testing.assert_close(r0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"{name} vs single process")
+    assert any(v.abs().sum() > 0 for v in r0.values())

@@ -3,6 +3,7 @@
     python train_worker.py single OUT STRATEGY          # one process, the whole global batch
     torchrun --nproc_per_node 2 train_worker.py ddp OUT STRATEGY
     torchrun --nproc_per_node 2 train_worker.py fsdp OUT unmerged
+    accelerate launch --multi_gpu --num_processes 2 train_worker.py accelerate OUT STRATEGY   (CPU ranks)
 
 Each rank writes OUT/rank{R}.safetensors with the delta values it ends with.
 """
@@ -28,7 +29,13 @@ names = list(model.apet_layers())
 ids = torch.randint(3, 99, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(5))
 
 rank, world = 0, 1
-if mode != "single":
+accelerator = None
+if mode == "accelerate":  # under `accelerate launch`: accelerate sets up the processes (CPU, gloo)
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ids = ids.chunk(world)[rank]
+elif mode != "single":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = ids.chunk(world)[rank]
@@ -43,12 +50,15 @@ if mode != "single":
         raise SystemExit(f"unknown mode {mode}")
 
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+if accelerator is not None:
+    model, opt = accelerator.prepare(model, opt)
 for _ in range(STEPS):
     opt.zero_grad()
-    model(input_ids=ids, labels=ids).loss.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward() if accelerator is None else accelerator.backward(loss)
     opt.step()
 
-inner = model.module if mode == "ddp" else model
+inner = model.module if mode == "ddp" else accelerator.unwrap_model(model) if accelerator is not None else model
 values = {}
 for name, layer in inner.apet_layers().items():
     v = layer.delta_values
@@ -56,6 +66,12 @@ for name, layer in inner.apet_layers().items():
     values[name] = v.detach().clone().contiguous()
 os.makedirs(out_dir, exist_ok=True)
 save_file(values, os.path.join(out_dir, f"rank{rank}.safetensors"))
+if accelerator is not None:
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # (as below: gloo's threads may abort a normal interpreter exit)
 if mode != "single":
     dist.barrier()
     del model, inner, opt
