@@ -52,6 +52,15 @@ def _within(name: str, spec) -> bool:
     return any(_matches(".".join(parts[:i]), spec) for i in range(1, len(parts) + 1))
 
 
+def fuses_output_layer(model: nn.Module) -> bool:
+    """True when the model's forward computes its loss from the output layer's weight directly, not by
+    calling the module: Liger-Kernel's fused linear-cross-entropy (``apply_liger_kernel_to_llama`` and
+    friends replace the model's ``forward`` by theirs)."""
+    forward = getattr(model, "forward", None)
+    forward = getattr(forward, "__func__", forward)
+    return getattr(forward, "__module__", "").startswith("liger_kernel") and "lce" in getattr(forward, "__name__", "")
+
+
 def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
     """Qualified name -> linear-like module to patch, in model order."""
     heads = set()
@@ -73,6 +82,11 @@ def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
         targets[name] = module
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D in this model")
+    fused = [name for name, m in targets.items() if id(m) in heads]
+    if fused and fuses_output_layer(model):
+        raise ValueError(f"{fused[0]!r}: this model's forward is Liger-Kernel's fused linear-cross-entropy, which reads "
+                         f"the output layer's weight directly, so deltas there would not reach the loss; exclude it "
+                         f"(target_modules='all-linear' does) or apply Liger with fused_linear_cross_entropy=False")
     return targets
 
 

@@ -30,13 +30,16 @@ timeout 150 "$PY" -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | t
   || echo "pip install -e . failed; using the source tree on PYTHONPATH" | tee -a "$log"
 "$PY" -c "import apet_kernels, json; print(json.dumps(apet_kernels.backends(), indent=1))" 2>&1 | tee -a "$log"
 
+step "optional libraries from bench/wheels/ (the machine has no network)"
+# pip download --no-deps -d bench/wheels bitsandbytes==0.50.2 torchao==0.18.0 liger-kernel==0.8.5  (~47 MB; carry it)
+ls bench/wheels/*.whl >/dev/null 2>&1 && timeout 60 "$PY" -m pip install -q --no-index --no-deps bench/wheels/*.whl \
+  2>&1 | tail -3 | tee -a "$log"
+"$PY" -m apet_kernels 2>&1 | tee -a "$log"
+
 step "pytest -m gpu (real sizes, every kernel backend against the reference)"
 timeout 110 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -25 | tee -a "$log"
 
-step "quantized bases (bitsandbytes / torchao: from bench/wheels/ when carried, the machine has no network)"
-# pip download --no-deps -d bench/wheels bitsandbytes==0.50.2 torchao==0.18.0   (46 MB; carry bench/wheels)
-ls bench/wheels/*.whl >/dev/null 2>&1 && timeout 60 "$PY" -m pip install -q --no-index --no-deps bench/wheels/*.whl \
-  2>&1 | tail -3 | tee -a "$log"
+step "quantized bases (bitsandbytes / torchao, installed above from bench/wheels/ when carried)"
 if "$PY" -c "import bitsandbytes, torchao" >/dev/null 2>&1; then
   timeout -s INT 70 "$PY" -m pytest -q tests/test_quantized.py -p no:cacheprovider -k "cuda or trains" 2>&1 \
     | tail -12 | tee -a "$log"
