@@ -36,5 +36,7 @@ def build_layout(indices: torch.Tensor, shape: tuple[int, int], columns: bool = 
 def _offsets(groups: torch.Tensor, n: int) -> torch.Tensor:
     """CSR offsets (length n + 1) of entries grouped by ``groups`` in [0, n): a count and a running sum
     (a searchsorted of n + 1 boundaries cost 10-20x more on the CPU, and adapter switches rebuild this)."""
+    if groups.is_meta:  # (meta-device construction: shapes only; bincount has no meta kernel)
+        return torch.empty(n + 1, dtype=torch.long, device="meta")
     counts = torch.bincount(groups, minlength=n)
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
