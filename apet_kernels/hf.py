@@ -26,6 +26,7 @@ import torch.nn as nn
 from ._checks import check_finite, check_index_content, check_index_meta
 from .config import CONFIG_NAME, WEIGHTS_NAME, ApetConfig
 from .layers import SparseDeltaLinear, linear_shape
+from .ops.layout import build_layout
 from .positions import GradientScores, magnitude_indices
 from .quantized import dequantize, float_dtype, quantization_of, quantize_like, values_at
 from .selection import METHODS, select_indices, split_budget
@@ -330,6 +331,53 @@ class ApetModel(nn.Module):
                 idx = torch.empty(0, dtype=m.delta_indices.dtype)
             entries[n] = (idx.to(m.delta_indices.device), torch.zeros(idx.numel(), device=m.delta_values.device))
         self._inactive[name] = (config, entries)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names):
+        """Inference where batch row i uses adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT's
+        mixed-batch forward: ``with model.mixed_batch(["a", "b", "a"]): model(ids)`` (or ``generate``).
+        Every APET layer must run unmerged; outputs carry no gradient."""
+        self._require_patched("mixed_batch()")
+        names = list(adapter_names)
+        unknown = sorted(set(names) - set(self.adapters) - {"__base__"})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '__base__')")
+        layers = self.apet_layers()
+        merged = [n for n, m in layers.items() if m.strategy == "merged"]
+        if merged:
+            raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+                             f"({_first_few(merged)}): call unmerge() on them or use strategy='unmerged'")
+        groups = {name: [i for i, n in enumerate(names) if n == name] for name in set(names) - {"__base__"}}
+        for lname, layer in layers.items():
+            plan = []
+            for name, rows in groups.items():
+                if name == self.active_adapter:
+                    idx, values = layer.delta_indices, layer.delta_values.detach()
+                else:
+                    idx, values = self._inactive[name][1][lname]
+                if idx.numel():
+                    row_ptr = build_layout(idx, (layer.out_features, layer.in_features), columns=False).row_ptr
+                    plan.append((torch.tensor(rows, device=idx.device), idx, values, row_ptr))
+            layer.mixed_batch = plan
+        try:
+            yield self
+        finally:
+            for layer in layers.values():
+                layer.mixed_batch = None
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        """``model(..., adapter_names=[...])``: a mixed-adapter batch (see ``mixed_batch``)."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return super().__call__(*args, **kwargs)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """The base model's ``generate``; ``adapter_names``: one adapter per batch row (see ``mixed_batch``)."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:

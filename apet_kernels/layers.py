@@ -149,6 +149,7 @@ class SparseDeltaLinear(nn.Module):
         self.backend = backend
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
+        self.mixed_batch = None  # [(rows, indices, values, row_ptr)]: per-row adapters (ApetModel.mixed_batch)
         # on the meta device the buffers hold no data; keep the positions until they do (_materialize)
         self._host_indices = indices.detach().to("cpu").clone() if weight.is_meta else None
         self.register_buffer("delta_indices", indices.detach().to(weight.device).clone())
@@ -489,6 +490,8 @@ class SparseDeltaLinear(nn.Module):
         merged = self.strategy == "merged"
         if self.apet_disabled:
             return self._forward_base(x) if merged else self.base_layer(x)
+        if self.__dict__.get("mixed_batch") is not None:
+            return self._forward_mixed(x)
         backend_name, values = self._backend_name(), self.delta_values
         if merged:
             self._sync(values, backend_name)
@@ -500,6 +503,22 @@ class SparseDeltaLinear(nn.Module):
             # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
             y = y.clone()
         return add_sparse_term(y, x, values, self.delta_indices, self.layout, merged, backend_name)
+
+    @torch.no_grad()
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with one adapter per batch row (unmerged): the base output, plus for each adapter
+        its sparse term on its rows only (rows of no group get the base output)."""
+        if self.strategy == "merged":
+            raise RuntimeError("a mixed-adapter batch runs unmerged; this layer is merged")
+        y = self.base_layer(x).clone()
+        spmm = implementation(self._backend_name()).spmm_
+        for rows, indices, values, row_ptr in self.mixed_batch:
+            if rows.numel() and rows.max() >= x.shape[0]:
+                raise ValueError(f"adapter_names has more rows than the batch ({x.shape[0]})")
+            part = torch.zeros((rows.numel(),) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device)
+            spmm(part.reshape(-1, part.shape[-1]), x[rows].reshape(-1, x.shape[-1]), indices, values, row_ptr)
+            y[rows] += part
+        return y
 
     def _sync(self, values: torch.Tensor, backend_name: str) -> None:
         """Make W hold cast(base + v) for ``values``. On a GPU, or while compiling: always write (one

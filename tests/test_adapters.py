@@ -117,3 +117,37 @@ def test_bad_calls_name_the_problem_and_change_nothing(two_adapters, tmp_path):
     torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
     model.delete_adapter("default")
     assert model.adapters == ["b"]
+
+
+def test_a_mixed_batch_applies_each_rows_adapter(tmp_path):
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy="unmerged"))
+    _randomize(model, 1)
+    model.add_adapter("b", ApetConfig(density=0.02, seed=7, target_modules=["q_proj", "v_proj"], strategy="unmerged"))
+    model.set_adapter("b")
+    _randomize(model, 2)
+    model.set_adapter("default")
+    ids = torch.randint(0, 99, (4, 9), generator=torch.Generator().manual_seed(3))
+    names = ["b", "default", "__base__", "b"]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        expected = {}
+        for name in ("default", "b"):
+            model.set_adapter(name)
+            expected[name] = model(ids).logits
+        with model.disable_apet():
+            expected["__base__"] = model(ids).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[name][row], rtol=1e-5, atol=1e-6, msg=f"row {row} ({name})")
+    generated = model.generate(ids[:2, :4], adapter_names=["default", "b"], max_new_tokens=2, do_sample=False)
+    assert generated.shape == (2, 6)
+    assert all(m.mixed_batch is None for m in model.apet_layers().values())  # the context is gone after
+
+
+def test_a_mixed_batch_needs_unmerged_layers_and_known_names(two_adapters):
+    model, _, strategy = two_adapters
+    ids = torch.randint(0, 99, (2, 5))
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model(ids, adapter_names=["b", "nope"])
+    if strategy == "merged":
+        with pytest.raises(ValueError, match="runs unmerged"):
+            model(ids, adapter_names=["b", "default"])
