@@ -229,7 +229,8 @@ class ApetModel(nn.Module):
         self._requires_grad = requires_grad
         self._saved_modules = saved_modules  # modules_to_save as they were: unload() restores them
         self._unloaded_by = None  # "unload()" / "merge_and_unload()" once the layers are gone
-        self.active_adapter = "default"
+        self.active_adapter = "default"  # the one applied and trained
+        self.active_adapters = ["default"]  # and the others applied with it (set_adapter with a list)
         self._inactive: dict[str, tuple[ApetConfig, dict]] = {}  # name -> (config, layer -> (indices, values))
         # the base model's own forward, so its signature shows: Trainer reads it to keep the
         # dataset columns the model takes
@@ -342,6 +343,8 @@ class ApetModel(nn.Module):
         unknown = sorted(set(names) - set(self.adapters) - {"__base__"})
         if unknown:
             raise ValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '__base__')")
+        if len(self.active_adapters) > 1:
+            raise ValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
         layers = self.apet_layers()
         merged = [n for n, m in layers.items() if m.strategy == "merged"]
         if merged:
@@ -385,18 +388,42 @@ class ApetModel(nn.Module):
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
 
-    def set_adapter(self, name: str) -> None:
+    def set_adapter(self, name: str | list[str]) -> None:
         """Apply and train adapter ``name`` instead of the active one. Each layer rewrites only the
         positions involved (merged: W restored at the old K positions, base + v written at the new K).
         ``delta_values`` are the same Parameters where K is unchanged, new ones elsewhere: build the
-        optimizer after switching."""
+        optimizer after switching.
+
+        A list applies several adapters together, their sparse terms added (every layer unmerged): the
+        first is the one trained, the others are applied as they are (``active_adapters``)."""
         self._require_patched("set_adapter()")
+        names = [name] if isinstance(name, str) else list(name)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {name!r}")
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
+        layers = self.apet_layers()
+        if len(names) > 1:
+            merged = [n for n, m in layers.items() if m.strategy == "merged"]
+            if merged:
+                raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+                                 f"are merged ({_first_few(merged)}): unmerge() them or use strategy='unmerged'")
+        self._switch_to(names[0], layers)
+        for n, layer in layers.items():
+            extra = []
+            for other in names[1:]:
+                idx, values = self._inactive[other][1][n]
+                if idx.numel():
+                    extra.append((idx, values, build_layout(idx, (layer.out_features, layer.in_features))))
+            layer.extra_adapters = extra or None
+        self.active_adapters = names
+
+    def _switch_to(self, name: str, layers: dict) -> None:
         if name == self.active_adapter:
             return
-        if name not in self._inactive:
-            raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
         config, entries = self._inactive[name]
-        layers, stash = self.apet_layers(), {}
+        stash = {}
         try:
             for n, layer in layers.items():
                 stash[n] = layer.swap_adapter(*entries[n])
@@ -410,8 +437,8 @@ class ApetModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._require_patched("delete_adapter()")
-        if name == self.active_adapter:
-            raise ValueError(f"{name!r} is the active adapter: set_adapter() another one before deleting it")
+        if name in self.active_adapters:
+            raise ValueError(f"{name!r} is active: set_adapter() another one before deleting it")
         if name not in self._inactive:
             raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
         del self._inactive[name]
@@ -535,6 +562,8 @@ class ApetModel(nn.Module):
         keeping the deltas separate is stored per layer in ``self.requantization_report`` and summed
         up in a warning."""
         self._require_patched("merge_and_unload()")
+        if len(self.active_adapters) > 1:
+            raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to merge")
         layers = self.apet_layers()
         quantized = {n: m for n, m in layers.items() if m.quantization is not None}
         if requantize is not False and not quantized:

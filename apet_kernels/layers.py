@@ -150,6 +150,7 @@ class SparseDeltaLinear(nn.Module):
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self.mixed_batch = None  # [(rows, indices, values, row_ptr)]: per-row adapters (ApetModel.mixed_batch)
+        self.extra_adapters = None  # [(indices, values, layout)]: other adapters applied too, untrained (unmerged)
         # on the meta device the buffers hold no data; keep the positions until they do (_materialize)
         self._host_indices = indices.detach().to("cpu").clone() if weight.is_meta else None
         self.register_buffer("delta_indices", indices.detach().to(weight.device).clone())
@@ -301,6 +302,9 @@ class SparseDeltaLinear(nn.Module):
         legal, why = self.merge_legality()
         if not legal:
             raise RuntimeError(f"cannot merge: {why}")
+        if self.__dict__.get("extra_adapters"):
+            raise RuntimeError("cannot merge: other adapters are applied together with this one (unmerged); "
+                               "set_adapter() a single adapter first")
         self._write_merged(self.delta_values)
         self.strategy = "merged"
 
@@ -502,7 +506,10 @@ class SparseDeltaLinear(nn.Module):
             # the sparse term is added in place; a library's custom Function may return a view of its own
             # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
             y = y.clone()
-        return add_sparse_term(y, x, values, self.delta_indices, self.layout, merged, backend_name)
+        y = add_sparse_term(y, x, values, self.delta_indices, self.layout, merged, backend_name)
+        for indices, extra_values, layout in self.__dict__.get("extra_adapters") or ():
+            y = add_sparse_term(y, x, extra_values, indices, layout, False, backend_name)  # values: no grad
+        return y
 
     @torch.no_grad()
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:

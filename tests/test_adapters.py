@@ -101,7 +101,7 @@ def test_bad_calls_name_the_problem_and_change_nothing(two_adapters, tmp_path):
         model.add_adapter("default", ApetConfig(density=0.01))
     with pytest.raises(ValueError, match="no adapter named 'c'"):
         model.set_adapter("c")
-    with pytest.raises(ValueError, match="active adapter"):
+    with pytest.raises(ValueError, match="is active"):
         model.delete_adapter("b")
     with pytest.raises(ValueError, match="seeded positions"):
         model.add_adapter("g", ApetConfig(density=0.01, method="gradient"))
@@ -151,3 +151,44 @@ def test_a_mixed_batch_needs_unmerged_layers_and_known_names(two_adapters):
     if strategy == "merged":
         with pytest.raises(ValueError, match="runs unmerged"):
             model(ids, adapter_names=["b", "default"])
+
+
+def test_adapters_active_together_add_their_sparse_terms():
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy="unmerged"))
+    _randomize(model, 1)
+    model.add_adapter("b", ApetConfig(density=0.02, seed=7, strategy="unmerged"))
+    model.set_adapter("b")
+    _randomize(model, 2)
+    dense = {n: m.delta_weight() for n, m in model.apet_layers().items()}
+    model.set_adapter("default")
+    for n, m in model.apet_layers().items():
+        dense[n] += m.delta_weight()
+    model.set_adapter(["default", "b"])
+    assert model.active_adapters == ["default", "b"] and model.active_adapter == "default"
+    oracle = tiny_llama()
+    with torch.no_grad():
+        for n, d in dense.items():
+            oracle.get_submodule(n).weight += d
+    torch.testing.assert_close(_logits(model), _logits(oracle), rtol=1e-5, atol=1e-5)
+    # training with both active moves the first one only; the input gradients see both
+    b_values = {n: v.clone() for n, (_, v) in ((n, e) for n, e in model._inactive["b"][1].items())}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    assert all(torch.equal(model._inactive["b"][1][n][1], v) for n, v in b_values.items())
+    with pytest.raises(ValueError, match="active together"):
+        model.merge_and_unload()
+    with pytest.raises(RuntimeError, match="applied together"):
+        next(iter(model.apet_layers().values())).merge()
+    with pytest.raises(ValueError, match="is active"):
+        model.delete_adapter("b")
+    model.set_adapter("b")  # one again: the extra terms are gone
+    assert model.active_adapters == ["b"] and all(m.extra_adapters is None for m in model.apet_layers().values())
+
+
+def test_adapters_together_need_unmerged_layers():
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+    model.add_adapter("b", ApetConfig(density=0.02, seed=7))
+    with pytest.raises(ValueError, match="unmerged"):
+        model.set_adapter(["default", "b"])
+    assert model.active_adapters == ["default"]
