@@ -45,7 +45,12 @@ def _single(out, strategy, tmp_path):
 def test_ddp_matches_single_process(tmp_path, strategy):
     proc = _torchrun("ddp", tmp_path / "ddp", strategy, tmp_path)
     assert proc.returncode == 0, _failure(proc)
-    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    _assert_ranks_match_single(tmp_path / "ddp", strategy, tmp_path)
+
+
+def _assert_ranks_match_single(folder, strategy, tmp_path):
+    """Both ranks end with the same deltas, and with those of one process on the whole batch."""
+    r0, r1 = (load_file(str(folder / f"rank{r}.safetensors")) for r in (0, 1))
     single = _single(tmp_path / "single", strategy, tmp_path)
     assert r0.keys() == single.keys()
     for name in r0:
@@ -77,10 +82,4 @@ def test_accelerate_launch_matches_single_process(tmp_path, strategy):
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
                  "accelerate", str(tmp_path / "acc"), strategy], tmp_path)
     assert proc.returncode == 0, _failure(proc)
-    r0, r1 = (load_file(str(tmp_path / "acc" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = _single(tmp_path / "single", strategy, tmp_path)
-    assert r0.keys() == single.keys()
-    for name in r0:
-        assert torch.equal(r0[name], r1[name]), f"{name} differs across processes"
-        torch.testing.assert_close(r0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"{name} vs single process")
-    assert any(v.abs().sum() > 0 for v in r0.values())
+    _assert_ranks_match_single(tmp_path / "acc", strategy, tmp_path)
