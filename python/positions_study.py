@@ -82,8 +82,8 @@ def summarize(rows: list[dict], majority: dict[str, float]) -> str:
                 if not at:
                     continue
                 acc = [100 * r["dev_accuracy"] for r in at]
-                std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-                lines.append(f"| {model} | {task} | {budget} | {method} | {len(acc)} | {statistics.mean(acc):.1f} ± {std:.1f} | "
+                spread = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else " (one run)"
+                lines.append(f"| {model} | {task} | {budget} | {method} | {len(acc)} | {statistics.mean(acc):.1f}{spread} | "
                              f"{at[0]['trainable']:,d} | {at[0]['lr']:g} | {at[0]['epochs']:g} |")
     return "\n".join(lines)
 
