@@ -24,7 +24,7 @@ from .ops.layout import build_layout
 OPTIONAL = ("triton", "transformers", "peft", "safetensors", "accelerate", "bitsandbytes", "torchao")
 
 
-def _version(distribution: str) -> str:
+def installed_version(distribution: str) -> str:
     """Installed version from the package metadata (not imported: some print or take seconds to import)."""
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -52,7 +52,7 @@ def report() -> dict:
            "platform": platform.platform(),
            "torch": torch.__version__, "torch cuda": torch.version.cuda or "none",
            "torch cxx11 abi": torch.compiled_with_cxx11_abi(), "cpu threads": torch.get_num_threads()}
-    env.update({name: _version(name) for name in OPTIONAL})
+    env.update({name: installed_version(name) for name in OPTIONAL})
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = (f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB "

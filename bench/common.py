@@ -23,11 +23,8 @@ def environment(device: str) -> dict:
     env = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
                torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count(),
                cpu_threads=torch.get_num_threads(), device=str(device))
-    for module in ("triton", "transformers", "peft", "bitsandbytes", "torchao"):
-        try:
-            env[module] = __import__(module).__version__
-        except ImportError:
-            env[module] = "absent"
+    from apet_kernels.__main__ import installed_version  # (metadata: imports nothing, prints nothing)
+    env.update({name: installed_version(name) for name in ("triton", "transformers", "peft", "bitsandbytes", "torchao")})
     if str(device).startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
