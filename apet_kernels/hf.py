@@ -73,12 +73,7 @@ def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
             continue
-        if config.target_modules == "all-linear":
-            if id(module) in heads or any(part in HEAD_NAMES for part in name.split(".")):
-                continue
-        elif not _matches(name, config.target_modules):
-            continue
-        if _matches(name, config.exclude_modules) or _matches(name, config.modules_to_save):
+        if (config.target_modules == "all-linear" and id(module) in heads) or not _targeted(name, config):
             continue
         targets[name] = module
     if not targets:
@@ -318,11 +313,7 @@ class ApetModel(nn.Module):
         if not chosen:
             raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers")
         shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
-        if config.budget_like is not None:
-            count = budget_like_count(self.base_model, config.budget_like, {n: m.base_layer for n, m in chosen.items()})
-            budget = split_budget(shapes, num_params=count)
-        else:
-            budget = split_budget(shapes, num_params=config.num_params, density=config.density)
+        budget = _layer_budget(self.base_model, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
         entries, config.layers = {}, {}
         for n, m in layers.items():
             if n in chosen:
@@ -351,18 +342,18 @@ class ApetModel(nn.Module):
             raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
                              f"({_first_few(merged)}): call unmerge() on them or use strategy='unmerged'")
         groups = {name: [i for i, n in enumerate(names) if n == name] for name in set(names) - {"__base__"}}
-        for lname, layer in layers.items():
-            plan = []
-            for name, rows in groups.items():
-                if name == self.active_adapter:
-                    idx, values = layer.delta_indices, layer.delta_values.detach()
-                else:
-                    idx, values = self._inactive[name][1][lname]
-                if idx.numel():
-                    row_ptr = build_layout(idx, (layer.out_features, layer.in_features), columns=False).row_ptr
-                    plan.append((torch.tensor(rows, device=idx.device), idx, values, row_ptr))
-            layer.mixed_batch = plan
-        try:
+        try:  # (a plan that fails half-way is cleared too)
+            for lname, layer in layers.items():
+                plan = []
+                for name, rows in groups.items():
+                    if name == self.active_adapter:
+                        idx, values = layer.delta_indices, layer.delta_values.detach()
+                    else:
+                        idx, values = self._inactive[name][1][lname]
+                    if idx.numel():
+                        row_ptr = build_layout(idx, (layer.out_features, layer.in_features), columns=False).row_ptr
+                        plan.append((torch.tensor(rows, device=idx.device), idx, values, row_ptr))
+                layer.mixed_batch = plan
             yield self
         finally:
             for layer in layers.values():
@@ -662,12 +653,21 @@ def check_whole_state_dict(module: nn.Module, state_dict, prefix, *args) -> None
 
 
 def _targeted(name: str, config: ApetConfig) -> bool:
-    """Whether ``config`` targets the (already patched) layer ``name``, as find_targets would choose it."""
+    """Whether ``config`` targets the module called ``name`` (find_targets also leaves out the output
+    embeddings under "all-linear", by identity)."""
     if config.target_modules == "all-linear":
         ok = not any(part in HEAD_NAMES for part in name.split("."))
     else:
         ok = _matches(name, config.target_modules)
-    return ok and not _matches(name, config.exclude_modules)
+    return ok and not (_matches(name, config.exclude_modules) or _matches(name, config.modules_to_save))
+
+
+def _layer_budget(model: nn.Module, config: ApetConfig, modules: dict[str, nn.Module],
+                  shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Each target's K: the config's budget (budget_like, num_params or density) split by size."""
+    if config.budget_like is not None:
+        return split_budget(shapes, num_params=budget_like_count(model, config.budget_like, modules))
+    return split_budget(shapes, num_params=config.num_params, density=config.density)
 
 
 def _trainer_save_frame():
@@ -755,10 +755,7 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
     config.layers = {}
     targets = find_targets(model, config)
     shapes = {name: linear_shape(m) for name, m in targets.items()}
-    if config.budget_like is not None:
-        budget = split_budget(shapes, num_params=budget_like_count(model, config.budget_like, targets))
-    else:
-        budget = split_budget(shapes, num_params=config.num_params, density=config.density)
+    budget = _layer_budget(model, config, targets, shapes)
     if config.method == "gradient":
         if calibration is None:
             raise ValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
@@ -894,7 +891,6 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
             idx = indices.get(n, torch.empty(0, dtype=m.delta_indices.dtype))
             values = tensors.get(f"{n}.delta_values", torch.zeros(0)).float()
             entries[n] = (idx.to(m.delta_indices.device), values.to(m.delta_values.device))
-        config.layers = {n: {k: v for k, v in info.items()} for n, info in config.layers.items()}
         model._inactive[adapter_name] = (config, entries)
         return model
     apet = _patch(model, config, indices)

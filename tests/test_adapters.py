@@ -192,3 +192,32 @@ def test_adapters_together_need_unmerged_layers():
     with pytest.raises(ValueError, match="unmerged"):
         model.set_adapter(["default", "b"])
     assert model.active_adapters == ["default"]
+
+
+def test_a_switch_that_fails_half_way_puts_every_layer_back(two_adapters):
+    model, _, _ = two_adapters
+    before = _logits(model)
+    names = list(model.apet_layers())
+    idx, values = model._inactive["default"][1][names[-1]]
+    model._inactive["default"][1][names[-1]] = (idx, torch.full_like(values, float("nan")))  # the last layer fails
+    with pytest.raises(ValueError, match="adapter values"):
+        model.set_adapter("default")
+    assert model.active_adapter == "b" and model.active_adapters == ["b"]
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+
+
+def test_a_mixed_batch_that_fails_to_plan_leaves_no_plan_behind(monkeypatch):
+    import apet_kernels.hf as hf
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy="unmerged"))
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("layout failed")
+        return build(*args, **kwargs)
+    build = hf.build_layout
+    monkeypatch.setattr(hf, "build_layout", failing)
+    with pytest.raises(RuntimeError, match="layout failed"):
+        model(IDS, adapter_names=["default", "__base__"])
+    assert all(m.mixed_batch is None for m in model.apet_layers().values())
