@@ -2,14 +2,15 @@
 
 from .config import ApetConfig
 from .functional import sparse_delta_linear
-from .hf import ApetModel, get_apet_model, load_apet, replace_linears
-from .layers import DenseMaskLinear, SparseDeltaLinear
+from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
+from .model import ApetModel, get_apet_model, load_apet
 from .ops.dispatch import backends
-from .positions import GradientScores, Regrower, magnitude_indices
-from .selection import select_indices, split_budget
+from .positions import GradientScores, Regrower
+from .selection import magnitude_indices, select_indices, split_budget
+from .targets import replace_linears
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
-__all__ = ["ApetConfig", "ApetModel", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear", "backends",
-           "get_apet_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices", "sparse_delta_linear", "split_budget",
-           "__version__"]
+__all__ = ["ApetConfig", "ApetModel", "DeltaSet", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear",
+           "backends", "get_apet_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices",
+           "sparse_delta_linear", "split_budget", "__version__"]

@@ -1,4 +1,12 @@
-"""Drop-in modules: SparseDeltaLinear (sparse APET) and DenseMaskLinear (the dense-mask baseline)."""
+"""Drop-in modules: SparseDeltaLinear (sparse APET) and DenseMaskLinear (the dense-mask baseline).
+
+A SparseDeltaLinear holds every adapter it applies as module state, PEFT-style: ``deltas`` maps an
+adapter name to a ``DeltaSet`` (its K positions, a buffer, and their fp32 values, a Parameter), so
+``.to()``, state dicts, checkpoints, DDP/FSDP and deep copies see all of them. One adapter is active
+(applied and trained); others may be applied with it, untrained (``active_adapters``), or per batch
+row (``mixed_batch``). State-dict keys: ``deltas.<name>.values``, ``deltas.<name>.indices``,
+``delta_base`` (W's original values at the active adapter's positions), ``base_layer.*``.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,18 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
+from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal
+from .load_guard import already_checked
+from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .ops.library import add_sparse_term
-from .quantized import dims as quantized_dims
+from .optimizer_guard import note_active_values
 from .quantized import float_dtype, quantization_of, values_at
 from .selection import select_indices
 
 STRATEGIES = ("auto", "merged", "unmerged")
+DEFAULT_ADAPTER = "default"
 
 # weight Parameter -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
 # both write it in the merged strategy and neither could restore it.
@@ -36,42 +48,57 @@ def _budget(numel: int, k: int | None, density: float | None) -> int:
     return k
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D (transformers.pytorch_utils): a linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D"
+def check_adapter_name(name) -> None:
+    """Adapter names are module names (state-dict keys hold them): non-empty, no dots."""
+    if not isinstance(name, str) or not name or "." in name or name == "__base__":
+        raise ValueError(f"adapter names are non-empty strings without dots (and not '__base__'), got {name!r}")
 
 
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out);
-    a quantized weight may be packed (bitsandbytes 4-bit: (n, 1) bytes)."""
-    if quantization_of(module) is not None:
-        return quantized_dims(module)
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+class DeltaSet(nn.Module):
+    """One adapter's deltas on one layer: K sorted, unique flat row-major positions (``indices``) and
+    their fp32 ``values``, with the orderings the kernels walk (non-persistent buffers built when the
+    positions change, never in a forward; the column order, 4 bytes per delta, only where an
+    unmerged backward needs it)."""
 
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], device: torch.device, columns: bool):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.columns = columns
+        # on the meta device the buffers hold no data; the positions wait on the host until they do
+        self.host_indices = indices.detach().to("cpu").clone() if device.type == "meta" else None
+        self.register_buffer("indices", indices.detach().to(device).clone())
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=device),
+                                   requires_grad=False)
+        self.rebuild_layout()
 
-def _is_plain(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or is_conv1d(module)
+    @property
+    def k(self) -> int:
+        return self.indices.numel()
 
+    def rebuild_layout(self, columns: bool | None = None) -> None:
+        if columns is not None:
+            self.columns = columns
+        layout = build_layout(self.indices, self.shape, columns=self.columns)
+        for name, t in zip(("row_ptr", "col_ptr", "col_perm"), layout):
+            self.register_buffer(name, t, persistent=False)
 
-def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
-    """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
-    nn.Linear / Conv1D layers with a floating, unquantized, unsharded weight that no other module uses."""
-    quant = quantization_of(base_layer)
-    if quant is not None:
-        return False, (f"the weight is quantized ({quant}): merging would write its quantized storage, so the "
-                       f"deltas run unmerged (merge_and_unload() dequantizes the layer and adds them)")
-    if not _is_plain(base_layer):
-        return False, (f"the base layer is a {type(base_layer).__name__}, not a plain nn.Linear or Conv1D "
-                       f"(its forward may not be x W^T + b on .weight)")
-    weight = base_layer.weight
-    if not weight.is_floating_point():
-        return False, f"weight dtype {weight.dtype} is not floating point (quantized?)"
-    if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
-        return False, "weight is sharded (DTensor)"
-    if shared:
-        return False, "weight is shared with another module (tied)"
-    return True, ""
+    @property
+    def layout(self) -> DeltaLayout:
+        return DeltaLayout(self.row_ptr, self.col_ptr, self.col_perm)
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.indices.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.indices.is_meta and self.host_indices is not None:
+            with torch.no_grad():  # to_empty(): the buffers hold garbage; the positions come back
+                self.indices = self.host_indices.to(self.indices.device)
+                self.values.zero_()
+            self.host_indices = None
+            self.rebuild_layout()
+        return result
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
 
 
 class _LinearOverBaseWeight(torch.autograd.Function):
@@ -81,22 +108,23 @@ class _LinearOverBaseWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer = layer
-        with layer._base_weight() as w:
+        with layer.pure_weight() as w:
             return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, dy):
         dx = db = None
         if ctx.needs_input_grad[0]:
-            with ctx.layer._base_weight() as w:
-                dx = dy @ w
+            with ctx.layer.pure_weight() as w:
+                dx = dy @ (w if w.dtype == dy.dtype else w.to(dy.dtype))  # (an autocast forward: dy in its dtype)
         if ctx.needs_input_grad[1]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         return dx, db, None
 
 
-# state-dict keys of a base layer's parameters before they moved under `base_layer.` (0.1)
-_LEGACY_KEYS = ("weight", "bias")
+# state-dict keys of 0.1 layers (one adapter, flat keys) -> where they live now
+_LEGACY_BASE_KEYS = ("weight", "bias")
+_LEGACY_DELTA_KEYS = {"delta_values": "values", "delta_indices": "indices", "delta_base": "base"}
 
 
 class SparseDeltaLinear(nn.Module):
@@ -104,21 +132,20 @@ class SparseDeltaLinear(nn.Module):
 
     ``base_layer`` is the wrapped layer itself (``nn.Linear``, GPT-2 ``Conv1D``, or any module
     computing ``x W^T + b`` with a ``.weight`` of shape (out, in)), frozen; ``weight`` and ``bias``
-    are its parameters. ``delta_values`` (fp32, zeros at start) is the only trainable tensor;
-    ``delta_indices`` (sorted flat row-major positions, read-only: change them through
-    ``load_state_dict``) and ``delta_base`` (W's original values there) are persistent buffers.
+    are its parameters. ``deltas[name]`` holds each adapter's positions and fp32 values (zeros at the
+    start); ``delta_values`` / ``delta_indices`` are the active adapter's, the only trainable tensor.
 
     The dense part of the forward is always the base layer's own call; the sparse part is one op.
     Strategies (DESIGN.md): ``merged`` (plain float nn.Linear / Conv1D only) keeps W + S in W's
-    storage, so the forward is exactly the base layer's and only the SDDMM in the backward is extra.
-    At every enabled forward W is made to hold cast(base + v) for the values the layer holds now,
-    whatever changed them (fused optimizers, ``.data`` edits, deep copies, ``functional_call``,
-    assigned parameters); writes never bump W's version counter, so graphs saved before them stay
-    valid. ``unmerged`` never writes W: ``y = base_layer(x) + x S^T``. ``auto`` merges where legal.
+    storage, so the forward is exactly the base layer's and only the SDDMM in the backward is extra
+    (apet_kernels.merged_weight says what W holds when). ``unmerged`` never writes W:
+    ``y = base_layer(x) + x S^T``. ``auto`` merges where legal. Under autocast (or a base layer that
+    computes in another dtype) the sparse term takes x in the dtype of the base layer's output, as a
+    dense ``F.linear(x, W + S)`` would.
     """
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, *, strategy: str = "auto",
-                 backend: str = "auto", weight_shared: bool = False):
+                 backend: str = "auto", weight_shared: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if isinstance(base_layer, SparseDeltaLinear):
             raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
@@ -127,11 +154,11 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if backend not in CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
+        check_adapter_name(adapter_name)
         weight = getattr(base_layer, "weight", None)
         quantized = quantization_of(base_layer) is not None
         if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and not quantized):
             raise TypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
-        transposed = is_conv1d(base_layer)
         self.out_features, self.in_features = linear_shape(base_layer)
         numel = self.out_features * self.in_features
         check_index_meta(indices, numel)
@@ -144,33 +171,39 @@ class SparseDeltaLinear(nn.Module):
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.weight_transposed = transposed  # GPT-2's Conv1D: we work on the (out, in) view, never a copy
+        self.weight_transposed = is_conv1d(base_layer)  # GPT-2's Conv1D: we work on the (out, in) view
         self.weight_shared = weight_shared  # a module flag: survives deepcopy and pickling
         self.backend = backend
         self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
-        self.mixed_batch = None  # [(rows, indices, values, row_ptr)]: per-row adapters (ApetModel.mixed_batch)
-        self.extra_adapters = None  # [(indices, values, layout)]: other adapters applied too, untrained (unmerged)
-        # on the meta device the buffers hold no data; keep the positions until they do (_materialize)
-        self._host_indices = indices.detach().to("cpu").clone() if weight.is_meta else None
-        self.register_buffer("delta_indices", indices.detach().to(weight.device).clone())
+        self.deltas = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self.active_adapters = [adapter_name]  # the active one first, then others applied with it (unmerged)
+        self._mixed = None  # a MixedBatch while a mixed-adapter batch runs (ApetModel.mixed_batch)
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
         base_dtype = float_dtype(base_layer) if quantized else weight.dtype
-        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=base_dtype, device=weight.device))
-        self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device))
-        self._base_stale = True  # delta_base is read from the pure W before W is first written
-        self._read_base()
-        self._rebuild_layout()
-        _WRAPPERS[weight] = weakref.ref(self)
+        # saved as deltas.<active>.base (by _add_base_to_state_dict): the key says which adapter a saved merged W holds
+        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=base_dtype, device=weight.device),
+                             persistent=False)
+        self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
+                                             columns=self.strategy != "merged")
+        self._set_active_cache()
+        self.delta_values.requires_grad_(True)
+        note_active_values([self.delta_values], [])
+        self._merge = MergedWeight(self)
+        self._merge.read_base()
+        self._claim_weight()
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
+        self.register_state_dict_pre_hook(SparseDeltaLinear._before_state_dict)
+        self.register_state_dict_post_hook(SparseDeltaLinear._add_base_to_state_dict)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_linear(cls, linear: nn.Module, k: int | None = None, density: float | None = None,
                     method: str = "random", seed: int = 0, key: str | None = None,
-                    strategy: str = "auto", backend: str = "auto",
-                    indices: torch.Tensor | None = None, weight_shared: bool = False) -> "SparseDeltaLinear":
+                    strategy: str = "auto", backend: str = "auto", indices: torch.Tensor | None = None,
+                    weight_shared: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> "SparseDeltaLinear":
         """Wrap ``linear`` (``nn.Linear``, GPT-2 ``Conv1D`` or another linear-like layer).
 
         Positions come from ``select_indices(..., method, seed, key)`` with ``k`` or
@@ -186,7 +219,8 @@ class SparseDeltaLinear(nn.Module):
             indices = select_indices(shape, k, method=method, seed=seed, key=key or "")
         elif k is not None or density is not None:
             raise ValueError("give either indices or a budget (k / density), not both")
-        return cls(linear, indices, strategy=strategy, backend=backend, weight_shared=weight_shared)
+        return cls(linear, indices, strategy=strategy, backend=backend, weight_shared=weight_shared,
+                   adapter_name=adapter_name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -196,9 +230,49 @@ class SparseDeltaLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight.t() if self.weight_transposed else self.weight
+
+    # ----------------------------------------------------------------- the active adapter's tensors
+    def _set_active_cache(self) -> None:
+        # a plain attribute (not a registered submodule): the forward reads it without nn.Module lookups
+        self.__dict__["_active"] = self.deltas[self.active_adapter]
+
+    @property
+    def delta_values(self) -> nn.Parameter:
+        return self._active.values
+
+    @delta_values.setter
+    def delta_values(self, value: nn.Parameter) -> None:
+        if not isinstance(value, nn.Parameter) or tuple(value.shape) != (self._active.k,):
+            raise TypeError(f"delta_values must be an nn.Parameter of shape ({self._active.k},)")
+        self._active.values = value
+
+    def __setattr__(self, name, value):
+        if name == "delta_values":  # (nn.Module would register a Parameter under that name instead)
+            type(self).delta_values.fset(self, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def delta_indices(self) -> torch.Tensor:
+        return self._active.indices
+
+    @property
+    def layout(self) -> DeltaLayout:
+        return self._active.layout
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.deltas.keys())
+
+    # ----------------------------------------------------------------- the weight and its wrapper
     def __setstate__(self, state):
         # deepcopy and unpickling give this module new parameters: it wraps its own new weight
         super().__setstate__(state)
+        self._claim_weight()
+
+    def _claim_weight(self) -> None:
         _WRAPPERS[self.weight] = weakref.ref(self)
 
     def release_weight(self) -> None:
@@ -207,80 +281,6 @@ class SparseDeltaLinear(nn.Module):
         if ref is not None and ref() is self:
             del _WRAPPERS[self.weight]
 
-    def _weight_oi(self) -> torch.Tensor:
-        return self.weight.t() if self.weight_transposed else self.weight
-
-    def _rebuild_layout(self) -> None:
-        """Orderings the kernels walk, derived from the indices (non-persistent buffers, built here and
-        never in a forward). The column order (4 bytes per delta) only serves the unmerged backward."""
-        layout = build_layout(self.delta_indices, (self.out_features, self.in_features),
-                              columns=self.strategy != "merged")
-        for name, t in zip(("_row_ptr", "_col_ptr", "_col_perm"), layout):
-            self.register_buffer(name, t, persistent=False)
-
-    @property
-    def layout(self) -> DeltaLayout:
-        return DeltaLayout(self._row_ptr, self._col_ptr, self._col_perm)
-
-    # ----------------------------------------------------------------- W's storage at the K positions
-    # The only places that read or write W at the tuned positions. They go through W.data, so the
-    # parameter's version counter (what autograd checks for saved tensors) never moves.
-    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.delta_indices.long()
-        return idx // self.in_features, idx % self.in_features
-
-    def _storage(self) -> torch.Tensor:
-        w = self.weight.data
-        return w.t() if self.weight_transposed else w
-
-    @torch.no_grad()
-    def _read_base(self) -> None:
-        """delta_base = W at the positions; W must hold the pure weight there."""
-        self._written = None
-        if self.weight.is_meta or self.delta_indices.is_meta:
-            return  # nothing to read yet: _materialize or a load reads it (the base stays stale)
-        if self.quantization is not None:
-            base = values_at(self.base_layer, self.delta_indices)  # one dequantized copy of this layer, freed
-        else:
-            base = self._storage()[self._positions()]
-        if self.delta_base.shape == base.shape and self.delta_base.dtype == base.dtype \
-                and self.delta_base.device == base.device:
-            self.delta_base.copy_(base)
-        else:
-            self.delta_base = base
-        self._base_stale = False
-
-    def current_base(self) -> torch.Tensor:
-        """W's own values at the tuned positions (``delta_base``, read from W first if still unread)."""
-        if self._base_stale:
-            self._read_base()
-        return self.delta_base
-
-    @torch.no_grad()
-    def _write_base(self) -> None:
-        """W[p] = base itself (not base + 0, which turns -0.0 into +0.0): bit-exact restore."""
-        self._written = None  # W no longer holds the last merged write
-        if not self._base_stale:
-            self._storage().index_put_(self._positions(), self.delta_base)
-
-    def _write_merged(self, values: torch.Tensor, backend_name: str | None = None) -> None:
-        """W[p] = cast(base + v): K writes, through the backend's own scatter (no autograd: W.data
-        and detached values; at every merged forward, so kept to a few microseconds of host time)."""
-        if self._base_stale:
-            self._read_base()
-        implementation(backend_name or self._backend_name()).scatter_merge_(
-            self._storage(), self.delta_indices, self.delta_base, values.detach())
-
-    @contextlib.contextmanager
-    def _base_weight(self):
-        """W holds the pure weight inside the block and W + S again after it (merged layers)."""
-        self._write_base()
-        try:
-            yield self._weight_oi()
-        finally:
-            self._write_merged(self.delta_values)
-
-    # ----------------------------------------------------------------- merge state
     @property
     def quantization(self):
         """The base weight's quantization (apet_kernels.quantized.Quantization), or None."""
@@ -297,78 +297,139 @@ class SparseDeltaLinear(nn.Module):
     def _backend_name(self) -> str:
         return resolve(self.backend, self.weight.device)
 
+    def current_base(self) -> torch.Tensor:
+        """W's own values at the active adapter's positions (``delta_base``, read first if still unread)."""
+        return self._merge.base()
+
+    @contextlib.contextmanager
+    def pure_weight(self):
+        """Merged layers: W holds the pure weight inside the block, W + S again after it."""
+        with self._merge.pure(self.delta_values, self._backend_name()) as w:
+            yield w
+
+    # ----------------------------------------------------------------- strategy
     def merge(self) -> None:
         """Switch to the merged strategy and write W + S into W's storage now."""
         legal, why = self.merge_legality()
         if not legal:
             raise RuntimeError(f"cannot merge: {why}")
-        if self.__dict__.get("extra_adapters"):
+        if len(self.active_adapters) > 1:
             raise RuntimeError("cannot merge: other adapters are applied together with this one (unmerged); "
                                "set_adapter() a single adapter first")
-        self._write_merged(self.delta_values)
-        self.strategy = "merged"
+        if self._mixed is not None:
+            raise RuntimeError("cannot merge inside a mixed-adapter batch")
+        if self.strategy != "merged":
+            self._merge.structural_change()
+            self._merge.write(self.delta_values, self._backend_name())
+            self.strategy = "merged"
+            self._active.rebuild_layout(columns=False)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
         if self.strategy == "merged":
-            self._write_base()
+            self._merge.restore()
+            self._merge.structural_change()
             self.strategy = "unmerged"
-            self._rebuild_layout()  # the unmerged backward walks the deltas by column too
+            self._active.rebuild_layout(columns=True)  # the unmerged backward walks the deltas by column too
+
+    # ----------------------------------------------------------------- adapters
+    def _checked_indices(self, indices: torch.Tensor, what: str) -> None:
+        numel = self.out_features * self.in_features
+        try:
+            check_index_meta(indices, numel)
+            check_index_content(indices, numel)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Add an inactive adapter with these positions (any K, even 0) and values (default zeros)."""
+        check_adapter_name(name)
+        if name in self.deltas:
+            raise ValueError(f"this layer has an adapter named {name!r} already")
+        self._checked_indices(indices, f"adapter {name!r}")
+        if values is not None:
+            if tuple(values.shape) != (indices.numel(),) or not values.is_floating_point():
+                raise ValueError(f"adapter {name!r}: values must be a float tensor of shape ({indices.numel()},), "
+                                 f"got {values.dtype} {tuple(values.shape)}")
+            check_finite(values, f"adapter {name!r} values")
+        device = self.delta_indices.device
+        delta = DeltaSet(indices.to(self.delta_indices.dtype if indices.numel() else indices.dtype),
+                         (self.out_features, self.in_features), device, columns=True)
+        if values is not None:
+            delta.values.copy_(values)
+        self.deltas[name] = delta
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.active_adapters:
+            raise ValueError(f"adapter {name!r} is active: set_adapter() another one before deleting it")
+        if name not in self.deltas:
+            raise ValueError(f"no adapter named {name!r}; this layer has {self.adapters}")
+        del self.deltas[name]
+
+    @torch.no_grad()
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Apply and train ``names[0]``, apply the others with it (unmerged only). Merged: W is restored at
+        the old positions and cast(base + v) written at the new ones right away, nothing else is touched.
+        Each adapter keeps its own values Parameter: switching back gives the same Parameters."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {names!r}")
+        unknown = [n for n in names if n not in self.deltas]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this layer has {self.adapters}")
+        if len(names) > 1 and self.strategy == "merged":
+            raise ValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
+                             "unmerge() it or use strategy='unmerged'")
+        if self._mixed is not None:
+            raise RuntimeError("set_adapter() inside a mixed-adapter batch would change what its rows apply")
+        # checked: from here on nothing fails
+        new, old = names[0], self.active_adapter
+        if new != old:
+            merged = self.strategy == "merged"
+            if merged:
+                self._merge.restore()
+                self._merge.structural_change()
+            self.active_adapter = new
+            self._set_active_cache()
+            self._merge.stale = True
+            self._merge.read_base()  # W is pure at the new positions
+            self.deltas[old].rebuild_layout(columns=True)
+            self._active.rebuild_layout(columns=not merged)
+            if merged:
+                self._merge.write(self.delta_values, self._backend_name())
+        self.active_adapters = names
+        for name, delta in self.deltas.items():
+            delta.values.requires_grad_(name == new)
+        note_active_values([self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
 
     @torch.no_grad()
     def set_positions(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
-        """Tune K other positions (K unchanged): W is restored at the old positions, the base read at
-        the new ones, and ``values`` (default: zeros) written in place into ``delta_values`` so an
-        optimizer keeps its reference. Used by drop-and-regrow (apet_kernels.positions.Regrower)."""
-        k, numel = self.delta_indices.numel(), self.out_features * self.in_features
-        check_index_meta(indices, numel)
+        """Tune K other positions (K unchanged) in the active adapter: W is restored at the old positions, the
+        base read at the new ones, and ``values`` (default: zeros) written in place into ``delta_values``
+        so an optimizer keeps its reference. Used by drop-and-regrow (apet_kernels.positions.Regrower)."""
+        k = self.delta_indices.numel()
+        check_index_meta(indices, self.out_features * self.in_features)
         if indices.numel() != k:
             raise ValueError(f"set_positions keeps K fixed: got {indices.numel()} positions, the layer has {k}")
-        check_index_content(indices, numel)
+        self._checked_indices(indices, "set_positions")
         if values is not None and tuple(values.shape) != (k,):
             raise ValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
-        if self.strategy == "merged":
-            self._write_base()
+        merged = self.strategy == "merged"
+        if merged:
+            self._merge.restore()
+            self._merge.structural_change()
         self.delta_indices.copy_(indices.to(self.delta_indices.device, self.delta_indices.dtype))
-        self._base_stale = True
-        self._read_base()
-        self._rebuild_layout()
+        self._merge.stale = True
+        self._merge.read_base()
+        self._active.rebuild_layout()
         if values is None:
             self.delta_values.zero_()
         else:
             self.delta_values.copy_(values)
-
-    @torch.no_grad()
-    def swap_adapter(self, indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make this layer apply another adapter's deltas (any K) and return the current ones (indices,
-        values), detached. Touches only the positions involved: W is restored at the old K positions and
-        (merged) ``cast(base + v)`` written at the new K right away. ``delta_values`` stays the same
-        Parameter when K is unchanged, else it is replaced (an optimizer must be rebuilt then).
-        Checked before anything changes."""
-        numel = self.out_features * self.in_features
-        check_index_meta(indices, numel)
-        check_index_content(indices, numel)
-        if tuple(values.shape) != (indices.numel(),) or not values.is_floating_point():
-            raise ValueError(f"values must be a float tensor of shape ({indices.numel()},), got "
-                             f"{values.dtype} {tuple(values.shape)}")
-        check_finite(values, "adapter values")
-        old = (self.delta_indices.clone(), self.delta_values.detach().clone())
-        if self.strategy == "merged":
-            self._write_base()
-        device = self.delta_indices.device
-        self.delta_indices = indices.to(device).clone()
-        if values.numel() == self.delta_values.numel():
-            self.delta_values.copy_(values)
-        else:
-            self.delta_values = nn.Parameter(values.detach().to(device, torch.float32).clone(),
-                                             requires_grad=self.delta_values.requires_grad)
-        self._base_stale = True
-        self._read_base()
-        self._rebuild_layout()
-        if self.strategy == "merged":
-            self._write_merged(self.delta_values)
-        return old
+        if merged:
+            self._merge.write(self.delta_values, self._backend_name())
 
     @torch.no_grad()
     def base_values_at(self, indices: torch.Tensor) -> torch.Tensor:
@@ -377,7 +438,7 @@ class SparseDeltaLinear(nn.Module):
         if self.quantization is not None:
             return values_at(self.base_layer, indices)
         idx = indices.long().to(self.delta_indices.device)
-        values = self._storage()[idx // self.in_features, idx % self.in_features].clone()
+        values = self._merge.storage()[idx // self.in_features, idx % self.in_features].clone()
         if self.strategy == "merged" and self.delta_indices.numel():
             mine = self.delta_indices.long()
             overlap = torch.isin(idx, mine)
@@ -385,107 +446,120 @@ class SparseDeltaLinear(nn.Module):
                 values[overlap] = self.current_base()[torch.searchsorted(mine, idx[overlap])]
         return values
 
-    def delta_weight(self) -> torch.Tensor:
-        """Dense fp32 Delta W (out, in). For inspection and merging only: allocates out x in."""
-        dense = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,
-                            device=self.delta_values.device)
-        dense.view(-1)[self.delta_indices.long()] = self.delta_values.detach().float()
+    def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
+        """Dense fp32 Delta W (out, in) of ``adapter`` (default: the active one). For inspection and merging
+        only: allocates out x in."""
+        delta = self.deltas[adapter] if adapter is not None else self._active
+        dense = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=delta.values.device)
+        dense.view(-1)[delta.indices.long()] = delta.values.detach().float()
         return dense
 
     # ----------------------------------------------------------------- device moves and meta init
     def _apply(self, fn, recurse=True):
-        was_meta = self.delta_indices.is_meta
+        was_meta = self.weight.is_meta
         result = super()._apply(fn, recurse)
-        self._written = None  # dtype or storage may have changed: write again
-        if was_meta and not self.delta_indices.is_meta:
-            self._materialize()  # to_empty(): the buffers now hold garbage
+        self._merge.written = None  # dtype or storage may have changed: write again
+        if was_meta and not self.weight.is_meta:
+            self._merge.stale = True  # to_empty(): read the base once W holds data (a load or the next forward)
+            self._claim_weight()  # a new Parameter object when it left the meta device
         return result
 
-    @torch.no_grad()
-    def _materialize(self) -> None:
-        """After meta-device construction: the positions kept on the host, zero values, and the base
-        read from W once W holds data (at the next forward or load, whichever comes first)."""
-        if self.weight.is_meta or self._host_indices is None:
-            return
-        device = self.weight.device
-        self.delta_indices = self._host_indices.to(device)
-        if self.delta_values.is_meta or self.delta_values.device != device:
-            self.delta_values = nn.Parameter(torch.zeros(self.delta_indices.numel(), device=device))
-        else:
-            self.delta_values.zero_()
-        self._host_indices = None
-        self._base_stale = True
-        self._rebuild_layout()
-        _WRAPPERS[self.weight] = weakref.ref(self)  # a new Parameter object when it left the meta device
-
     # ----------------------------------------------------------------- state dict
+    # Keys: base_layer.weight/bias, deltas.<name>.values / .indices for every adapter, and deltas.<active>.base:
+    # W's original values at the active adapter's positions. A merged layer's weight is saved as W + S of the
+    # active adapter, so the base's key also says at which positions a saved W differs from the pure one.
     @staticmethod
-    def upgrade_state_dict(state_dict, prefix: str) -> None:
-        """Move 0.1's flat ``weight``/``bias`` keys (and those of an unpatched checkpoint) under
-        ``base_layer.``, in place, so plain checkpoints load into patched models."""
-        for name in _LEGACY_KEYS:
+    def _before_state_dict(module: "SparseDeltaLinear", prefix, keep_vars) -> None:
+        # a merged W written before the last optimizer step holds older values than delta_values: write the
+        # current ones, so the state dict's weight is W + S for the values saved with it
+        if module.strategy == "merged" and not module._merge.stale and not module.weight.is_meta:
+            module._merge.sync(module.delta_values, module._backend_name())
+
+    @staticmethod
+    def _add_base_to_state_dict(module: "SparseDeltaLinear", state_dict, prefix, local_metadata) -> None:
+        if not module._merge.stale or module.weight.is_meta:
+            state_dict[f"{prefix}deltas.{module.active_adapter}.base"] = module.current_base().detach()
+
+    def upgrade_state_dict(self, state_dict, prefix: str) -> None:
+        """Move 0.1/0.2's flat keys (``weight``/``bias`` of an unpatched checkpoint; ``delta_values``,
+        ``delta_indices``, ``delta_base`` of a one-adapter layer) to where they live now, in place."""
+        for name in _LEGACY_BASE_KEYS:
             old, new = prefix + name, prefix + "base_layer." + name
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
+        for old, new in _LEGACY_DELTA_KEYS.items():
+            old, new = prefix + old, f"{prefix}deltas.{self.active_adapter}.{new}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+    def _incoming_base(self, state_dict, prefix: str) -> tuple[str, torch.Tensor] | None:
+        found = [(n, state_dict[f"{prefix}deltas.{n}.base"]) for n in self.deltas if f"{prefix}deltas.{n}.base" in state_dict]
+        if len(found) > 1:
+            raise ValueError(f"{prefix}deltas: bases of several adapters ({[n for n, _ in found]}); a layer's state "
+                             f"holds the base of its active adapter only")
+        return found[0] if found else None
 
     def check_state_dict(self, state_dict, prefix: str = "") -> None:
         """Everything load_state_dict would put in this layer, checked before anything is copied."""
-        numel, k = self.out_features * self.in_features, self.delta_indices.numel()
+        numel = self.out_features * self.in_features
         for name in ("weight", "bias"):
             mine = getattr(self.base_layer, name, None)
             t = state_dict.get(f"{prefix}base_layer.{name}")
             if t is not None and mine is not None and torch.is_tensor(t) and t.shape != mine.shape:
                 raise ValueError(f"{prefix}base_layer.{name} has shape {tuple(t.shape)}, this layer's is "
                                  f"{tuple(mine.shape)}")
-        idx = state_dict.get(prefix + "delta_indices")
-        if idx is not None:
-            try:
-                check_index_meta(idx, numel)
-                if idx.numel() != k:
-                    raise ValueError(f"it has {idx.numel()} entries, this layer has {k}")
-                if not idx.is_meta:
-                    check_index_content(idx, numel)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{prefix}delta_indices: {exc}") from None
-        for name in ("delta_values", "delta_base"):
-            t = state_dict.get(prefix + name)
-            if t is None:
-                continue
-            if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != (k,):
-                raise ValueError(f"{prefix}{name} must be a float tensor of shape ({k},), got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-            if name == "delta_values" and not t.is_meta:
-                check_finite(t, prefix + name)
+        for adapter, delta in self.deltas.items():
+            key = f"{prefix}deltas.{adapter}."
+            idx = state_dict.get(key + "indices")
+            if idx is not None:
+                try:
+                    check_index_meta(idx, numel)
+                    if idx.numel() != delta.k:
+                        raise ValueError(f"it has {idx.numel()} entries, this layer has {delta.k}")
+                    if not idx.is_meta:
+                        check_index_content(idx, numel)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{key}indices: {exc}") from None
+            _check_float_entry(state_dict.get(key + "values"), key + "values", delta.k, finite=True)
+            _check_float_entry(state_dict.get(key + "base"), key + "base", delta.k, finite=False)
+        self._incoming_base(state_dict, prefix)
 
-    def _before_load(self, state_dict, prefix, *args, **kwargs):
+    def _before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.upgrade_state_dict(state_dict, prefix)
-        self.check_state_dict(state_dict, prefix)
-        self._incoming = frozenset(n for n in ("base_layer.weight", "delta_indices", "delta_base")
-                                   if prefix + n in state_dict)
+        if not already_checked(error_msgs):  # (an ancestor checked the whole state dict: apet_kernels.load_guard)
+            self.check_state_dict(state_dict, prefix)
+        base = self._incoming_base(state_dict, prefix)
+        if base is not None:
+            del state_dict[f"{prefix}deltas.{base[0]}.base"]  # ours to apply (_after_load), not a buffer of the set
+        incoming = {n for n in ("base_layer.weight",) if prefix + n in state_dict}
+        incoming |= {n for n in self.deltas if f"{prefix}deltas.{n}.indices" in state_dict}
+        self._incoming = (frozenset(incoming), base)
         # the positions may move and the weight may be replaced: start from the pure W
         if self.strategy == "merged":
-            self._write_base()
+            self._merge.restore()
 
     @staticmethod
     @torch.no_grad()
     def _after_load(module: "SparseDeltaLinear", incompatible_keys) -> None:
-        incoming = module.__dict__.pop("_incoming", frozenset())
-        module._materialize()
+        incoming, base = module.__dict__.pop("_incoming", (frozenset(), None))
         if module.delta_indices.is_meta or module.weight.is_meta:
             return
-        if "delta_indices" in incoming:
-            module._rebuild_layout()
-        if "base_layer.weight" in incoming and "delta_base" in incoming:
-            module._base_stale = False
-            module._write_base()  # a saved merged W holds W + S at the saved positions
-        loaded_base = module.delta_base.clone() if "delta_base" in incoming and "base_layer.weight" not in incoming \
-            else None
-        # W is pure here in every case: its values at the positions are the base
-        module._read_base()
-        if loaded_base is not None and not module._base_stale and not torch.equal(loaded_base, module.delta_base):
-            warnings.warn("the loaded delta_base differs from this layer's weight at the tuned positions (a state "
-                          "dict from another base model?); keeping the weight's values as the base")
-        _WRAPPERS[module.weight] = weakref.ref(module)  # assign=True may have brought a new weight
+        for name in module.deltas:
+            if name in incoming:
+                module.deltas[name].rebuild_layout()
+        merge = module._merge
+        if base is not None and "base_layer.weight" in incoming:
+            # the loaded W holds W + S of adapter base[0] (saved merged): its saved base makes it pure
+            merge.restore_at(module.deltas[base[0]].indices, base[1])
+        merge.stale = True
+        merge.read_base()  # W is pure here in every case: its values at the positions are the base
+        if base is not None and "base_layer.weight" not in incoming and base[0] == module.active_adapter and \
+                not torch.equal(base[1].to(module.delta_base), module.delta_base):
+            warnings.warn("the loaded base differs from this layer's weight at the tuned positions (a state dict "
+                          "from another base model?); keeping the weight's values as the base")
+        if module.strategy == "merged" and incoming:
+            merge.structural_change()
+        module._claim_weight()  # assign=True may have brought a new weight
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,84 +568,90 @@ class SparseDeltaLinear(nn.Module):
         merged = self.strategy == "merged"
         if self.apet_disabled:
             return self._forward_base(x) if merged else self.base_layer(x)
-        if self.__dict__.get("mixed_batch") is not None:
+        if self._mixed is not None:
             return self._forward_mixed(x)
-        backend_name, values = self._backend_name(), self.delta_values
+        backend_name, active = self._backend_name(), self._active
+        values = active.values
         if merged:
-            self._sync(values, backend_name)
+            self._merge.sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
         y = self.base_layer(x)
-        if not merged and not _is_plain(self.base_layer) and y._is_view():  # (plain first: compiles)
+        if not merged and not is_plain_linear(self.base_layer) and y._is_view():  # (plain first: compiles)
             # the sparse term is added in place; a library's custom Function may return a view of its own
             # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
             y = y.clone()
-        y = add_sparse_term(y, x, values, self.delta_indices, self.layout, merged, backend_name)
-        for indices, extra_values, layout in self.__dict__.get("extra_adapters") or ():
-            y = add_sparse_term(y, x, extra_values, indices, layout, False, backend_name)  # values: no grad
+        if x.dtype != y.dtype:  # autocast, or a base computing in another dtype: x as the GEMM took it
+            x = x.to(y.dtype)
+        y = add_sparse_term(y, x, values, active.indices, active.layout, merged, backend_name)
+        if len(self.active_adapters) > 1:
+            for name in self.active_adapters[1:]:
+                extra = self.deltas[name]
+                if extra.k:
+                    y = add_sparse_term(y, x, extra.values, extra.indices, extra.layout, False, backend_name)
         return y
 
     @torch.no_grad()
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """Inference with one adapter per batch row (unmerged): the base output, plus for each adapter
-        its sparse term on its rows only (rows of no group get the base output)."""
+        its sparse term on the tokens of its rows only."""
         if self.strategy == "merged":
             raise RuntimeError("a mixed-adapter batch runs unmerged; this layer is merged")
         y = self.base_layer(x).clone()
+        xs = x.to(y.dtype).reshape(-1, self.in_features)
+        y2 = y.view(-1, self.out_features)
         spmm = implementation(self._backend_name()).spmm_
-        for rows, indices, values, row_ptr in self.mixed_batch:
-            if rows.numel() and rows.max() >= x.shape[0]:
-                raise ValueError(f"adapter_names has more rows than the batch ({x.shape[0]})")
-            part = torch.zeros((rows.numel(),) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device)
-            spmm(part.reshape(-1, part.shape[-1]), x[rows].reshape(-1, x.shape[-1]), indices, values, row_ptr)
-            y[rows] += part
+        for name, tokens in self._mixed.token_groups(tuple(x.shape), x.device):
+            delta = self.deltas[name] if name in self.deltas else None
+            if delta is None or delta.k == 0:
+                continue
+            part = torch.zeros(tokens.numel(), self.out_features, dtype=y.dtype, device=y.device)
+            spmm(part, xs.index_select(0, tokens), delta.indices, delta.values, delta.row_ptr)
+            y2.index_add_(0, tokens, part)
         return y
 
-    def _sync(self, values: torch.Tensor, backend_name: str) -> None:
-        """Make W hold cast(base + v) for ``values``. On a GPU, or while compiling: always write (one
-        launch, async; inside a graph the write is the registered op). Eagerly on the CPU with the
-        native extension: skip the K random writes if the values' content hash and W's storage and
-        version are those of the last write (the content, not a version counter: fused optimizers,
-        .data edits and copies all change the content). The stamp is taken before the write, so a
-        change racing with it is caught at the next forward."""
-        if torch.compiler.is_compiling():
-            if self._base_stale:
-                self._read_base()
-            torch.ops.apet.scatter_merge_(self._storage(), self.delta_indices, self.delta_base, values.detach(),
-                                          backend_name)
-            return
-        stamp = None
-        if values.device.type == "cpu" and backend_name == "native" and values.is_contiguous():
-            from .ops.native import fingerprint
-            w = self.weight
-            stamp = (fingerprint(values.detach()), w.data_ptr(), w._version)
-            if stamp == self._written:
-                return
-        self._write_merged(values, backend_name)
-        self._written = stamp
+    def begin_mixed_batch(self, plan) -> None:
+        """Run the next forwards as a mixed-adapter batch (``plan``: an ApetModel MixedBatch)."""
+        if self.strategy == "merged":
+            raise RuntimeError("a mixed-adapter batch runs unmerged; this layer is merged")
+        self._mixed = plan
+
+    def end_mixed_batch(self) -> None:
+        self._mixed = None
 
     @torch.compiler.disable
     def _forward_base(self, x: torch.Tensor) -> torch.Tensor:
-        if self._base_stale:
-            self._read_base()
+        self._merge.base()
         return _LinearOverBaseWeight.apply(x, self.bias, self)
 
     def _check_buffers(self) -> None:
         """APET_VALIDATE=1: indices in range, sorted, unique and consistent with the row offsets."""
         numel = self.out_features * self.in_features
-        check_index_meta(self.delta_indices, numel)
-        check_index_content(self.delta_indices, numel)
-        rows = build_layout(self.delta_indices, (self.out_features, self.in_features), columns=False).row_ptr
-        if not torch.equal(rows.cpu(), self._row_ptr.cpu()):
-            raise ValueError("delta_indices changed in place since the layer was built or loaded; change positions "
-                             "through load_state_dict")
+        for name, delta in self.deltas.items():
+            check_index_meta(delta.indices, numel)
+            check_index_content(delta.indices, numel)
+            rows = build_layout(delta.indices, (self.out_features, self.in_features), columns=False).row_ptr
+            if not torch.equal(rows.cpu(), delta.row_ptr.cpu()):
+                raise ValueError(f"adapter {name!r}: indices changed in place since the layer was built or loaded; "
+                                 f"change positions through load_state_dict or set_positions")
 
     def extra_repr(self) -> str:
         k, numel = self.delta_indices.numel(), self.out_features * self.in_features
+        adapters = "" if list(self.deltas) == [DEFAULT_ADAPTER] else f", active_adapters={self.active_adapters}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
-                f"strategy={self.strategy}, backend={self.backend}"
+                f"strategy={self.strategy}, backend={self.backend}{adapters}"
                 + (f", quantized={self.quantization}" if self.quantization is not None else ""))
+
+
+def _check_float_entry(t, key: str, k: int, finite: bool) -> None:
+    if t is None:
+        return
+    if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != (k,):
+        raise ValueError(f"{key} must be a float tensor of shape ({k},), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if finite and not t.is_meta:
+        check_finite(t, key)
 
 
 def _check_not_wrapped(weight: torch.Tensor) -> None:

@@ -1,9 +1,8 @@
-"""Learned positions without dense masks: smallest |W|, largest accumulated gradient, drop-and-regrow.
+"""Learned positions without dense masks: largest accumulated gradient, drop-and-regrow (the smallest
+|W|, data-free, is ``selection.magnitude_indices``).
 
 Memory never grows with out x in beyond one row block:
 
-- ``magnitude_indices``: the K entries of smallest |W| (PaFi's criterion), streamed over row blocks
-  with a running top-K.
 - ``GradientScores``: the K entries with the largest gradient magnitude accumulated over a few
   batches. A batch's dense gradient dW = dy^T x is formed one row block at a time (block x in) and
   only its top-(c K) entries are kept. A per-layer candidate pool of c K positions carries exact
@@ -31,69 +30,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .layers import linear_shape
+from .linear_like import linear_shape
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout
-from .selection import index_dtype
+from .selection import block_rows, index_dtype, top_of_blocks
 
 SCORES = ("abs", "squared")  # |g| or g^2 (a diagonal Fisher estimate) accumulated over batches
-
-
-def block_rows(out_features: int, in_features: int) -> int:
-    """Rows per block: at most out/8 and at most 2**24 elements (64 MB of fp32)."""
-    return max(1, min(max(1, out_features // 8), 2**24 // max(1, in_features)))
-
-
-def _merge_top(best_score, best_flat, score, flat, k: int, largest: bool):
-    """The k best of two candidate sets; ties go to the lower flat index (deterministic)."""
-    score = torch.cat([best_score, score])
-    flat = torch.cat([best_flat, flat])
-    order = torch.sort(flat, stable=True).indices
-    score, flat = score[order], flat[order]
-    keep = torch.sort(score, descending=largest, stable=True).indices[:k]
-    return score[keep], flat[keep]
-
-
-def _top_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], in_features: int, k: int, largest: bool,
-                   exclude: torch.Tensor | None = None):
-    """Running top-k over (first_row, block scores (rows, in)) pairs: (scores, flat indices)."""
-    best_score = torch.empty(0)
-    best_flat = torch.empty(0, dtype=torch.int64)
-    for r0, block in blocks:
-        flat_block = block.reshape(-1)
-        base = r0 * in_features
-        n_ex, ex = 0, None
-        if exclude is not None and exclude.numel():  # take as many more, then drop them: no copy of the block
-            ex = exclude.long().to(flat_block.device)
-            ex = ex[(ex >= base) & (ex < base + flat_block.numel())] - base
-            n_ex = ex.numel()
-        if best_score.numel() == k and k:
-            # only entries strictly better than the k-th best so far can enter (a later block loses
-            # ties): one pass over the block instead of a top-k of it, which cost as much as its GEMM
-            worst = best_score.min() if largest else best_score.max()
-            pos = torch.nonzero(flat_block > worst if largest else flat_block < worst).squeeze(1)
-            score = flat_block[pos]
-        else:
-            n = min(k + n_ex, flat_block.numel())
-            score, pos = torch.topk(flat_block, n, largest=largest, sorted=False)
-        if n_ex:
-            keep = ~torch.isin(pos, ex)
-            score, pos = score[keep], pos[keep]
-        best_score, best_flat = _merge_top(best_score.to(score.device), best_flat.to(score.device), score,
-                                           pos + base, k, largest)
-    return best_score, best_flat
-
-
-def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides)."""
-    out_f, in_f = weight_oi.shape
-    if k < 0 or k > out_f * in_f:
-        raise ValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
-    rows = block_rows(out_f, in_f)
-    w = weight_oi.detach()
-    blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))
-    _, flat = _top_of_blocks(blocks, in_f, k, largest=False)
-    return torch.sort(flat).values.to(index_dtype(out_f * in_f)).cpu()
 
 
 def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str):
@@ -105,6 +47,16 @@ def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str
         yield r0, (g.abs_() if score == "abs" else g.square_())
 
 
+def _contribution(g: torch.Tensor, score: str) -> torch.Tensor:
+    """What one batch adds to a position's accumulator: |g|, g^2, or g itself ("signed": the step's summed
+    gradient, ranked by its magnitude, as the optimizer sees it under gradient accumulation)."""
+    return g if score == "signed" else (g.abs() if score == "abs" else g.square())
+
+
+def _rank(acc: torch.Tensor, score: str) -> torch.Tensor:
+    return acc.abs() if score == "signed" else acc
+
+
 class _PoolState:
     """One layer's candidate pool: flat positions and their accumulated scores. ``exclude`` (sorted
     flat positions) never enter it: the regrower's currently tuned positions."""
@@ -113,45 +65,51 @@ class _PoolState:
         self.shape, self.k, self.exclude = shape, k, exclude
         self.size = min(shape[0] * shape[1], max(k, math.ceil(pool_factor * k)))
         self.flat = torch.empty(0, dtype=torch.int64)
-        self.score = torch.empty(0)
+        self.acc = torch.empty(0)
+
+    def _sddmm(self, dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, backend: str) -> torch.Tensor:
+        """The batch's gradient dW at ``flat`` (any order), by an SDDMM over them sorted: no dense dW."""
+        out_f, in_f = self.shape
+        order = torch.sort(flat).indices
+        idx = flat[order].to(x.device).to(index_dtype(out_f * in_f))
+        layout = build_layout(idx, self.shape, columns=False)
+        g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr).float()
+        return torch.empty_like(g).index_copy_(0, order.to(g.device), g)
 
     def add_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:
         out_f, in_f = self.shape
         dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
-        if self.flat.numel():  # exact increments at the pool's positions (the SDDMM walks them sorted)
-            order = torch.sort(self.flat).indices
-            idx = self.flat[order].to(x.device).to(index_dtype(out_f * in_f))
-            layout = build_layout(idx, self.shape, columns=False)
-            g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr)
-            increment = torch.empty_like(g).index_copy_(0, order.to(g.device), g)
-            self.score = self.score.to(g.device) + (increment.abs() if score == "abs" else increment.square()).float()
-        cand_score, cand_flat = _top_of_blocks(_dense_grad_blocks(dy, x, out_f, score), in_f, self.size,
-                                               largest=True, exclude=self.exclude)
-        if self.flat.numel():  # newcomers enter with this batch's score; members keep theirs
+        if self.flat.numel():  # exact increments at the pool's positions
+            self.acc = self.acc.to(x.device) + _contribution(self._sddmm(dy, x, self.flat, backend), score)
+        cand_score, cand_flat = top_of_blocks(_dense_grad_blocks(dy, x, out_f, "abs" if score == "signed" else score),
+                                              in_f, self.size, largest=True, exclude=self.exclude)
+        if self.flat.numel():  # newcomers enter with this batch's contribution; members keep theirs
             new = ~torch.isin(cand_flat, self.flat.to(cand_flat.device))
             cand_score, cand_flat = cand_score[new], cand_flat[new]
-        self.score, self.flat = _merge_top(self.score.to(cand_score.device), self.flat.to(cand_flat.device),
-                                           cand_score, cand_flat, self.size, largest=True)
+        if score == "signed" and cand_flat.numel():
+            cand_score = self._sddmm(dy, x, cand_flat, backend)
+        flat = torch.cat([self.flat.to(cand_flat.device), cand_flat])
+        acc = torch.cat([self.acc.to(cand_score.device), cand_score.float()])
+        order = torch.sort(flat, stable=True).indices  # ties go to the lower position (deterministic)
+        flat, acc = flat[order], acc[order]
+        keep = torch.sort(_rank(acc, score), descending=True, stable=True).indices[:self.size]
+        self.flat, self.acc = flat[keep], acc[keep]
 
     def rescore_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:
         """Second pass: exact accumulated scores of the pool's positions only (an SDDMM per batch)."""
         out_f, in_f = self.shape
         dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
         if not hasattr(self, "exact"):
-            order = torch.sort(self.flat).indices
-            self.flat, self.exact = self.flat[order], torch.zeros(self.flat.numel(), device=x.device)
-        idx = self.flat.to(x.device).to(index_dtype(out_f * in_f))
-        layout = build_layout(idx, self.shape, columns=False)
-        g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr).float()
-        self.exact += g.abs() if score == "abs" else g.square()
+            self.exact = torch.zeros(self.flat.numel(), device=x.device)
+        self.exact += _contribution(self._sddmm(dy, x, self.flat, backend), score)
 
     def finish_rescoring(self) -> None:
         if hasattr(self, "exact"):
-            self.score = self.exact
+            self.acc = self.exact
             del self.exact
 
-    def best(self) -> torch.Tensor:
-        keep = torch.sort(self.score, descending=True, stable=True).indices[:self.k]
+    def best(self, score: str = "abs") -> torch.Tensor:
+        keep = torch.sort(_rank(self.acc, score), descending=True, stable=True).indices[:self.k]
         out_f, in_f = self.shape
         return torch.sort(self.flat[keep]).values.to(index_dtype(out_f * in_f)).cpu()
 
@@ -254,6 +212,46 @@ def regrow_fraction(step: int, total_steps: int, fraction: float, schedule: str)
     raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
 
 
+# optimizer state that is not one entry per value (bitsandbytes: quantization maps, block scales, norms)
+_NOT_PER_ENTRY = {"qmap1", "qmap2", "absmax1", "absmax2", "gnorm_vec", "unorm_vec"}
+
+
+def _bnb_blockwise(state: dict, key: str) -> bool:
+    """A bitsandbytes 8-bit optimizer's state1/state2: uint8 codes of a quantization map, per-block scales."""
+    suffix = key[-1:]
+    return key in ("state1", "state2") and state[key].dtype == torch.uint8 and f"qmap{suffix}" in state \
+        and f"absmax{suffix}" in state
+
+
+def _moved_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, moved, is_new: torch.Tensor):
+    """Each per-entry state tensor of ``param``'s, moved with its positions (``moved``: kept entries in their new
+    order, zeros for the new ones), as (tensor to write into, new content[, block scales to write into, new
+    scales]). Computed before anything is written, so an optimizer whose state cannot move refuses whole."""
+    state = optimizer.state.get(param) or {}
+    k, plan = param.numel(), []
+    for key, t in state.items():
+        if not torch.is_tensor(t) or t.numel() != k or t.dim() != 1 or key in _NOT_PER_ENTRY:
+            continue
+        if _bnb_blockwise(state, key):  # dequantize, move, quantize again with fresh block scales
+            import bitsandbytes.functional as bnbf
+            code, absmax = state[f"qmap{key[-1]}"], state[f"absmax{key[-1]}"]
+            blocksize = -(-k // absmax.numel())
+            blocksize = 1 << (blocksize - 1).bit_length()  # (bitsandbytes' block sizes are powers of two)
+            values = moved(bnbf.dequantize_blockwise(t, absmax=absmax, code=code, blocksize=blocksize))
+            codes, quant = bnbf.quantize_blockwise(values, code=code, blocksize=blocksize)
+            codes[is_new.to(codes.device)] = int(torch.argmin(code.abs()))  # new entries: exactly zero moments
+            plan.append((t, codes, absmax, quant.absmax))
+        elif type(t) is not torch.Tensor and callable(getattr(t, "dequantize", None)):
+            plan.append((t, moved(t.dequantize())))  # torchao's low-bit states: copy_ quantizes again
+        elif t.is_floating_point() or t.is_complex():
+            plan.append((t, moved(t)))
+        else:
+            raise TypeError(f"cannot move {type(optimizer).__name__}'s state {key!r} ({type(t).__name__}, {t.dtype}) "
+                            f"with its positions: regrowth supports torch's optimizers, bitsandbytes' 8-bit and paged "
+                            f"ones and torchao's low-bit ones")
+    return plan
+
+
 def _move(layer, new_flat: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """Drop as many of ``layer``'s deltas (smallest |value|) as ``new_flat`` has positions and tune those
     instead. Values and every per-entry optimizer state tensor move with their positions; the new
@@ -269,15 +267,16 @@ def _move(layer, new_flat: torch.Tensor, optimizer: torch.optim.Optimizer | None
     keep = keep.to(values.device)
     indices = torch.cat([layer.delta_indices.long()[keep], new_flat.to(values.device).long()])
     order = torch.sort(indices).indices
+    is_new = order >= k - n  # (positions after the kept ones in the concatenation are the new ones)
 
     def moved(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t[keep], torch.zeros(n, dtype=t.dtype, device=t.device)])[order]
 
-    if optimizer is not None:
-        state = optimizer.state.get(layer.delta_values, {})
-        for name, t in state.items():
-            if torch.is_tensor(t) and t.shape == (k,):
-                t.copy_(moved(t))
+    plan = _moved_optimizer_state(optimizer, layer.delta_values, moved, is_new) if optimizer is not None else []
+    for target, content, *scales in plan:
+        target.copy_(content)
+        if scales:
+            scales[0].copy_(scales[1])
     layer.set_positions(indices[order].to(layer.delta_indices.dtype), moved(values))
 
 
@@ -293,10 +292,13 @@ class Regrower:
             optimizer.zero_grad()
 
     A regrowth at step t drops round(rho(t) * K) deltas of each layer (smallest |value|) and tunes the
-    untuned positions with the largest gradient magnitude of the observed step (summed over its
-    micro-batches) instead; rho decays from ``fraction`` to 0 over ``total_steps``. K stays fixed;
-    indices stay sorted and unique; merged weights are restored at dropped positions and re-based at
-    new ones, so unmerge stays bit-exact.
+    untuned positions where the observed step's gradient, summed over its micro-batches as the optimizer
+    sees it, is largest in magnitude (``score`` "abs" and "squared" rank alike there) instead; rho decays from
+    ``fraction`` to 0 over ``total_steps``. K stays fixed; indices stay sorted and unique; merged weights
+    are restored at dropped positions and re-based at new ones, so unmerge stays bit-exact. Optimizer
+    state moves with its positions (torch's optimizers, bitsandbytes' 8-bit and paged ones, torchao's
+    low-bit ones); new entries start at zero moments (torchao's 4-bit second moment has no zero: at its
+    smallest level, a few percent of its block's largest).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, interval: int,
@@ -308,16 +310,16 @@ class Regrower:
         if score not in SCORES:
             raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
         regrow_fraction(0, total_steps, fraction, schedule)  # checks the schedule's name
-        inner = getattr(model, "base_model", model)
         self.model = model
-        self.layers = {n: m for n, m in inner.named_modules() if isinstance(m, SparseDeltaLinear)}
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
         if not self.layers:
             raise ValueError("the model has no SparseDeltaLinear layers to regrow")
         self.optimizer, self.interval, self.total_steps = optimizer, interval, total_steps
         self.fraction, self.schedule, self.score, self.pool_factor = fraction, schedule, score, pool_factor
         self.steps = 0
         self.moved = 0  # deltas moved so far, all layers
-        self._pools: dict[str, _PoolState] | None = None
+        self._pools: dict[str, _PoolState] | None = None  # the gradients observed for the step now running
+        self._pools_step = -1
 
     def due(self) -> bool:
         """Whether the step now running ends with a regrowth."""
@@ -333,18 +335,22 @@ class Regrower:
 
     @contextlib.contextmanager
     def observe(self):
-        """Around the forward and backward of a step: on a step that ends with a regrowth, gathers
-        each layer's top untuned positions by gradient magnitude (row blocks, no out x in tensor)."""
+        """Around the forward and backward of a step (or of each of its micro-batches under gradient
+        accumulation: they add up): on a step that ends with a regrowth, gathers each layer's top untuned
+        positions by gradient magnitude (row blocks, no out x in tensor)."""
         if not self.due():
             yield
             return
-        counts = self._counts(self.steps + 1)
-        self._pools = {name: _PoolState((m.out_features, m.in_features), counts[name], self.pool_factor,
-                                        exclude=m.delta_indices) for name, m in self.layers.items() if name in counts}
+        if self._pools is None or self._pools_step != self.steps:  # the step's first micro-batch
+            counts = self._counts(self.steps + 1)
+            self._pools = {name: _PoolState((m.out_features, m.in_features), counts[name], self.pool_factor,
+                                            exclude=m.delta_indices)
+                           for name, m in self.layers.items() if name in counts}
+            self._pools_step = self.steps
         watched = {name: self.layers[name] for name in self._pools}
 
-        def on_grad(name, dy, x):
-            self._pools[name].add_batch(dy, x, self.score, self.layers[name].backend)
+        def on_grad(name, dy, x):  # the step's summed gradient, micro-batch by micro-batch
+            self._pools[name].add_batch(dy, x, "signed", self.layers[name].backend)
         with _observe(self.model, watched, on_grad):
             yield
 
@@ -359,7 +365,7 @@ class Regrower:
         moved = 0
         for name, pool in pools.items():
             if pool.flat.numel():
-                new = pool.best()
+                new = pool.best("signed")
                 _move(self.layers[name], new, self.optimizer)
                 moved += new.numel()
         self.moved += moved

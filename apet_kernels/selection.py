@@ -8,13 +8,17 @@ Determinism: the random stream is seeded from a SHA-256 of (method, seed, key,
 shape, k) and drawn from torch's CPU Mersenne Twister, which gives the same
 numbers on every machine. An adapter file can therefore store the seed and
 regenerate the indices instead of storing them.
+
+``magnitude_indices`` (the k entries of smallest |W|, PaFi's criterion) streams a running top-k over
+row blocks of at most ``max(1, min(out // 8, 2**24 // in))`` rows (<= 64 MB of fp32); the gradient
+scores of ``positions`` reuse the same streamed top-k.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -114,7 +118,6 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
         if weight is None or tuple(weight.shape) != tuple(int(s) for s in shape):
             raise ValueError(f"method='magnitude' needs weight=, the (out, in) weight of shape {tuple(shape)}")
         _check_args(shape, k, "random")
-        from .positions import magnitude_indices
         return magnitude_indices(weight, k)
     if method == "gradient":
         raise ValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
@@ -167,3 +170,61 @@ def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | No
             budget[name] += 1
             left -= 1
     return budget
+
+
+# ----------------------------------------------------------------------------- streamed top-k
+def block_rows(out_features: int, in_features: int) -> int:
+    """Rows per block: at most out/8 and at most 2**24 elements (64 MB of fp32)."""
+    return max(1, min(max(1, out_features // 8), 2**24 // max(1, in_features)))
+
+
+def merge_top(best_score, best_flat, score, flat, k: int, largest: bool):
+    """The k best of two candidate sets; ties go to the lower flat index (deterministic)."""
+    score = torch.cat([best_score, score])
+    flat = torch.cat([best_flat, flat])
+    order = torch.sort(flat, stable=True).indices
+    score, flat = score[order], flat[order]
+    keep = torch.sort(score, descending=largest, stable=True).indices[:k]
+    return score[keep], flat[keep]
+
+
+def top_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], in_features: int, k: int, largest: bool,
+                   exclude: torch.Tensor | None = None):
+    """Running top-k over (first_row, block scores (rows, in)) pairs: (scores, flat indices)."""
+    best_score = torch.empty(0)
+    best_flat = torch.empty(0, dtype=torch.int64)
+    for r0, block in blocks:
+        flat_block = block.reshape(-1)
+        base = r0 * in_features
+        n_ex, ex = 0, None
+        if exclude is not None and exclude.numel():  # take as many more, then drop them: no copy of the block
+            ex = exclude.long().to(flat_block.device)
+            ex = ex[(ex >= base) & (ex < base + flat_block.numel())] - base
+            n_ex = ex.numel()
+        if best_score.numel() == k and k:
+            # only entries strictly better than the k-th best so far can enter (a later block loses
+            # ties): one pass over the block instead of a top-k of it, which cost as much as its GEMM
+            worst = best_score.min() if largest else best_score.max()
+            pos = torch.nonzero(flat_block > worst if largest else flat_block < worst).squeeze(1)
+            score = flat_block[pos]
+        else:
+            n = min(k + n_ex, flat_block.numel())
+            score, pos = torch.topk(flat_block, n, largest=largest, sorted=False)
+        if n_ex:
+            keep = ~torch.isin(pos, ex)
+            score, pos = score[keep], pos[keep]
+        best_score, best_flat = merge_top(best_score.to(score.device), best_flat.to(score.device), score,
+                                           pos + base, k, largest)
+    return best_score, best_flat
+
+
+def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides)."""
+    out_f, in_f = weight_oi.shape
+    if k < 0 or k > out_f * in_f:
+        raise ValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
+    rows = block_rows(out_f, in_f)
+    w = weight_oi.detach()
+    blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))
+    _, flat = top_of_blocks(blocks, in_f, k, largest=False)
+    return torch.sort(flat).values.to(index_dtype(out_f * in_f)).cpu()

@@ -95,7 +95,8 @@ def budget_of(spec: dict, budget_like: str | None, density: float, num_params: i
     """(K, number of target weights) for this model: the targets get_apet_model would patch."""
     import torch
     from apet_kernels import ApetConfig
-    from apet_kernels.hf import budget_like_count, find_targets, linear_shape
+    from apet_kernels.linear_like import linear_shape
+    from apet_kernels.targets import budget_like_count, find_targets
     with torch.device("meta"):
         model = build_model(spec, pretrained=False)
     targets = find_targets(model, ApetConfig(num_params=0))
@@ -455,6 +456,8 @@ def main_sweep(args) -> None:
     from methods import QUANT_METHODS
     methods = [(m, None) for m in ("frozen", "sparse merged", "dense-mask")]
     methods += [(m, kind) for kind in args.quant or () for m in QUANT_METHODS]
+    if args.sweep_methods:
+        methods = [(m, q) for m, q in methods if m in args.sweep_methods]
     results = []
     plan = [(s, d, m, q) for s in sizes for d in args.sweep_densities for m, q in methods
             if not (m == "frozen" and d != args.sweep_densities[0])]
@@ -584,6 +587,9 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", action="store_true", help="memory against model size and density instead")
     ap.add_argument("--sweep-sizes", nargs="+", default=None, choices=list(PRESETS))
     ap.add_argument("--sweep-densities", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--sweep-methods", nargs="+", default=None,
+                    help="only these of the sweep's methods (default: frozen, sparse merged, dense-mask, and over each "
+                         "--quant base frozen, sparse unmerged, lora (peft))")
     args = ap.parse_args(argv)
     if args.out is None:
         kind = "sweep" if args.sweep else "compare"

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model
-from apet_kernels.hf import find_targets, linear_shape, replace_linears
+from apet_kernels.linear_like import linear_shape
+from apet_kernels.targets import find_targets, replace_linears
 
 
 class CloneScatterLinear(nn.Module):

@@ -148,8 +148,7 @@ def main(argv=None):
         output_dir=str(out), per_device_train_batch_size=args.batch, per_device_eval_batch_size=2 * args.batch,
         num_train_epochs=args.epochs, learning_rate=args.lr or 1e-3, lr_scheduler_type="linear", warmup_steps=0.1,
         weight_decay=0.0, logging_steps=5, save_strategy="no", eval_strategy="no", report_to=[], seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        label_names=["labels"])  # (Trainer reads them from the model class; ApetModel forwards to the base)
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
     trainer = transformers.Trainer(
         model=model, args=training, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -164,7 +163,7 @@ def main(argv=None):
           f"({seconds:.0f} s of training)", flush=True)
 
     adapter = out / "adapter"
-    model.save_pretrained(str(adapter))  # ApetModel.save_pretrained is save_apet
+    model.save_pretrained(str(adapter))  # the adapters only (apet_config.json + model.safetensors)
     adapter_bytes = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())
     merged = model.merge_and_unload().eval()
     generations = []

@@ -39,7 +39,7 @@ def head_name(model) -> str:
     """The new classification head's attribute (always trained, never an APET target): whichever of the
     output-layer names that `all-linear` leaves alone the model has (`classifier` for BERT-style
     encoders, `score` for decoder LMs used as sequence classifiers)."""
-    from apet_kernels.hf import HEAD_NAMES
+    from apet_kernels.targets import HEAD_NAMES
     found = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), torch.nn.Module)]
     if len(found) != 1:
         raise SystemExit(f"cannot tell the classification head of {type(model).__name__} (looked for {HEAD_NAMES})")

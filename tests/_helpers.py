@@ -59,3 +59,17 @@ def tiny_llama(seed: int = 0, **overrides):
     cfg = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+def tiny_tokenizer(vocab_size: int = 99):
+    """A word-level tokenizer over "w0".."w{n}" and four special tokens, built offline (no hub): what TRL's
+    trainers need as a processing class for tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

@@ -23,7 +23,7 @@ def _bert(seed=0):
 def test_adapter_stores_a_fingerprint_of_its_base(tmp_path):
     model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05))
     model.save_apet(str(tmp_path))
-    layers = json.loads((tmp_path / "apet_config.json").read_text())["layers"]
+    layers = json.loads((tmp_path / "apet_config.json").read_text())["adapters"]["default"]["layers"]
     assert all(len(info["base_fingerprint"]) == 16 for info in layers.values())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same base: no warning
@@ -44,7 +44,7 @@ def test_loading_onto_another_base_warns_or_refuses_with_strict(tmp_path):
 def test_fingerprint_follows_new_base_weights(tmp_path):
     # an adapter re-based on other weights (load_state_dict of a base checkpoint) is saved with the new base
     model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05))
-    model.base_model.load_state_dict(tiny_llama(1).state_dict(), strict=False)
+    model.load_state_dict(tiny_llama(1).state_dict(), strict=False)
     model.save_apet(str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from apet_kernels import ApetConfig, get_apet_model, load_apet, select_indices
-from apet_kernels.hf import index_checksum
+from apet_kernels.serialization import index_checksum
 from apet_kernels.selection import METHODS
 
 DATA = Path(__file__).resolve().parent / "data"

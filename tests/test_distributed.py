@@ -1,5 +1,7 @@
 """DDP and FSDP2 with the existing engines (torchrun, gloo, CPU): no distributed code of our own."""
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,10 +37,15 @@ def _failure(proc) -> str:
     return "\n".join(causes[:40]) + "\n...\n" + proc.stderr[-2000:]
 
 
-def _single(out, strategy, tmp_path):
-    proc = _run([sys.executable, str(WORKER), "single", str(out), strategy], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(str(out / "rank0.safetensors"))
+@functools.lru_cache(maxsize=None)
+def _single(strategy):
+    """The reference, one process on the whole batch: the worker's own training, run here once per strategy
+    for every test (a subprocess each cost seconds of startup)."""
+    spec = importlib.util.spec_from_file_location("train_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    values, _, _ = worker.train("single", strategy)
+    return values
 
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
@@ -51,7 +58,7 @@ def test_ddp_matches_single_process(tmp_path, strategy):
 def _assert_ranks_match_single(folder, strategy, tmp_path):
     """Both ranks end with the same deltas, and with those of one process on the whole batch."""
     r0, r1 = (load_file(str(folder / f"rank{r}.safetensors")) for r in (0, 1))
-    single = _single(tmp_path / "single", strategy, tmp_path)
+    single = _single(strategy)
     assert r0.keys() == single.keys()
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"{name} differs across ranks"
@@ -67,7 +74,7 @@ def test_fsdp2_unmerged_matches_single_process(tmp_path):
             pytest.skip(f"FSDP2 on CPU/gloo is not supported by torch {torch.__version__}: {tail[0][:200]}")
         raise AssertionError(_failure(proc))
     r0 = load_file(str(tmp_path / "fsdp" / "rank0.safetensors"))
-    single = _single(tmp_path / "single", "unmerged", tmp_path)
+    single = _single("unmerged")
     for name in r0:
         torch.testing.assert_close(r0[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
 

@@ -101,7 +101,7 @@ def _tensors_with(path, key_suffix, fill):
 @pytest.mark.parametrize("fill", [float("nan"), float("inf")])
 def test_adapter_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path, fill):
     get_apet_model(tiny_llama(), ApetConfig(density=0.05)).save_apet(str(tmp_path))
-    key = _tensors_with(str(tmp_path / "adapter_model.safetensors"), "delta_values", fill)
+    key = _tensors_with(str(tmp_path / "model.safetensors"), ".values", fill)
     base = tiny_llama()
     before = _snapshot(base)
     with pytest.raises(ValueError, match=rf"{key}.*NaN or Inf"):
@@ -113,7 +113,7 @@ def test_save_refuses_nan_values_and_writes_nothing(tmp_path):
     model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     layer_name, layer = next(iter(model.apet_layers().items()))
     layer.delta_values.data[0] = float("nan")
-    with pytest.raises(ValueError, match=rf"{layer_name}\.delta_values holds NaN"):
+    with pytest.raises(ValueError, match=rf"{layer_name}\.deltas\.default\.values holds NaN"):
         model.save_apet(str(tmp_path / "adapter"))
     assert os.listdir(tmp_path) == [], "a failed save left files behind"
 
@@ -170,17 +170,23 @@ def test_wrapper_that_was_garbage_collected_does_not_block():
 
 
 @pytest.mark.parametrize("first", ["merge_and_unload", "unload"])
-def test_apet_model_refuses_to_work_after_it_was_unloaded(tmp_path, first):
+def test_an_unloaded_model_is_its_own_class_again_and_stale_methods_refuse(tmp_path, first):
+    from apet_kernels import ApetModel
     model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     next(iter(model.apet_layers().values())).delta_values.data.normal_()
+    save, set_adapter = model.save_apet, model.set_adapter
+    stale = (model.unload, model.merge_and_unload, lambda: save(str(tmp_path / "a")),
+             lambda: set_adapter("default"))  # bound before unloading
     base = getattr(model, first)()
+    assert base is model and type(model) is transformers.LlamaForCausalLM and not isinstance(model, ApetModel)
+    assert not hasattr(model, "save_apet") and not hasattr(model, "_apet_patch")
     state = {n: t.clone() for n, t in base.state_dict().items()}
-    for call in (model.unload, model.merge_and_unload, lambda: model.save_apet(str(tmp_path / "a")),
-                 lambda: model.disable_apet().__enter__()):
-        with pytest.raises(RuntimeError, match=rf"{first}\(\) already removed them"):
+    for call in stale:
+        with pytest.raises(RuntimeError, match="removed by unload"):
             call()
     assert not (tmp_path / "a").exists()
     assert all(torch.equal(t, state[n]) for n, t in base.state_dict().items())
+    get_apet_model(model, ApetConfig(density=0.05))  # and it can be patched again
 
 
 def test_adapter_does_not_store_the_backend(tmp_path):

@@ -87,9 +87,9 @@ def test_architecture_end_to_end(arch, strategy, tmp_path):
     patched = logits(model, inputs)
 
     model.save_apet(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter_model.safetensors", "apet_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["apet_config.json", "model.safetensors"]
     k_total = sum(m.delta_values.numel() for m in layers.values())
-    assert os.path.getsize(tmp_path / "adapter_model.safetensors") < 4 * k_total + 200 * len(layers) + 1024
+    assert os.path.getsize(tmp_path / "model.safetensors") < 4 * k_total + 200 * len(layers) + 1024
     loaded = load_apet(build(arch), str(tmp_path))
     torch.testing.assert_close(logits(loaded, inputs), patched, rtol=0, atol=0)
 
@@ -169,7 +169,7 @@ def test_tied_output_head_is_never_written():
 def test_modules_to_save_train_and_round_trip(tmp_path):
     model = get_apet_model(build("bert"), ApetConfig(density=0.02, modules_to_save=["classifier"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "base_model.classifier.weight" in trainable and "base_model.classifier.bias" in trainable
+    assert "classifier.weight" in trainable and "classifier.bias" in trainable
     inputs = batch("bert")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
@@ -205,8 +205,8 @@ def test_adapters_store_indices_unless_a_seed_regenerates_them(tmp_path, method,
         m.delta_values.data.normal_(0, 0.05)
     model.save_apet(str(tmp_path))
     from safetensors.torch import load_file
-    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
-    assert any(k.endswith(".delta_indices") for k in keys) == stored
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert any(k.endswith(".indices") for k in keys) == stored
     loaded = load_apet(build("llama"), str(tmp_path), strict=True)
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
 
@@ -245,7 +245,7 @@ def test_load_with_checksum_mismatch(tmp_path):
     _saved(tmp_path)
     cfg_path = tmp_path / "apet_config.json"
     data = json.loads(cfg_path.read_text())
-    data["seed"] = 12345
+    data["adapters"]["default"]["seed"] = 12345
     cfg_path.write_text(json.dumps(data))
     base = build("llama")
     with pytest.raises(ValueError, match="checksum"):
@@ -256,7 +256,7 @@ def test_load_with_checksum_mismatch(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle"])
 def test_load_damaged_file_gives_clear_error(tmp_path, damage):
     _saved(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
+    path = tmp_path / "model.safetensors"
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
@@ -273,7 +273,7 @@ def test_load_damaged_file_gives_clear_error(tmp_path, damage):
 def test_load_rejects_foreign_tensors(tmp_path):
     _saved(tmp_path)
     from safetensors.torch import load_file, save_file
-    path = str(tmp_path / "adapter_model.safetensors")
+    path = str(tmp_path / "model.safetensors")
     tensors = load_file(path)
     tensors["lm_head.weight"] = torch.zeros(V, 32)
     save_file(tensors, path)
@@ -288,7 +288,7 @@ def test_gradient_checkpointing(strategy):
     base = build("llama")
     base.train()
     model = get_apet_model(base, ApetConfig(density=0.05, strategy=strategy))
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     inputs = batch("llama")
     model(**inputs).loss.backward()
     grads = [m.delta_values.grad for m in model.apet_layers().values()]
@@ -307,7 +307,7 @@ def test_torch_compile_of_patched_model_matches_eager():
             m.delta_values.normal_(0, 0.1)
     inputs = batch("llama")
     eager = logits(model, inputs)
-    compiled = torch.compile(model.base_model)
+    compiled = torch.compile(model)
     with torch.no_grad():
         out = compiled(**inputs).logits
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
@@ -320,7 +320,8 @@ def test_apet_model_deepcopies_and_pickles_consistently(tmp_path):
     inputs = batch("llama")
     clone = copy.deepcopy(model)
     torch.testing.assert_close(logits(clone, inputs), logits(model, inputs), rtol=0, atol=0)
-    assert clone.forward.__self__ is clone.base_model  # the copy runs its own base model
+    assert clone.forward.__self__ is clone  # the copy runs its own layers
+    assert {id(p) for p in clone.parameters()}.isdisjoint(id(p) for p in model.parameters())
     restored = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(logits(restored, inputs), logits(model, inputs), rtol=0, atol=0)
 
@@ -329,12 +330,46 @@ def test_load_rejects_bad_stored_indices_before_touching_the_model(tmp_path):
     model = get_apet_model(build("llama"), ApetConfig(density=0.05, method="magnitude"))
     model.save_apet(str(tmp_path))
     from safetensors.torch import load_file, save_file
-    path = str(tmp_path / "adapter_model.safetensors")
+    path = str(tmp_path / "model.safetensors")
     tensors = load_file(path)
-    key = next(k for k in sorted(tensors) if k.endswith(".delta_indices"))
+    key = next(k for k in sorted(tensors) if k.endswith(".indices"))
     tensors[key] = tensors[key].flip(0).contiguous()
     save_file(tensors, path)
     base = build("llama")
     with pytest.raises(ValueError, match="unsorted"):
         load_apet(base, str(tmp_path))
     _assert_untouched(base)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2-tied"])
+def test_modules_to_save_on_a_tied_output_head_trains_saves_and_restores_it(arch, tmp_path):
+    def make():
+        if arch == "gpt2":
+            return build("gpt2")
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+    base = make()
+    head = base.get_output_embeddings().weight
+    assert head is base.get_input_embeddings().weight  # tied
+    original = head.detach().clone()
+    with pytest.warns(UserWarning, match="lm_head.weight is tied to"):
+        model = get_apet_model(base, ApetConfig(density=0.02, modules_to_save=["lm_head"]))
+    assert head.requires_grad
+    inputs = batch("gpt2")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**inputs).loss.backward()
+        opt.step()
+    assert not torch.equal(head, original)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert "lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="tied"):
+        loaded = load_apet(make(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    restored = model.unload()
+    assert torch.equal(restored.get_output_embeddings().weight, original)
+    assert torch.equal(restored.get_input_embeddings().weight, original)

@@ -36,7 +36,7 @@ def test_from_linear_reuses_parameters_and_freezes_them():
     layer = SparseDeltaLinear.from_linear(lin, density=0.05, seed=1, key="q")
     assert layer.weight is lin.weight and layer.bias is lin.bias
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["delta_values"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["deltas.default.values"]
     assert layer.delta_values.dtype == torch.float32 and not layer.delta_values.any()
     assert layer.delta_indices.numel() == round(0.05 * 19 * 23)
     assert "k=22" in repr(layer) and "strategy=merged" in repr(layer)
@@ -217,7 +217,7 @@ def test_bad_indices_rejected_and_nothing_changed():
     layer(torch.randn(1, 19))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     bad = dict(layer.state_dict())
-    bad["delta_indices"] = bad["delta_indices"].flip(0)
+    bad["deltas.default.indices"] = bad["deltas.default.indices"].flip(0)
     with pytest.raises(ValueError, match="unsorted"):
         layer.load_state_dict(bad)
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())

@@ -12,7 +12,7 @@ import torch
 
 from _helpers import tiny_llama
 from apet_kernels import ApetConfig, get_apet_model
-from apet_kernels.hf import fuses_output_layer
+from apet_kernels.targets import fuses_output_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,7 +33,7 @@ def test_loading_base_weights_then_unload_gives_the_loaded_checkpoint(backend, s
     model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05, strategy=strategy, backend=backend))
     ids = _train_a_step(model)
     other = tiny_llama(1).state_dict()
-    model.base_model.load_state_dict(other, strict=False)
+    model.load_state_dict(other, strict=False)
     # the tuned deltas now sit on the new base: merged equals unmerged there
     tuned = model(input_ids=ids).logits
     for layer in model.apet_layers().values():
@@ -49,7 +49,7 @@ def test_meta_device_then_to_empty_then_load_gives_the_checkpoint(backend):
         base = tiny_llama(0)
     model = get_apet_model(base, ApetConfig(density=0.05, backend=backend))
     model.to_empty(device="cpu")
-    model.base_model.load_state_dict(checkpoint, strict=False)
+    model.load_state_dict(checkpoint, strict=False)
     layers = model.apet_layers()
     fresh = get_apet_model(tiny_llama(1), ApetConfig(density=0.05, backend=backend)).apet_layers()
     for name, layer in layers.items():
@@ -79,17 +79,17 @@ def test_indices_without_base_rebase_on_the_pure_weight(backend):
     assert torch.equal(layer.weight, pure)
 
 
-@pytest.mark.parametrize("through", ["apet model", "base model"])
+@pytest.mark.parametrize("through", ["model", "its backbone"])
 def test_failing_load_leaves_every_layer_unchanged(through):
     model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05, method="rows"))
     _train_a_step(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    target = model if through == "apet model" else model.base_model
+    target = model if through == "model" else model.model
     state = {k: v.clone() for k, v in target.state_dict().items()}
-    names = [k for k in state if k.endswith("delta_values")]
+    names = [k for k in state if k.endswith(".deltas.default.values")]
     for k in names:
         state[k] = torch.randn_like(state[k])
-    last_indices = names[-1].replace("delta_values", "delta_indices")
+    last_indices = names[-1].replace(".values", ".indices")
     state[last_indices] = state[last_indices].flip(0)  # only the last layer's entry is bad
     with pytest.raises(ValueError, match="unsorted"):
         target.load_state_dict(state)
@@ -100,8 +100,8 @@ def test_failing_load_on_a_shape_mismatch_changes_nothing():
     model = get_apet_model(tiny_llama(0), ApetConfig(density=0.05))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    state["base_model.lm_head.weight"] = torch.randn(5, 5)  # the last module in the model
-    with pytest.raises(RuntimeError, match="size mismatch for base_model.lm_head.weight"):
+    state["lm_head.weight"] = torch.randn(5, 5)  # the last module in the model
+    with pytest.raises(RuntimeError, match="size mismatch for lm_head.weight"):
         model.load_state_dict(state)
     _assert_state_equal(model.state_dict(), before)
 
@@ -118,3 +118,46 @@ def test_unmerge_is_bit_exact_including_negative_zero(backend):
     layer.unmerge()
     assert torch.equal(layer.weight, pure)
     assert torch.equal(torch.signbit(layer.weight), torch.signbit(pure))
+
+
+class _Block(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = nn.LayerNorm(16)
+        self.fc = SparseDeltaLinear.from_linear(nn.Linear(16, 16), k=20, seed=seed, key=str(seed))
+
+
+class _Net(nn.Module):
+    """A module tree built bottom-up by hand: no get_apet_model anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Block(0), _Block(1), _Block(2))
+        self.head = nn.Linear(16, 4)
+
+
+@pytest.mark.parametrize("how", ["built bottom-up", "patched in place by replace_linears"])
+def test_a_failing_load_changes_nothing_in_any_module_tree(how):
+    from apet_kernels import replace_linears
+    if how == "built bottom-up":
+        net = _Net()
+    else:
+        net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+        replace_linears(net, lambda name, m: SparseDeltaLinear.from_linear(m, k=10, key=name))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, SparseDeltaLinear):
+                m.delta_values.normal_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in before.items()}
+    last = [k for k in state if k.endswith(".indices")][-1]
+    state[last] = state[last].flip(0)  # only the last APET layer's entry is bad
+    with pytest.raises(ValueError, match="unsorted"):
+        net.load_state_dict(state)
+    _assert_state_equal(net.state_dict(), before)
+    state[last] = state[last].flip(0)
+    net.load_state_dict(state)  # the same state, repaired, loads
+    for key, t in net.state_dict().items():
+        if key.endswith(".values"):
+            assert torch.equal(t, state[key]), key

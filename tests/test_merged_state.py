@@ -84,11 +84,11 @@ def test_edits_that_bypass_version_counters_reach_the_forward(backend, edit):
 def test_load_state_dict_assign_follows_values(backend):
     layer, pure = _merged(backend)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["delta_values"] = torch.randn(K)
+    state["deltas.default.values"] = torch.randn(K)
     layer.load_state_dict(state, assign=True)
     assert layer.delta_values.requires_grad
     _assert_follows(layer, pure)
-    assert torch.equal(layer.delta_values, state["delta_values"])
+    assert torch.equal(layer.delta_values, state["deltas.default.values"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,7 +96,7 @@ def test_functional_call_uses_the_values_it_is_given(backend):
     layer, pure = _merged(backend)
     other = torch.randn(K)
     x = torch.randn(6, IN)
-    y = torch.func.functional_call(layer, {"delta_values": other}, (x,))
+    y = torch.func.functional_call(layer, {"deltas.default.values": other}, (x,))
     expected, _ = oracle_linear(x, pure[0], pure[1], other, layer.delta_indices)
     assert rel_err(y, expected) <= 1e-6
     _assert_follows(layer, pure, x)  # and the layer's own values again afterwards

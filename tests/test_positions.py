@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 
 from _helpers import oracle_linear, rel_err, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet, select_indices
-from apet_kernels.positions import GradientScores, Regrower, block_rows, magnitude_indices, regrow_fraction
+from apet_kernels.positions import GradientScores, Regrower, regrow_fraction
+from apet_kernels.selection import block_rows, magnitude_indices
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +65,7 @@ def test_magnitude_needs_the_weight_and_gradient_needs_data():
 def test_magnitude_positions_of_a_patched_model_and_its_conv1d():
     model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, method="magnitude"))
     for layer in model.apet_layers().values():
-        assert layer.delta_indices.tolist() == _exact_smallest(layer._weight_oi(), layer.delta_indices.numel()).tolist()
+        assert layer.delta_indices.tolist() == _exact_smallest(layer.weight_oi(), layer.delta_indices.numel()).tolist()
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
                                                                 n_positions=16))
     conv = gpt2.transformer.h[0].attn.c_attn
@@ -110,7 +111,8 @@ def test_gradient_positions_match_the_exact_dense_top_k(score):
 def test_gradient_calibration_forms_no_layer_sized_gradient_and_changes_no_flag():
     model = tiny_llama(hidden_size=24, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    from apet_kernels.hf import find_targets, linear_shape
+    from apet_kernels.targets import find_targets
+    from apet_kernels.linear_like import linear_shape
     targets = find_targets(model, ApetConfig(num_params=0))
     sizes = {o * i for o, i in (linear_shape(m) for m in targets.values())}
     scores = GradientScores(model, targets, {n: 10 for n in targets})
@@ -148,12 +150,12 @@ def test_regrow_fraction_decays_to_zero():
         regrow_fraction(1, 10, 0.1, "step")
 
 
-@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
-def test_regrowth_moves_values_and_optimizer_state_and_keeps_the_weight_exact(strategy):
+@pytest.mark.parametrize("strategy,fused", [("merged", False), ("unmerged", False), ("merged", True)])
+def test_regrowth_moves_values_and_optimizer_state_and_keeps_the_weight_exact(strategy, fused):
     base = tiny_llama()
     original = {n: t.clone() for n, t in base.state_dict().items()}
     model = get_apet_model(base, ApetConfig(density=0.05, strategy=strategy))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
     regrower = Regrower(model, opt, interval=2, fraction=0.5, total_steps=12, schedule="linear")
     batches = _batches(12, seed=1)
     moved_total = 0
@@ -246,3 +248,96 @@ def test_regrowth_callback_in_trainer(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
     assert callback.regrower.moved > 0
     assert any(not torch.equal(start[n], m.delta_indices) for n, m in model.apet_layers().items())
+
+
+def _low_bit_optimizers():
+    """(name, factory, dequantized state) for the quantized optimizers people train adapters with."""
+    out = []
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        def bnb_state(opt, p, key):
+            state, n = opt.state[p], {"exp_avg": "1", "exp_avg_sq": "2"}[key]
+            t = state[f"state{n}"]
+            if t.dtype != torch.uint8:
+                return t.float()
+            return bnbf.dequantize_blockwise(t, absmax=state[f"absmax{n}"], code=state[f"qmap{n}"], blocksize=256)
+        out += [("bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-2, min_8bit_size=1), bnb_state),
+                ("bitsandbytes PagedAdamW8bit", lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-2, min_8bit_size=1),
+                 bnb_state)]
+    except ImportError:
+        pass
+    try:
+        import torchao.optim as tao
+        out += [(f"torchao {cls.__name__}", lambda ps, cls=cls: cls(ps, lr=1e-2),
+                 lambda opt, p, key: opt.state[p][key].dequantize()) for cls in (tao.AdamW8bit, tao.AdamW4bit)]
+    except ImportError:
+        pass
+    out += [("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+             lambda opt, p, key: opt.state[p][key])]
+    return out
+
+
+@pytest.mark.parametrize("name,make,state_of", _low_bit_optimizers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_regrowth_moves_low_bit_optimizer_state_with_its_positions(name, make, state_of):
+    from apet_kernels.positions import _move
+    torch.manual_seed(0)
+    layer = SparseDeltaLinear.from_linear(nn.Linear(128, 128), k=4096, seed=1)  # 8-bit states need >= 4096 entries
+    opt = make([layer.delta_values])
+    for _ in range(3):
+        layer(torch.randn(16, 128)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert type(opt.state[layer.delta_values]["state1" if "bitsandbytes" in name else "exp_avg"]).__name__ != \
+        "Tensor" or "bitsandbytes" not in name or opt.state[layer.delta_values]["state1"].dtype == torch.uint8
+    old_idx = layer.delta_indices.clone()
+    before = {key: state_of(opt, layer.delta_values, key).clone() for key in ("exp_avg", "exp_avg_sq")}
+    untuned = torch.tensor(sorted(set(range(128 * 128)) - set(old_idx.tolist())))[:512]
+    _move(layer, untuned.to(torch.int32), opt)
+    new_idx = layer.delta_indices
+    kept = torch.isin(new_idx, old_idx)
+    where_old = torch.searchsorted(old_idx, new_idx[kept])
+    tol = {"AdamW4bit": 0.25}.get(name.split()[-1], 0.05)  # of the block's largest magnitude (4-bit: 16 levels)
+    for key, old in before.items():
+        now = state_of(opt, layer.delta_values, key)
+        # zero moments for the new entries (torchao's 4-bit second moment has no zero code: its smallest value)
+        floor = float(old.abs().max()) / 16 if (name.endswith("4bit") and key == "exp_avg_sq") else 0.0
+        assert now[~kept].abs().max() <= floor, f"{name} {key}: new entries are not zero"
+        err = (now[kept] - old[where_old]).abs().max() / old.abs().max()
+        assert err <= tol, f"{name} {key}: kept entries moved by {err:.3g} of the largest"
+    layer(torch.randn(16, 128)).square().mean().backward()
+    opt.step()  # and the optimizer goes on
+
+
+def test_an_optimizer_state_regrowth_cannot_move_is_refused_naming_it():
+    from apet_kernels.positions import _move
+    layer = SparseDeltaLinear.from_linear(nn.Linear(16, 16), k=20, seed=1)
+    opt = torch.optim.SGD([layer.delta_values], lr=0.1)
+    opt.state[layer.delta_values]["counts"] = torch.zeros(20, dtype=torch.int64)  # per entry, not a float
+    before = layer.delta_indices.clone()
+    with pytest.raises(TypeError, match="cannot move SGD's state 'counts'"):
+        _move(layer, torch.tensor([0, 1], dtype=torch.int32) if 0 not in before and 1 not in before else
+              torch.tensor(sorted(set(range(256)) - set(before.tolist()))[:2], dtype=torch.int32), opt)
+    assert torch.equal(layer.delta_indices, before)
+
+
+def test_observing_each_micro_batch_adds_up_to_observing_the_whole_batch():
+    def regrown(split):
+        model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        regrower = Regrower(model, opt, interval=1, fraction=0.3, total_steps=10, pool_factor=32.0)
+        batch = _batches(1, seed=4)[0]
+        ids = torch.cat([batch["input_ids"], _batches(1, seed=5)[0]["input_ids"]])
+        parts = [ids[:2], ids[2:]] if split else [ids]
+        for part in parts:
+            with regrower.observe():
+                (model(input_ids=part, labels=part).loss * part.shape[0] / ids.shape[0]).backward()
+        opt.step()
+        regrower.step()
+        return {n: m.delta_indices.clone() for n, m in model.apet_layers().items()}
+    whole, split = regrown(False), regrown(True)
+    overlap = sum(int(torch.isin(split[n], whole[n]).sum()) for n in whole) / sum(v.numel() for v in whole.values())
+    # the same positions but for the pool's one approximation (a newcomer misses its earlier micro-batches);
+    # before, the second micro-batch replaced the first one's scores: 78% overlap
+    assert overlap >= 0.99, overlap

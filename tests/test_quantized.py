@@ -314,7 +314,7 @@ def test_requantize_on_a_float_model_is_refused_and_changes_nothing(saved_llama)
     model = get_apet_model(load_llama(saved_llama[0]), CONFIG)
     with pytest.raises(ValueError, match="requantize needs quantized layers"):
         model.merge_and_unload(requantize=True)
-    assert model.apet_layers() and model.merge_and_unload() is model.base_model
+    assert model.apet_layers() and model.merge_and_unload() is model
 
 
 @pytest.mark.parametrize("kind", ["bnb-nf4", "torchao-int8"])
@@ -323,8 +323,8 @@ def test_adapters_save_and_load_over_quantized_bases(saved_llama, tmp_path, kind
     _train(model, steps=3)
     model.save_apet(tmp_path / "a")
     from safetensors.torch import load_file
-    stored = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    assert all(k.endswith(".delta_values") for k in stored)  # never the base's weights
+    stored = load_file(tmp_path / "a" / "model.safetensors")
+    assert all(k.endswith(".deltas.default.values") for k in stored)  # never the base's weights
     ids = torch.randint(0, 99, (2, 10))
     with torch.no_grad():
         expected = model(ids).logits

@@ -1,11 +1,11 @@
 """Worker for tests/test_distributed.py: a few AdamW steps on a patched tiny LLaMA.
 
-    python train_worker.py single OUT STRATEGY          # one process, the whole global batch
     torchrun --nproc_per_node 2 train_worker.py ddp OUT STRATEGY
     torchrun --nproc_per_node 2 train_worker.py fsdp OUT unmerged
     accelerate launch --multi_gpu --num_processes 2 train_worker.py accelerate OUT STRATEGY   (CPU ranks)
 
-Each rank writes OUT/rank{R}.safetensors with the delta values it ends with.
+Each rank writes OUT/rank{R}.safetensors with the delta values it ends with. ``train("single", ...)``
+is the reference: one process, the whole global batch (the tests call it in their own process).
 """
 
 import os
@@ -18,64 +18,67 @@ from safetensors.torch import save_file
 
 from apet_kernels import ApetConfig, get_apet_model
 
-mode, out_dir, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
 STEPS, GLOBAL_BATCH = 3, 8
 
-torch.manual_seed(0)
-cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)
-model = get_apet_model(transformers.LlamaForCausalLM(cfg).eval(), ApetConfig(density=0.05, strategy=strategy))
-names = list(model.apet_layers())
-ids = torch.randint(3, 99, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(5))
 
-rank, world = 0, 1
-accelerator = None
-if mode == "accelerate":  # under `accelerate launch`: accelerate sets up the processes (CPU, gloo)
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    ids = ids.chunk(world)[rank]
-elif mode != "single":
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ids = ids.chunk(world)[rank]
-    if mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    elif mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.base_model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    else:
-        raise SystemExit(f"unknown mode {mode}")
+def train(mode: str, strategy: str):
+    """(the deltas each APET layer ends with, rank, whether this is a multi-process run's rank)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = get_apet_model(transformers.LlamaForCausalLM(cfg).eval(), ApetConfig(density=0.05, strategy=strategy))
+    ids = torch.randint(3, 99, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(5))
 
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-if accelerator is not None:
-    model, opt = accelerator.prepare(model, opt)
-for _ in range(STEPS):
-    opt.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward() if accelerator is None else accelerator.backward(loss)
-    opt.step()
+    rank, world = 0, 1
+    accelerator = None
+    if mode == "accelerate":  # under `accelerate launch`: accelerate sets up the processes (CPU, gloo)
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        ids = ids.chunk(world)[rank]
+    elif mode != "single":
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        ids = ids.chunk(world)[rank]
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        elif mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            raise SystemExit(f"unknown mode {mode}")
 
-inner = model.module if mode == "ddp" else accelerator.unwrap_model(model) if accelerator is not None else model
-values = {}
-for name, layer in inner.apet_layers().items():
-    v = layer.delta_values
-    v = v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2 keeps parameters sharded
-    values[name] = v.detach().clone().contiguous()
-os.makedirs(out_dir, exist_ok=True)
-save_file(values, os.path.join(out_dir, f"rank{rank}.safetensors"))
-if accelerator is not None:
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # (as below: gloo's threads may abort a normal interpreter exit)
-if mode != "single":
-    dist.barrier()
-    del model, inner, opt
-    dist.destroy_process_group()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward() if accelerator is None else accelerator.backward(loss)
+        opt.step()
+
+    inner = model.module if mode == "ddp" else accelerator.unwrap_model(model) if accelerator is not None else model
+    values = {}
+    for name, layer in inner.apet_layers().items():
+        v = layer.delta_values
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2 keeps parameters sharded
+        values[name] = v.detach().clone().contiguous()
+    return values, rank, accelerator
+
+
+if __name__ == "__main__":
+    mode, out_dir, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
+    values, rank, accelerator = train(mode, strategy)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(values, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    elif mode != "single":
+        dist.barrier()
+        dist.destroy_process_group()
     # Gloo's worker threads can still hold work objects while the interpreter is torn down and then
     # abort the process ("terminate called without an active exception", about 1 run in 20 here; see
     # pytorch/pytorch#179291). The results are written: leave without interpreter finalization.

@@ -1,0 +1,59 @@
+"""What counts as a linear layer here, and its weight seen as (out, in). A leaf module: everything
+that handles layers imports it, it imports nothing of the package but ``quantized``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .quantized import dims as quantized_dims
+from .quantized import quantization_of
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (and its subclasses: quantized linears) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A layer whose forward is exactly x W^T + b on its ``.weight``: nn.Linear itself or Conv1D."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out);
+    a quantized weight may be packed (bitsandbytes 4-bit: (n, 1) bytes)."""
+    if quantization_of(module) is not None:
+        return quantized_dims(module)
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def weight_oi(module: nn.Module) -> torch.Tensor:
+    """A float linear-like module's weight as (out, in): a view (transposed for GPT-2's Conv1D)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
+    """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
+    nn.Linear / Conv1D layers with a floating, unquantized, unsharded weight that no other module uses."""
+    quant = quantization_of(base_layer)
+    if quant is not None:
+        return False, (f"the weight is quantized ({quant}): merging would write its quantized storage, so the "
+                       f"deltas run unmerged (merge_and_unload() dequantizes the layer and adds them)")
+    if not is_plain_linear(base_layer):
+        return False, (f"the base layer is a {type(base_layer).__name__}, not a plain nn.Linear or Conv1D "
+                       f"(its forward may not be x W^T + b on .weight)")
+    weight = base_layer.weight
+    if not weight.is_floating_point():
+        return False, f"weight dtype {weight.dtype} is not floating point (quantized?)"
+    if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
+        return False, "weight is sharded (DTensor)"
+    if shared:
+        return False, "weight is shared with another module (tied)"
+    return True, ""

@@ -1,0 +1,109 @@
+"""A load_state_dict that fails changes nothing, for any module tree holding SparseDeltaLinear layers.
+
+torch loads a state dict module by module, top-down, each module copying its own tensors as it is
+reached: a bad entry found in the last layer comes after the first layers were overwritten. So every
+ancestor of an APET layer gets a load pre-hook that checks the whole incoming state dict against its
+subtree (every APET layer's entries, every tensor's shape) before anything below it copies. The
+outermost one checks; the others see that this load (one ``error_msgs`` list per ``load_state_dict``
+call) was checked already.
+
+Ancestors get the hook when the tree is built bottom-up (a global module-registration hook: a module
+receiving an APET layer, or a module that has the hook, as a child) and from ``replace_linears`` /
+``get_apet_model`` for trees patched in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_CHECKED: dict[int, tuple[list, nn.Module]] = {}  # id(error_msgs) -> (error_msgs, the checking module)
+_FLAG = "_apet_load_guard"
+
+
+def is_apet_layer(module: nn.Module) -> bool:
+    from .layers import SparseDeltaLinear
+    return isinstance(module, SparseDeltaLinear)
+
+
+def already_checked(error_msgs: list) -> bool:
+    entry = _CHECKED.get(id(error_msgs))
+    return entry is not None and entry[0] is error_msgs
+
+
+def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
+    """Every APET layer's entries and every tensor's shape under ``module``, before any copy."""
+    for name, sub in module.named_modules(remove_duplicate=False):
+        sub_prefix = f"{prefix}{name}." if name else prefix
+        if is_apet_layer(sub):
+            sub.upgrade_state_dict(state_dict, sub_prefix)
+            sub.check_state_dict(state_dict, sub_prefix)
+        tensors = list(sub._parameters.items()) + [(n, b) for n, b in sub._buffers.items()
+                                                   if n not in sub._non_persistent_buffers_set]
+        for pname, mine in tensors:
+            theirs = state_dict.get(sub_prefix + pname)
+            if mine is None or not torch.is_tensor(theirs) or nn.parameter.is_lazy(mine):
+                continue
+            if theirs.shape != mine.shape and not (mine.dim() == 0 and tuple(theirs.shape) == (1,)):
+                raise RuntimeError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
+                                   f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
+                                   f"{tuple(mine.shape)} (nothing was loaded)")
+
+
+def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    if already_checked(error_msgs):
+        return
+    _CHECKED[id(error_msgs)] = (error_msgs, module)
+    try:
+        check_tree_state_dict(module, state_dict, prefix)
+    except BaseException:
+        del _CHECKED[id(error_msgs)]
+        raise
+
+
+def _post_hook(module, incompatible_keys) -> None:
+    for key, (_, owner) in list(_CHECKED.items()):
+        if owner is module:
+            del _CHECKED[key]
+
+
+def guard(module: nn.Module) -> None:
+    """Give ``module`` the whole-state-dict check (once)."""
+    if module.__dict__.get(_FLAG):
+        return
+    module._register_load_state_dict_pre_hook(_pre_hook, with_module=True)
+    module.register_load_state_dict_post_hook(_post_hook)
+    module.__dict__[_FLAG] = True
+
+
+def unguard(module: nn.Module) -> None:
+    """Remove the check (after unloading the APET layers)."""
+    if not module.__dict__.pop(_FLAG, False):
+        return
+    for hooks in (module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks):
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in (_pre_hook, _post_hook)]:
+            del hooks[key]
+
+
+def guard_ancestors(root: nn.Module) -> None:
+    """Guard ``root`` and every module between it and its APET layers."""
+    layers = [name for name, m in root.named_modules() if is_apet_layer(m)]
+    ancestors = {""} | {name.rsplit(".", i)[0] for name in layers for i in range(1, name.count(".") + 1)}
+    for name in ancestors:
+        guard(root.get_submodule(name))
+
+
+def unguard_tree(root: nn.Module) -> None:
+    for module in root.modules():
+        unguard(module)
+
+
+def _on_registration(parent: nn.Module, name: str, child):
+    if torch.compiler.is_compiling():  # (modules registered inside a traced forward: nothing to load there)
+        return None
+    if child is not None and (is_apet_layer(child) or child.__dict__.get(_FLAG)):
+        guard(parent)
+    return None
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_on_registration)

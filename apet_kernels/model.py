@@ -1,0 +1,740 @@
+"""Patching a model in place, PEFT-style API: adapters, saving, disabling, merging, unloading.
+
+    model = get_apet_model(AutoModelForCausalLM.from_pretrained(...), ApetConfig(density=1e-3))
+    model.print_trainable_parameters()
+    ...train (your loop, transformers' Trainer, TRL's trainers)...
+    model.save_pretrained("out/")             # apet_config.json + model.safetensors (the deltas only)
+    model = load_apet(fresh_base_model, "out/")
+
+``get_apet_model`` returns the model it was given, patched: the target linears become SparseDeltaLinear
+layers and the instance's class becomes a subclass of its own class and of ``ApetModel`` (as
+``torch.nn.utils.parametrize`` does), with the same name. The model keeps every meaning transformers,
+TRL and accelerate rely on (``base_model`` is its backbone, its ``forward`` signature and label names,
+``activation_checkpointing_enable``, ``config``), while ``save_pretrained`` writes the adapters only,
+in the file transformers' Trainer loads when it resumes. ``unload()`` / ``merge_and_unload()`` give back
+the model with its own class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import ApetConfig
+from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
+from .linear_like import is_linear_like, linear_shape, weight_oi
+from .load_guard import guard, guard_ancestors, unguard_tree
+from .merging import activation_dtype, merge_quantized, requantization_summary
+from .mixed_batch import BASE, MixedBatch, batch_shape
+from .positions import GradientScores
+from .quantized import dequantize, quantization_of, values_at
+from .selection import METHODS, magnitude_indices, select_indices
+from .serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
+                            delta_key, index_checksum, read_folder, regenerable, sketch_distance, write_folder)
+from .targets import find_targets, layer_budget, set_module, shared_parameter_ids, targeted, within
+from .targets import replace_linears
+
+
+@dataclass
+class _Patch:
+    """What patching changed on a model, to give it back, and the model-level adapter state."""
+    original_class: type
+    requires_grad: dict[str, bool]  # every parameter's flag before patching
+    saved_modules: dict[str, torch.Tensor]  # modules_to_save as they were (unload() restores them)
+    configs: dict[str, ApetConfig] = field(default_factory=dict)  # adapter name -> config, in the order added
+    active: list[str] = field(default_factory=list)
+    mixed: MixedBatch | None = None  # while a mixed-adapter batch runs
+    call_owns_mixed: bool = False  # the current call started it (model(..., adapter_names=))
+
+
+class ApetModel(nn.Module):
+    """The mixin a patched model's class gets (see the module docstring). Attribute and method names
+    follow PEFT's where they mean the same thing and avoid ``PreTrainedModel``'s meanings."""
+
+    # transformers' Trainer refuses to train a quantized model unless it carries trainable adapters, which it
+    # recognizes by PEFT's class or this flag; transformers' activation checkpointing then also makes the
+    # embeddings' output require grad, so reentrant checkpointing reaches the deltas
+    _hf_peft_config_loaded = True
+
+    # ----------------------------------------------------------------- what is patched
+    def apet_layers(self) -> dict[str, SparseDeltaLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+    @property
+    def apet_configs(self) -> dict[str, ApetConfig]:
+        return dict(_patch_of(self).configs)
+
+    @property
+    def apet_config(self) -> ApetConfig:
+        """The active adapter's config."""
+        return _patch_of(self).configs[_patch_of(self).active[0]]
+
+    @property
+    def active_adapter(self) -> str:
+        return _patch_of(self).active[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapter trained and applied, then others applied with it (``set_adapter`` with a list)."""
+        return list(_patch_of(self).active)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names, the active one first."""
+        return [self.active_adapter, *(n for n in _patch_of(self).configs if n != self.active_adapter)]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ----------------------------------------------------------------- disabling
+    @contextlib.contextmanager
+    def disable_apet(self):
+        """Within the block the model computes as the unpatched base model. Blocks nest; an exception
+        leaves each layer as it was before the block. Merged layers keep W + S in their weight and
+        compute the base output exactly around it, so a reference pass between a forward and its
+        backward (KL terms, DPO reference log-probabilities) leaves that backward intact."""
+        before = [(layer, layer.apet_disabled) for layer in self.apet_layers().values()]
+        for layer, _ in before:
+            layer.apet_disabled = True
+        try:
+            yield self
+        finally:
+            for layer, was in before:
+                layer.apet_disabled = was
+
+    disable_adapter = disable_apet  # PEFT's name
+
+    # ----------------------------------------------------------------- several adapters
+    def _check_new_name(self, name: str) -> None:
+        _patch_of(self)
+        check_adapter_name(name)
+        if name in _patch_of(self).configs:
+            raise ValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
+        self._refuse_in_mixed_batch("adding an adapter")
+
+    def _refuse_in_mixed_batch(self, what: str) -> None:
+        if _patch_of(self).mixed is not None:
+            raise RuntimeError(f"{what} inside a mixed-adapter batch would change what its rows apply")
+
+    def add_adapter(self, adapter_name: str, config: ApetConfig) -> None:
+        """Add an inactive adapter (zero values) with seeded positions on the patched layers that
+        ``config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
+        the one applied and trained. Data-driven positions come in through ``load_adapter``."""
+        self._check_new_name(adapter_name)
+        if not isinstance(config, ApetConfig):
+            raise TypeError(f"add_adapter(adapter_name, config) takes an ApetConfig, got {type(config).__name__}")
+        if config.method not in METHODS:
+            raise ValueError(f"add_adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
+                             f"load an adapter with stored positions through load_adapter()")
+        if config.modules_to_save:
+            raise ValueError("modules_to_save belong to the model, not to an added adapter")
+        config = copy.deepcopy(config)
+        layers = self.apet_layers()
+        chosen = {n: m for n, m in layers.items() if targeted(n, config)}
+        if not chosen:
+            raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers")
+        shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
+        budget = layer_budget(self, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
+        indices = {n: select_indices(shapes[n], budget[n], method=config.method, seed=config.seed, key=n)
+                   for n in chosen}
+        config.layers = {n: {"shape": list(shapes[n]), "k": int(idx.numel()), "checksum": index_checksum(idx)}
+                         for n, idx in indices.items()}
+        self._add_entries(adapter_name, config, indices, {})
+
+    def _add_entries(self, name: str, config: ApetConfig, indices: dict[str, torch.Tensor],
+                     values: dict[str, torch.Tensor]) -> None:
+        """Add adapter ``name`` to every APET layer (K = 0 where it tunes nothing), all or none."""
+        layers, added = self.apet_layers(), []
+        try:
+            for n, layer in layers.items():
+                idx = indices.get(n, torch.empty(0, dtype=layer.delta_indices.dtype))
+                layer.add_adapter(name, idx, values.get(n))
+                added.append(layer)
+        except BaseException:
+            for layer in added:
+                layer.delete_adapter(name)
+            raise
+        _patch_of(self).configs[name] = config
+
+    def load_adapter(self, directory: str, adapter_name: str, *, strict: bool = False) -> None:
+        """Add the adapter saved in ``directory`` (its active one) under ``adapter_name``, inactive. Its
+        layers must be among this model's APET layers; everything is checked before anything changes."""
+        self._check_new_name(adapter_name)
+        saved = read_folder(directory)
+        if saved.others:
+            raise ValueError(f"{saved.path} holds {sorted(saved.others)[0]!r}: modules_to_save belong to the model, "
+                             f"not to an added adapter (load that folder with load_apet)")
+        adapter = saved.adapters[saved.active[0]]
+        layers = self.apet_layers()
+        indices = _resolve_positions(adapter, layers, lambda m: (m.out_features, m.in_features),
+                                     lambda m, idx: m.base_values_at(idx), saved.path, strict,
+                                     "with APET layers (added adapters tune a subset of them)")
+        config = copy.deepcopy(adapter.config)
+        self._add_entries(adapter_name, config, indices, adapter.values)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Apply and train adapter ``adapter_name`` instead of the active one. Each layer rewrites only the
+        positions involved (merged: W restored at the old K positions, base + v written at the new K). Every
+        adapter keeps its own values Parameters: an optimizer built for one keeps training it when it is
+        active again (an optimizer stepping over inactive adapters only warns).
+
+        A list applies several adapters together, their sparse terms added (every layer unmerged): the
+        first is the one trained, the others are applied as they are."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
+        unknown = [n for n in names if n not in _patch_of(self).configs]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
+        self._refuse_in_mixed_batch("set_adapter()")
+        layers = self.apet_layers()
+        if len(names) > 1:
+            merged = [n for n, m in layers.items() if m.strategy == "merged"]
+            if merged:
+                raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+                                 f"are merged ({_first_few(merged)}): unmerge() them or use strategy='unmerged'")
+        before, switched = self.active_adapters, []
+        try:
+            for layer in layers.values():
+                layer.set_adapter(names)
+                switched.append(layer)
+        except BaseException:
+            for layer in switched:  # (nothing fails after the checks above; this keeps the model whole if it does)
+                layer.set_adapter(before)
+            raise
+        _patch_of(self).active = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in _patch_of(self).active:
+            raise ValueError(f"{adapter_name!r} is active: set_adapter() another one before deleting it")
+        if adapter_name not in _patch_of(self).configs:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {self.adapters}")
+        self._refuse_in_mixed_batch("delete_adapter()")
+        for layer in self.apet_layers().values():
+            layer.delete_adapter(adapter_name)
+        del _patch_of(self).configs[adapter_name]
+
+    # ----------------------------------------------------------------- mixed-adapter batches
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names, *, expand: bool = False):
+        """Inference where batch row i uses adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT's
+        mixed-batch forward: ``with model.mixed_batch(["a", "b", "a"]): model(ids)``, or
+        ``model(ids, adapter_names=[...])``, or ``generate(..., adapter_names=[...])`` (which repeats each
+        name for the rows generation expands it to). Every APET layer must run unmerged; the outputs carry
+        no gradient; one name per row, exactly."""
+        self._begin_mixed_batch(adapter_names, expand)
+        try:
+            yield self
+        finally:
+            self._end_mixed_batch()
+
+    def _begin_mixed_batch(self, adapter_names, expand: bool = False) -> None:
+        names = list(adapter_names) if not isinstance(adapter_names, str) else [adapter_names]
+        unknown = sorted(set(names) - set(self.adapters) - {BASE})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '{BASE}')")
+        if not names:
+            raise ValueError("adapter_names is empty: give one name per batch row")
+        if len(_patch_of(self).active) > 1:
+            raise ValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
+        if _patch_of(self).mixed is not None:
+            raise RuntimeError("mixed-adapter batches do not nest")
+        layers = self.apet_layers()
+        merged = [n for n, m in layers.items() if m.strategy == "merged"]
+        if merged:
+            raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+                             f"({_first_few(merged)}): call unmerge() on them or use strategy='unmerged'")
+        plan = MixedBatch(names, expand=expand)
+        _patch_of(self).mixed = plan
+        try:
+            for layer in layers.values():
+                layer.begin_mixed_batch(plan)
+        except BaseException:
+            self._end_mixed_batch()  # (a plan that fails half-way is cleared too)
+            raise
+
+    def _end_mixed_batch(self) -> None:
+        for layer in self.apet_layers().values():
+            layer.end_mixed_batch()
+        _patch_of(self).mixed = None
+        _patch_of(self).call_owns_mixed = False
+
+    def _generate_with_adapter_names(self, *args, adapter_names=None, **kwargs):
+        """The model's own ``generate``; ``adapter_names``: one adapter per input row (see ``mixed_batch``)."""
+        generate = super(ApetModel, self).generate
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        rows, _ = batch_shape(args, kwargs)
+        if rows is not None and len(adapter_names) != rows:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {rows} rows")
+        with self.mixed_batch(adapter_names, expand=True):
+            return generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str, *, is_main_process: bool = True, state_dict: dict | None = None,
+                        safe_serialization: bool = True, selected_adapters: list[str] | None = None,
+                        push_to_hub: bool = False, **kwargs) -> None:
+        """Write the adapters (all of them, or ``selected_adapters``) and ``modules_to_save``: ``apet_config.json``
+        and ``model.safetensors`` (apet_kernels.serialization), about 4 bytes per tuned parameter for seeded
+        positions (8 for stored ones). Never the frozen weights, never pickles.
+
+        The signature is ``PreTrainedModel.save_pretrained``'s, which transformers' Trainer calls for checkpoints
+        and ``save_model``: only the main process writes (``is_main_process``); a ``state_dict`` given (a
+        gathered one under FSDP or DeepSpeed) is where the tensors are taken from. ``safe_serialization`` is
+        accepted and ignored (always safetensors); other keyword arguments of transformers' method are ignored."""
+        _patch_of(self)  # (refuses on a model already unloaded)
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: save to a folder and upload it yourself")
+        if not is_main_process:
+            return
+        configs, active, tensors = self._folder_contents(selected_adapters, state_dict)
+        write_folder(save_directory, configs, active, tensors)
+
+    save_apet = save_pretrained
+
+    def _folder_contents(self, selected: list[str] | None, state_dict: dict | None):
+        names = list(_patch_of(self).configs) if selected is None else list(selected)
+        unknown = [n for n in names if n not in _patch_of(self).configs]
+        if unknown or not names:
+            raise ValueError(f"selected_adapters {selected} must name some of this model's adapters {self.adapters}")
+        active = [n for n in _patch_of(self).active if n in names] or [names[0]]
+        layers = self.apet_layers()
+        configs, tensors = {}, {}
+        for name in names:
+            config = configs[name] = copy.deepcopy(_patch_of(self).configs[name])
+            for lname, info in config.layers.items():
+                layer = layers[lname]
+                delta = layer.deltas[name]
+                base = layer.current_base() if name == layer.active_adapter else layer.base_values_at(delta.indices)
+                stored = not regenerable(config, lname, delta.indices)
+                quant = layer.quantization
+                info.update(checksum=index_checksum(delta.indices), base_fingerprint=base_fingerprint(base),
+                            base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
+                            positions="stored" if stored else "seed", k=int(delta.k))
+                wanted = [VALUES, INDICES] if stored else [VALUES]
+                for what in wanted:
+                    key = delta_key(lname, name, what)
+                    own = delta.values if what == VALUES else delta.indices
+                    tensors[key] = state_dict[key] if state_dict is not None and key in state_dict else own
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for pname in _patch_of(self).saved_modules:  # modules_to_save, under every name of a tied parameter
+            tensors[pname] = state_dict[pname] if state_dict is not None and pname in state_dict else params[pname]
+        return configs, active, {k: t.detach() for k, t in tensors.items()}
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` would write for one adapter (default: the active one), on the CPU."""
+        _, _, tensors = self._folder_contents([adapter_name or self.active_adapter], None)
+        return {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+
+    # ----------------------------------------------------------------- giving the model back
+    def _restore(self, merge: bool, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
+        """Put each base layer back (merged: with W + S written into it; ``replacements``: new modules
+        for some layers, built beforehand so that nothing here can fail half-way) and the model's class."""
+        replacements = replacements or {}
+        patch = _patch_of(self)
+        for name, layer in self.apet_layers().items():
+            if name not in replacements:
+                if merge:
+                    layer._merge.write(layer.delta_values, layer._backend_name())  # W[p] = cast(base + v), kept
+                else:
+                    layer.unmerge()
+            layer.release_weight()
+            set_module(self, name, replacements.get(name, layer.base_layer))
+        params = dict(self.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            if not merge:
+                for name, original in patch.saved_modules.items():
+                    params[name].copy_(original)
+        for name, p in params.items():
+            p.requires_grad_(patch.requires_grad.get(name, p.requires_grad))
+        _remove_model_hooks(self)
+        unguard_tree(self)
+        self.__class__ = patch.original_class
+        del self.__dict__["_apet_patch"]
+        return self
+
+    def merge_and_unload(self, requantize=False) -> nn.Module:
+        """Write W + S into each weight for good and return the model with its own class (modules_to_save
+        keep their trained weights).
+
+        Quantized layers are dequantized, the deltas added in fp32, and the result cast to the dtype
+        the layer was quantized from: by default they become plain float ``nn.Linear`` layers.
+        ``requantize=True`` quantizes that weight again the same way (bitsandbytes: same type, block
+        size, storage; torchao: the config inferred from the tensor class, or pass the config itself
+        as ``requantize=``). Re-quantization rounds most small deltas away: the error it adds against
+        keeping the deltas separate is stored per layer in ``model.requantization_report`` and summed
+        up in a warning."""
+        if len(_patch_of(self).active) > 1:
+            raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to merge")
+        self._refuse_in_mixed_batch("merge_and_unload()")
+        layers = self.apet_layers()
+        quantized = {n: m for n, m in layers.items() if m.quantization is not None}
+        if requantize is not False and not quantized:
+            raise ValueError("requantize needs quantized layers; this model has none (its merged weights are "
+                             "written in its own float dtype)")
+        tied = [n for n, m in layers.items() if m.weight_shared]
+        if tied:
+            warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
+        config = None if requantize is True or requantize is False else requantize
+        dtype = activation_dtype(self)
+        replacements, report = {}, {}
+        for name, layer in quantized.items():  # everything built before any layer changes
+            replacements[name], report[name] = merge_quantized(layer, requantize is not False, config, dtype)
+        model = self._restore(merge=True, replacements=replacements)
+        if requantize is not False:
+            model.requantization_report = report
+            warnings.warn(requantization_summary(report))
+        return model
+
+    def unload(self) -> nn.Module:
+        """Restore the original modules, weights, modules_to_save and class bit-exactly; returns the model."""
+        _patch_of(self)
+        self._refuse_in_mixed_batch("unload()")
+        return self._restore(merge=False)
+
+    # ----------------------------------------------------------------- copies
+    def __reduce_ex__(self, protocol):
+        # pickle finds classes by name, and this class has its base's name: rebuild it from the base
+        return _new_patched, (_patch_of(self).original_class,), self.__getstate__()
+
+
+def _patch_of(model: nn.Module) -> _Patch:
+    """What patching changed; refuses, naming why, on a model already unloaded (a method bound before)."""
+    patch = model.__dict__.get("_apet_patch")
+    if patch is None:
+        raise RuntimeError("this model's APET layers were removed by unload() or merge_and_unload(); patch it "
+                           "again with get_apet_model or load_apet")
+    return patch
+
+
+def _new_patched(original_class: type) -> nn.Module:
+    return object.__new__(_apet_class(original_class))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _apet_class(cls: type) -> type:
+    """The patched class of ``cls``: ``ApetModel`` first, with ``cls``'s name (transformers reads class names)."""
+    if cls not in _CLASSES:
+        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+        if callable(getattr(cls, "generate", None)):
+            body["generate"] = ApetModel._generate_with_adapter_names
+        _CLASSES[cls] = type(cls.__name__, (ApetModel, cls), body)
+    return _CLASSES[cls]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, ApetModel) and "_apet_patch" in model.__dict__
+
+
+# ----------------------------------------------------------------------------- model-level hooks
+def _forward_pre_hook(model, args, kwargs):
+    patch = model.__dict__.get("_apet_patch")
+    names = kwargs.pop("adapter_names", None)
+    if patch is None:
+        return args, kwargs
+    if names is not None:
+        model._begin_mixed_batch(names)  # (ended by _forward_hook, which runs even if the forward raises)
+        patch.call_owns_mixed = True
+    if patch.mixed is not None:
+        try:
+            patch.mixed.begin_forward(args, kwargs)
+        except BaseException:
+            _forward_hook(model, args, kwargs, None)
+            raise
+    return args, kwargs
+
+
+def _forward_hook(model, args, kwargs, output):
+    patch = model.__dict__.get("_apet_patch")
+    if patch is not None and patch.call_owns_mixed:
+        model._end_mixed_batch()
+
+
+def _strip_legacy_prefix(model, state_dict, prefix, *args):
+    """State dicts of 0.1/0.2's wrapper held every key under ``base_model.``."""
+    if prefix or not state_dict or not all(k.startswith("base_model.") for k in state_dict):
+        return
+    if any(k.startswith("base_model.") for k in model.state_dict(keep_vars=True)):
+        return
+    for key in list(state_dict):
+        state_dict[key[len("base_model."):]] = state_dict.pop(key)
+
+
+def _note_training_state(model, state_dict, prefix, *args) -> None:
+    """Is this a training state (deltas and trainable parameters, no frozen weights, as save_pretrained and
+    Trainer checkpoints hold)? Then the frozen weights it lacks are not reported missing."""
+    if prefix:
+        return
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    model.__dict__["_apet_loading_training_state"] = any(".deltas." in k for k in state_dict) and \
+        not any(k in frozen for k in state_dict)
+
+
+def _training_state_missing_keys(model, incompatible_keys) -> None:
+    if not model.__dict__.pop("_apet_loading_training_state", False):
+        return
+    needed = {n for n, p in model.named_parameters() if p.requires_grad}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k in needed or k.endswith(f".{VALUES}") and ".deltas." in k]
+
+
+_LOAD_PRE_HOOKS = (_strip_legacy_prefix, _note_training_state)
+
+
+def _install_model_hooks(model: nn.Module) -> None:
+    for hook in _LOAD_PRE_HOOKS:  # before load_guard's whole-state-dict check, which reads the keys
+        model._register_load_state_dict_pre_hook(hook, with_module=True)
+    guard(model)
+    model.register_load_state_dict_post_hook(_training_state_missing_keys)
+    model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_forward_hook, with_kwargs=True, always_call=True)
+
+
+def _remove_model_hooks(model: nn.Module) -> None:
+    ours = set(_LOAD_PRE_HOOKS) | {_training_state_missing_keys, _forward_pre_hook, _forward_hook}
+    for hooks in (model._load_state_dict_pre_hooks, model._load_state_dict_post_hooks, model._forward_pre_hooks,
+                  model._forward_hooks):
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in ours]:
+            del hooks[key]
+            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
+                          model._forward_hooks_always_called):
+                extra.pop(key, None)
+
+
+# ----------------------------------------------------------------------------- patching
+def _first_few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _modules_to_save(model: nn.Module, config: ApetConfig) -> dict[str, nn.Parameter]:
+    """Name -> parameter of every module in ``modules_to_save``, under every name a tied parameter has."""
+    return {n: p for n, p in model.named_parameters(remove_duplicate=False)
+            if within(n.rpartition(".")[0], config.modules_to_save)}
+
+
+def _check_targets(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    if is_patched(model) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("this model already has APET layers (unload() them first, or add_adapter() / "
+                         "load_adapter() to add another adapter)")
+    owners: dict[int, str] = {}
+    for name, module in targets.items():
+        other = owners.setdefault(id(module.weight), name)
+        if other != name:
+            raise ValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
+                             f"cannot both be applied; exclude one of them (exclude_modules)")
+
+
+def _warn_tied_modules_to_save(model: nn.Module, saved: dict[str, nn.Parameter]) -> None:
+    names_of: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
+    for n, p in saved.items():
+        others = [o for o in names_of[id(p)] if o not in saved]
+        if others:
+            warnings.warn(f"modules_to_save: {n} is tied to {others[0]} (the same tensor): training it trains both, "
+                          f"and unload() restores both")
+
+
+def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor],
+           adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Patch the targets in place; if anything fails, the model is left exactly as it was."""
+    check_adapter_name(adapter_name)
+    targets = {name: model.get_submodule(name) for name in indices}
+    _check_targets(model, targets)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    shared = shared_parameter_ids(model)
+    saved = _modules_to_save(model, config)
+    _warn_tied_modules_to_save(model, saved)
+    originals = {n: p.detach().clone() for n, p in saved.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in saved.values():
+            p.requires_grad_(True)
+        replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
+            module, indices=indices[name], strategy=config.strategy, backend=config.backend,
+            weight_shared=id(module.weight) in shared, adapter_name=adapter_name), targets)
+    except BaseException:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    config.layers = {name: {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
+                            "checksum": index_checksum(indices[name])} for name, module in targets.items()}
+    model.__dict__["_apet_patch"] = _Patch(type(model), requires_grad, originals, {adapter_name: config},
+                                           [adapter_name])
+    model.__class__ = _apet_class(type(model))
+    _install_model_hooks(model)
+    guard_ancestors(model)
+    return model
+
+
+def float_weight_oi(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as floats (out, in): a view, or a dequantized copy of a quantized one."""
+    return dequantize(module) if quantization_of(module) is not None else weight_oi(module).detach()
+
+
+def weight_at(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """A linear-like module's weight at flat row-major (out, in) positions (dequantized if quantized)."""
+    if quantization_of(module) is not None:
+        return values_at(module, indices)
+    w = weight_oi(module).detach()
+    idx = indices.long().to(w.device)
+    return w[idx // w.shape[1], idx % w.shape[1]]
+
+
+def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable | None = None,
+                   loss_fn: Callable | None = None, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Replace the target linears of ``model`` in place with SparseDeltaLinear layers; returns ``model``,
+    patched (see the module docstring).
+
+    The budget is split over the targets in proportion to their size (split_budget). Each layer's
+    positions come from select_indices(..., seed=config.seed, key=<qualified name>) for the seeded
+    methods, from its own weight for ``method="magnitude"``, and for ``method="gradient"`` from
+    the gradients of ``calibration`` (an iterable of batches: ``model(**batch).loss``, or
+    ``loss_fn(model, batch)``), accumulated without ever forming a layer's dense weight gradient
+    (apet_kernels.positions). Everything else is frozen except ``modules_to_save``. ``config`` is
+    copied, not changed, so one config can patch several models. If anything fails, the model is
+    left exactly as it was.
+    """
+    _check_targets(model, {})
+    config = copy.deepcopy(config)
+    config.layers = {}
+    targets = find_targets(model, config)
+    shapes = {name: linear_shape(m) for name, m in targets.items()}
+    budget = layer_budget(model, config, targets, shapes)
+    if config.method == "gradient":
+        if calibration is None:
+            raise ValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
+        scores = GradientScores(model, targets, budget, score=config.gradient_score, pool_factor=config.pool_factor,
+                                backend=config.backend)
+        scores.accumulate(calibration, loss_fn)
+        indices = scores.indices()
+    elif config.method == "magnitude":
+        indices = {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
+    else:
+        if calibration is not None:
+            raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
+        indices = {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed,
+                                        key=name) for name in targets}
+    return _patch(model, config, indices, adapter_name)
+
+
+# ----------------------------------------------------------------------------- loading
+def _resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shape_of, base_at, path: str,
+                       strict: bool, what: str) -> dict[str, torch.Tensor]:
+    """Each adapter layer's positions, checked against ``modules`` (shape, checksum, base fingerprint)."""
+    from ._checks import check_index_content, check_index_meta
+    config, indices, foreign, requantized = adapter.config, {}, [], []
+    for name, info in config.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model {what}")
+        shape = shape_of(module)
+        if list(shape) != list(info["shape"]):
+            raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+        idx = adapter.indices.get(name)
+        if idx is None:
+            if config.method not in METHODS or info.get("positions") == "stored":
+                raise ValueError(f"{path} lacks the stored positions of adapter layer {name!r}")
+            idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
+        else:
+            try:
+                check_index_meta(idx, shape[0] * shape[1])
+                check_index_content(idx, shape[0] * shape[1])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: positions of {name}: {exc}") from None
+        if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
+            raise ValueError(f"adapter layer {name!r}: indices do not match the stored checksum "
+                             f"(other seed, key or selection code?)")
+        stored = info.get("base_fingerprint")
+        if stored is not None and not module.weight.is_meta:
+            base = base_at(module, idx)
+            if base_fingerprint(base) != stored:
+                quant = quantization_of(getattr(module, "base_layer", module))
+                quant = str(quant) if quant is not None else None
+                sketch = info.get("base_sketch")
+                if quant != info.get("base_quantization") and sketch is not None \
+                        and sketch_distance(base_sketch(base), sketch) <= SKETCH_QUANTIZATION_ONLY:
+                    requantized.append(f"{name} ({info.get('base_quantization') or 'float'} -> {quant or 'float'})")
+                else:
+                    foreign.append(name)
+        indices[name] = idx
+    if requantized:
+        warnings.warn(f"the base differs from the one the adapter was trained on only by quantization in "
+                      f"{len(requantized)} of {len(config.layers)} adapter layers ({_first_few(requantized)}): its "
+                      f"weights at the tuned positions are a quantized (or dequantized) copy of those, so the "
+                      f"deltas apply on a slightly different base")
+    if foreign:
+        message = (f"base fingerprint mismatch in {len(foreign)} of {len(indices)} adapter layers "
+                   f"({_first_few(foreign)}): this model's weights at the tuned positions differ from those the "
+                   f"adapter was trained on")
+        if strict:
+            raise ValueError(message + " (strict=True)")
+        warnings.warn(message)
+    return indices
+
+
+def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend: str = "auto") -> nn.Module:
+    """Patch a base ``model`` in place with every adapter in ``directory`` (an APET folder of format 1 or 2:
+    ``save_pretrained``'s output, or a Trainer checkpoint of a patched model), active as saved.
+
+    Everything is checked before the model is touched: the modules exist and have the stored
+    shapes, regenerated indices match their checksums, every tensor is present with the right
+    shape and finite. The first mismatch raises a ValueError naming it, and the model stays as
+    it was. If the base weights at the tuned positions differ from those the adapter was saved
+    over (its fingerprints), this warns naming the layers, or raises with ``strict=True``.
+    ``backend`` is a runtime choice (not stored in the adapter). To add an adapter to a patched model,
+    use ``model.load_adapter(directory, adapter_name)``.
+    """
+    if is_patched(model) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
+        raise ValueError("load_apet needs a base model without APET layers (call unload() first); "
+                         "model.load_adapter(directory, adapter_name) adds an adapter to a patched model")
+    backend = ApetConfig(num_params=0, backend=backend).backend  # validated like any config
+    saved = read_folder(directory)
+    modules = {n: m for n, m in model.named_modules() if n and is_linear_like(m)}
+    positions = {name: _resolve_positions(adapter, modules, linear_shape, weight_at, saved.path, strict, "")
+                 for name, adapter in saved.adapters.items()}
+    first = next(iter(saved.adapters))  # the adapter the model was patched with; the layers are all adapters' layers
+    layers = [n for n in modules if any(n in p for p in positions.values())]
+    empty = {n: select_indices(linear_shape(modules[n]), 0, key=n) for n in layers}
+    config = copy.deepcopy(saved.adapters[first].config)
+    config.backend = backend
+    params = _modules_to_save(model, config)
+    for key, t in saved.others.items():
+        if key not in params:
+            raise ValueError(f"{saved.path} holds {key!r}, which is neither an APET layer nor a parameter of "
+                             f"modules_to_save in this model")
+        if params[key].shape != t.shape:
+            raise ValueError(f"{saved.path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
+    _patch(model, config, {n: positions[first].get(n, empty[n]) for n in layers}, first)
+    config.layers = {n: info for n, info in config.layers.items() if n in positions[first]}
+    try:
+        for name, adapter in saved.adapters.items():
+            if name != first:
+                added = copy.deepcopy(adapter.config)
+                added.backend = backend
+                model._add_entries(name, added, positions[name], {})
+        state = {delta_key(layer, name, VALUES): v for name, adapter in saved.adapters.items()
+                 for layer, v in adapter.values.items()}
+        state.update(saved.others)
+        model.load_state_dict(state, strict=False)
+        if saved.active != [first]:
+            model.set_adapter(saved.active)
+    except BaseException:
+        model.unload()
+        raise
+    return model

@@ -1,0 +1,51 @@
+"""A warning when an optimizer steps over adapters that are no longer trained.
+
+Every adapter keeps its own values Parameters, so switching adapters never replaces a Parameter an
+optimizer holds. But an optimizer built while adapter "a" was active and stepped after
+``set_adapter("b")`` trains nothing: a's values get no gradient, b's are not in it. Once any adapter
+switch has happened, a global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) looks at each
+optimizer's parameters; an optimizer holding inactive adapters' values and no active ones warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Iterable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+# by identity (a WeakSet would compare tensors with ==, elementwise)
+_ACTIVE = WeakIdKeyDictionary()
+_INACTIVE = WeakIdKeyDictionary()
+_WARNED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_hook = None
+
+
+def note_active_values(active: Iterable[torch.Tensor], inactive: Iterable[torch.Tensor]) -> None:
+    """Record which adapter values are trained now (called by SparseDeltaLinear on every switch)."""
+    global _hook
+    inactive = list(inactive)
+    for p in active:
+        _INACTIVE.pop(p, None)
+        _ACTIVE[p] = True
+    for p in inactive:
+        _ACTIVE.pop(p, None)
+        _INACTIVE[p] = True
+    if inactive and _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_step)
+
+
+def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if optimizer in _WARNED or not _INACTIVE:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    orphans = sum(1 for p in params if p in _INACTIVE)
+    if orphans and not any(p in _ACTIVE for p in params):
+        _WARNED.add(optimizer)
+        warnings.warn(f"{type(optimizer).__name__} steps over {orphans} values tensors of adapters that are not "
+                      f"active any more (set_adapter() was called after the optimizer was built) and over none of "
+                      f"the active adapter's: nothing is being trained. Build the optimizer after set_adapter(), "
+                      f"from the parameters that require grad", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,147 @@
+"""The APET folder format: the compatibility contract between versions. Reading, checking and writing;
+nothing here touches a model.
+
+Format 2 (written since 0.3): ``apet_config.json`` (``config.write_config_file``: every adapter's config and
+per-layer record) and ``model.safetensors``, whose keys are the patched model's own state-dict keys:
+``<layer>.deltas.<adapter>.values`` (fp32), ``<layer>.deltas.<adapter>.indices`` (only where a seed does
+not regenerate them) and the parameters of ``modules_to_save``. A Trainer checkpoint is such a folder,
+which is why the file has the name transformers' Trainer loads (``load_state_dict(..., strict=False)``)
+when it resumes or loads the best checkpoint.
+
+Format 1 (0.1/0.2, read only): one adapter, ``adapter_model.safetensors`` with ``<layer>.delta_values``,
+``<layer>.delta_indices`` and modules_to_save parameters, its config's fields at the JSON's top level.
+
+Per layer the config records the shape, K, an index checksum and a fingerprint and sketch of the base
+weights at the tuned positions, so a folder loaded onto another base (or a re-quantized copy of it) is
+recognized before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from ._checks import check_finite
+from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, ApetConfig, read_config_file, write_config_file
+from .selection import METHODS
+
+VALUES, INDICES = "values", "indices"
+
+
+def index_checksum(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def base_fingerprint(base: torch.Tensor) -> str:
+    """A hash of the base weights at the tuned positions (K values, as fp32: the same for an fp32,
+    bf16 or fp16 copy of a bf16 model). An adapter stores it to recognize the base it was trained on."""
+    return hashlib.sha256(base.detach().to("cpu", torch.float32).numpy().tobytes()).hexdigest()[:16]
+
+
+SKETCH_SIZE = 8  # projections in a base sketch
+SKETCH_QUANTIZATION_ONLY = 0.5  # sketch distance under which two bases differ only by quantization
+
+
+def base_sketch(base: torch.Tensor) -> list[float]:
+    """8 fixed random +-1 projections of the K base values, / sqrt(K): unlike the fingerprint, close
+    (not equal) for a quantized copy of the same base, and far apart (distance ~1) for another base.
+    Not the weights: 8 numbers cannot give back K > 8 values."""
+    v = base.detach().to("cpu", torch.float32).reshape(-1)
+    signs = torch.randint(0, 2, (SKETCH_SIZE, v.numel()), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    return [round(float(x), 7) for x in signs @ v / max(v.numel(), 1) ** 0.5]
+
+
+def sketch_distance(a: list[float], b: list[float]) -> float:
+    a, b = torch.tensor(a), torch.tensor(b)
+    return float((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-30))
+
+
+def delta_key(layer: str, adapter: str, what: str) -> str:
+    return f"{layer}.deltas.{adapter}.{what}"
+
+
+def regenerable(config: ApetConfig, layer: str, indices: torch.Tensor) -> bool:
+    """Seeded positions that never moved (no regrowth): the folder stores the seed, not the indices."""
+    info = config.layers.get(layer, {})
+    return config.method in METHODS and info.get("checksum") == index_checksum(indices) and \
+        info.get("positions") != "stored"
+
+
+@dataclass
+class SavedAdapter:
+    """One adapter as a folder holds it: its config and, per layer, stored indices (or None) and values."""
+    config: ApetConfig
+    indices: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SavedFolder:
+    adapters: dict[str, SavedAdapter]  # in the folder's order
+    active: list[str]
+    others: dict[str, torch.Tensor]  # modules_to_save parameters, by their name in the model
+    path: str  # the tensor file, for messages
+
+
+def read_folder(directory: str) -> SavedFolder:
+    """Everything an APET folder of format 1 or 2 holds, checked for damage and completeness (not yet
+    against a model): every adapter layer has float values of its K and, where stored, indices."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    configs, active = read_config_file(str(directory))
+    legacy = not os.path.exists(os.path.join(directory, WEIGHTS_NAME)) and \
+        os.path.exists(os.path.join(directory, LEGACY_WEIGHTS_NAME))
+    path = os.path.join(directory, LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is truncated or malformed: {exc}") from None
+    for key, t in tensors.items():
+        check_finite(t, f"{path}: {key}")
+    adapters, claimed = {}, set()
+    for name, config in configs.items():
+        saved = adapters[name] = SavedAdapter(config)
+        for layer, info in config.layers.items():
+            vkey = f"{layer}.delta_values" if legacy else delta_key(layer, name, VALUES)
+            ikey = f"{layer}.delta_indices" if legacy else delta_key(layer, name, INDICES)
+            values = tensors.get(vkey)
+            if values is None or tuple(values.shape) != (int(info["k"]),) or not values.is_floating_point():
+                raise ValueError(f"{path}: {vkey} is missing or not a float tensor of shape ({int(info['k'])},)")
+            saved.values[layer] = values
+            saved.indices[layer] = tensors.get(ikey)
+            claimed.update({vkey, ikey})
+    others = {k: t for k, t in tensors.items() if k not in claimed}
+    return SavedFolder(adapters, active, others, path)
+
+
+def write_folder(directory: str, configs: dict[str, ApetConfig], active: list[str],
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """Both files appear together or not at all: written to a temporary folder beside ``directory`` and moved
+    into place (into an existing folder, such as a Trainer checkpoint, file by file). Never pickles."""
+    from safetensors.torch import save_file
+    for key, t in tensors.items():
+        check_finite(t, f"adapter tensor {key}")
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    directory = os.path.abspath(str(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(directory)}.saving-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)  # (not mkdtemp: its 0700 would become the adapter folder's permissions)
+    try:
+        write_config_file(staging, configs, active)
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "apet"})
+        if not os.path.exists(directory):
+            os.rename(staging, directory)  # one atomic step
+            return
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
