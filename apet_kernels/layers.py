@@ -17,7 +17,6 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal
@@ -33,9 +32,17 @@ from .selection import select_indices
 STRATEGIES = ("auto", "merged", "unmerged")
 DEFAULT_ADAPTER = "default"
 
-# weight Parameter -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
-# both write it in the merged strategy and neither could restore it.
-_WRAPPERS = WeakIdKeyDictionary()
+# id(weight Parameter) -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
+# both write it in the merged strategy and neither could restore it. Keyed by id, validated by identity on
+# lookup: no weak reference to the tensor itself, which torch.utils.swap_tensors (the .to() of tensor
+# subclasses such as torchao's quantized weights) refuses to swap.
+_OWNERS: dict[int, weakref.ref] = {}
+
+
+def _owner_of(weight: torch.Tensor):
+    ref = _OWNERS.get(id(weight))
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and owner.weight is weight else None
 
 
 def _budget(numel: int, k: int | None, density: float | None) -> int:
@@ -189,7 +196,6 @@ class SparseDeltaLinear(nn.Module):
                                              columns=self.strategy != "merged")
         self._set_active_cache()
         self.delta_values.requires_grad_(True)
-        note_active_values([self.delta_values], [])
         self._merge = MergedWeight(self)
         self._merge.read_base()
         self._claim_weight()
@@ -273,13 +279,17 @@ class SparseDeltaLinear(nn.Module):
         self._claim_weight()
 
     def _claim_weight(self) -> None:
-        _WRAPPERS[self.weight] = weakref.ref(self)
+        key = id(self.weight)
+
+        def forget(ref, key=key):
+            if _OWNERS.get(key) is ref:
+                del _OWNERS[key]
+        _OWNERS[key] = weakref.ref(self, forget)
 
     def release_weight(self) -> None:
         """Forget that this layer wraps its weight (after unloading), so it can be wrapped again."""
-        ref = _WRAPPERS.get(self.weight)
-        if ref is not None and ref() is self:
-            del _WRAPPERS[self.weight]
+        if _owner_of(self.weight) is self:
+            del _OWNERS[id(self.weight)]
 
     @property
     def quantization(self):
@@ -548,8 +558,9 @@ class SparseDeltaLinear(nn.Module):
             if name in incoming:
                 module.deltas[name].rebuild_layout()
         merge = module._merge
-        if base is not None and "base_layer.weight" in incoming:
-            # the loaded W holds W + S of adapter base[0] (saved merged): its saved base makes it pure
+        if base is not None and "base_layer.weight" in incoming and module.quantization is None:
+            # the loaded W may hold W + S of adapter base[0] (saved merged): its saved base makes it pure (a
+            # quantized weight is never merged, and never written)
             merge.restore_at(module.deltas[base[0]].indices, base[1])
         merge.stale = True
         merge.read_base()  # W is pure here in every case: its values at the positions are the base
@@ -573,6 +584,10 @@ class SparseDeltaLinear(nn.Module):
         backend_name, active = self._backend_name(), self._active
         values = active.values
         if merged:
+            if "weight" not in self.base_layer._parameters:
+                raise RuntimeError("this merged layer's base weight is now computed from other tensors (pruned or "
+                                   "parametrized after patching), so W + S cannot be written into it: unmerge() the "
+                                   "layer first (or prune / parametrize before patching: such layers run unmerged)")
             self._merge.sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
@@ -655,9 +670,7 @@ def _check_float_entry(t, key: str, k: int, finite: bool) -> None:
 
 
 def _check_not_wrapped(weight: torch.Tensor) -> None:
-    ref = _WRAPPERS.get(weight)
-    owner = ref() if ref is not None else None
-    if owner is not None and owner.weight is weight:
+    if _owner_of(weight) is not None:
         raise ValueError("this weight is already wrapped by another SparseDeltaLinear: two wrappers would write two "
                          "deltas into one weight and could not restore it (unload the first one, or wrap a copy)")
 

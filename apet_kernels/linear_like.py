@@ -39,6 +39,26 @@ def weight_oi(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def weight_is_computed(module: nn.Module) -> bool:
+    """True when ``module.weight`` is computed from other tensors at every forward (torch.nn.utils.prune's
+    weight_orig * weight_mask, a parametrization such as weight_norm) instead of being a Parameter."""
+    return "weight" not in module._parameters
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The Parameter a linear layer's weight comes from: ``weight`` itself, pruning's ``weight_orig`` or a
+    parametrization's ``original``."""
+    if "weight" in module._parameters:
+        return module._parameters["weight"]
+    if "weight_orig" in module._parameters:
+        return module._parameters["weight_orig"]
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations and \
+            hasattr(parametrizations["weight"], "original"):
+        return parametrizations["weight"].original
+    return module.weight  # (computed from several tensors, as weight_norm's g and v: readable, never written)
+
+
 def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, str]:
     """Merged writes W's storage and relies on the layer computing x W^T + b from it: only plain
     nn.Linear / Conv1D layers with a floating, unquantized, unsharded weight that no other module uses."""
@@ -46,6 +66,9 @@ def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, s
     if quant is not None:
         return False, (f"the weight is quantized ({quant}): merging would write its quantized storage, so the "
                        f"deltas run unmerged (merge_and_unload() dequantizes the layer and adds them)")
+    if weight_is_computed(base_layer):
+        return False, ("the weight is computed from other tensors at every forward (pruning or a parametrization): "
+                       "a write into it would not last")
     if not is_plain_linear(base_layer):
         return False, (f"the base layer is a {type(base_layer).__name__}, not a plain nn.Linear or Conv1D "
                        f"(its forward may not be x W^T + b on .weight)")

@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 
+from .linear_like import stored_weight
 from .ops.dispatch import implementation
 from .quantized import values_at
 
@@ -35,9 +36,15 @@ class MergedWeight:
         self.written = None  # stamp of the last write that sync() may skip against
 
     # -- W's storage at the positions
-    def storage(self) -> torch.Tensor:
-        """W's data as (out, in) (a view for GPT-2's Conv1D): writes here never touch autograd."""
-        w = self.layer.weight.data
+    def storage(self, write: bool = False) -> torch.Tensor:
+        """W's data as (out, in) (a view for GPT-2's Conv1D): writes here never touch autograd. Where the weight
+        came to be computed from another Parameter after patching (pruned, parametrized), that Parameter."""
+        w = stored_weight(self.layer.base_layer)
+        if write and not isinstance(w, torch.nn.Parameter):
+            raise RuntimeError("this layer's weight is now computed from several tensors (a parametrization such as "
+                               "weight_norm added after merging): W + S cannot be written or restored there; remove "
+                               "the parametrization (parametrize.remove_parametrizations) first")
+        w = w.data
         return w.t() if self.layer.weight_transposed else w
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +81,7 @@ class MergedWeight:
         """W[p] = base itself: the pure weight, bit-exact."""
         self.written = None
         if not self.stale:
-            self.storage().index_put_(self._positions(), self.layer.delta_base)
+            self.storage(write=True).index_put_(self._positions(), self.layer.delta_base)
 
     @torch.no_grad()
     def restore_at(self, indices: torch.Tensor, base: torch.Tensor) -> None:
@@ -82,20 +89,22 @@ class MergedWeight:
         self.written = None
         idx = indices.long()
         in_features = self.layer.in_features
-        storage = self.storage()
+        storage = self.storage(write=True)
         storage.index_put_((idx // in_features, idx % in_features), base.to(storage.device, storage.dtype))
 
     def write(self, values: torch.Tensor, backend: str) -> None:
         """W[p] = cast(base + v): K writes through the backend's own scatter (no autograd)."""
         base = self.base()
-        implementation(backend).scatter_merge_(self.storage(), self.layer.delta_indices, base, values.detach())
+        implementation(backend).scatter_merge_(self.storage(write=True), self.layer.delta_indices, base,
+                                               values.detach())
 
     def sync(self, values: torch.Tensor, backend: str) -> None:
         """Make W hold cast(base + v) for ``values`` (see the module docstring for when it skips). The
         stamp is taken before the write, so a change racing with it is caught at the next call."""
         if torch.compiler.is_compiling():
             base = self.base()
-            torch.ops.apet.scatter_merge_(self.storage(), self.layer.delta_indices, base, values.detach(), backend)
+            torch.ops.apet.scatter_merge_(self.storage(write=True), self.layer.delta_indices, base, values.detach(),
+                                          backend)
             return
         stamp = None
         if values.device.type == "cpu" and backend == "native" and values.is_contiguous():

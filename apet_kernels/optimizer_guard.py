@@ -15,11 +15,9 @@ from typing import Iterable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
-# by identity (a WeakSet would compare tensors with ==, elementwise)
-_ACTIVE = WeakIdKeyDictionary()
-_INACTIVE = WeakIdKeyDictionary()
+_MARK = "_apet_adapter_active"  # on each values Parameter: True (active) / False; an attribute, not a weak
+# reference (torch.utils.swap_tensors, which .to() uses for tensor subclasses, refuses weakly referenced tensors)
 _WARNED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _hook = None
 
@@ -29,21 +27,19 @@ def note_active_values(active: Iterable[torch.Tensor], inactive: Iterable[torch.
     global _hook
     inactive = list(inactive)
     for p in active:
-        _INACTIVE.pop(p, None)
-        _ACTIVE[p] = True
+        setattr(p, _MARK, True)
     for p in inactive:
-        _ACTIVE.pop(p, None)
-        _INACTIVE[p] = True
+        setattr(p, _MARK, False)
     if inactive and _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_step)
 
 
 def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if optimizer in _WARNED or not _INACTIVE:
+    if optimizer in _WARNED:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    orphans = sum(1 for p in params if p in _INACTIVE)
-    if orphans and not any(p in _ACTIVE for p in params):
+    marks = [getattr(p, _MARK, None) for group in optimizer.param_groups for p in group["params"]]
+    orphans = marks.count(False)
+    if orphans and True not in marks:
         _WARNED.add(optimizer)
         warnings.warn(f"{type(optimizer).__name__} steps over {orphans} values tensors of adapters that are not "
                       f"active any more (set_adapter() was called after the optimizer was built) and over none of "

@@ -57,15 +57,26 @@ def output_embeddings(model: nn.Module) -> nn.Module | None:
     return get_out() if callable(get_out) else None
 
 
+def read_directly(model: nn.Module) -> dict[str, str]:
+    """Linear modules whose weight their parent reads directly instead of calling them (deltas there would get
+    no gradient): name -> why. nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward."""
+    return {f"{name}.out_proj" if name else "out_proj": "nn.MultiheadAttention reads out_proj.weight directly"
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
     """Qualified name -> linear-like module to patch, in model order."""
     head = output_embeddings(model)
+    direct = read_directly(model)
     targets = {}
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
             continue
-        if (config.target_modules == "all-linear" and module is head) or not targeted(name, config):
+        if (config.target_modules == "all-linear" and (module is head or name in direct)) or not targeted(name, config):
             continue
+        if name in direct:
+            raise ValueError(f"{name!r} cannot take deltas: {direct[name]}, so they would never reach the output or "
+                             f"get a gradient; exclude it (target_modules='all-linear' does)")
         targets[name] = module
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D in this model")

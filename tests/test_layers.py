@@ -301,3 +301,80 @@ def test_unmerged_adds_the_sparse_term_to_any_base_layer():
     dv = (dy.double().reshape(-1, 23).t() @ x.detach().double().reshape(-1, 19)).reshape(-1)[layer.delta_indices.long()]
     assert_close_rel(layer.delta_values.grad, dv, torch.float32)
     assert torch.equal(base.weight, weight_before)  # never written
+
+
+def _oracle_out(weight, bias, layer, x):
+    w = weight.detach().clone().reshape(-1)
+    w[layer.delta_indices.long()] += layer.delta_values.detach()
+    return x @ w.view(layer.out_features, layer.in_features).t() + bias
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_a_weight_computed_from_other_tensors_never_merges_and_is_applied_exactly(how):
+    from torch.nn.utils import parametrizations, prune
+
+    def computed(lin):
+        if how == "prune":
+            prune.l1_unstructured(lin, "weight", 0.5)
+        else:
+            parametrizations.weight_norm(lin)
+        return lin
+    torch.manual_seed(0)
+    lin = computed(nn.Linear(8, 6))
+    with pytest.raises(ValueError, match="computed from other tensors"):
+        SparseDeltaLinear.from_linear(lin, k=10, strategy="merged")
+    layer = SparseDeltaLinear.from_linear(lin, k=10)
+    assert layer.strategy == "unmerged"  # auto
+    layer.delta_values.data.normal_()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), _oracle_out(lin.weight, lin.bias, layer, x), rtol=1e-5, atol=1e-6)
+    # pruned or parametrized after patching: a merged layer refuses its next forward instead of losing S
+    lin = nn.Linear(8, 6)
+    original = lin.weight.detach().clone()
+    layer = SparseDeltaLinear.from_linear(lin, k=10, strategy="merged")
+    layer.delta_values.data.normal_()
+    layer(x)  # W + S written
+    computed(layer.base_layer)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(x)
+    if how == "weight_norm":  # W + S went into g and v: nothing single to restore, refused naming the way out
+        with pytest.raises(RuntimeError, match="remove the parametrization"):
+            layer.unmerge()
+        return
+    layer.unmerge()  # restores the Parameter the weight is now computed from
+    assert torch.equal(layer.base_layer.weight_orig, original)
+    torch.testing.assert_close(layer(x), _oracle_out(layer.base_layer.weight, lin.bias, layer, x), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_multihead_attention_out_proj_is_never_a_target():
+    from apet_kernels import ApetConfig, get_apet_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+    # MultiheadAttention reads out_proj.weight itself: deltas there would never get a gradient
+    model = get_apet_model(Block(), ApetConfig(density=0.1))
+    assert list(model.apet_layers()) == ["fc"]
+    with pytest.raises(ValueError, match="reads out_proj.weight directly"):
+        get_apet_model(Block(), ApetConfig(density=0.1, target_modules=["out_proj", "fc"]))
+
+
+def test_swap_based_moves_work(monkeypatch):
+    # torch's swap_tensors (what .to() uses for tensor subclasses, and for every tensor under this flag)
+    # refuses tensors that are weakly referenced: nothing of ours may hold a weak reference to a Parameter
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    layer = SparseDeltaLinear.from_linear(nn.Linear(8, 6), k=10, strategy="merged")
+    layer.add_adapter("b", torch.tensor([1, 2, 3], dtype=torch.int32))
+    layer.set_adapter("b")
+    layer.set_adapter("default")
+    weight = layer.weight
+    layer.to(torch.float64)
+    assert layer.weight is weight and weight.dtype == torch.float64  # swapped in place
+    assert layer.deltas["b"].values.dtype == torch.float64
+    layer(torch.randn(2, 8, dtype=torch.float64)).sum().backward()

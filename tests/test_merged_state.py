@@ -188,3 +188,33 @@ def test_cpu_forwards_with_unchanged_values_skip_the_writes(monkeypatch):
         layer.weight.add_(0.0)  # W changed through its own version counter: written again too
     layer(x)
     assert writes == [1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merged_weight_invariants(backend):
+    """apet_kernels.merged_weight: what W holds at the K positions after each operation, bit for bit, and
+    which operations move W's version counter (only the structural ones)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        lin.weight.view(-1)[::5] = -0.0
+    pure = lin.weight.detach().clone()
+    layer = SparseDeltaLinear.from_linear(lin, k=K, strategy="merged", backend=backend, seed=4)
+    merge, idx = layer._merge, layer.delta_indices.long()
+    assert torch.equal(layer.delta_base, pure.view(-1)[idx])  # base read from the pure W
+    values = torch.randn(K)
+    version = lin.weight._version
+    merge.write(values, layer._backend_name())
+    expected = (pure.view(-1)[idx].float() + values).to(pure.dtype)
+    assert torch.equal(lin.weight.view(-1)[idx], expected) and lin.weight._version == version
+    outside = torch.ones(IN * OUT, dtype=torch.bool)
+    outside[idx] = False
+    assert torch.equal(lin.weight.view(-1)[outside], pure.view(-1)[outside])  # nothing else written
+    merge.restore()
+    assert torch.equal(lin.weight, pure) and torch.equal(torch.signbit(lin.weight), torch.signbit(pure))
+    assert lin.weight._version == version
+    with merge.pure(values, layer._backend_name()) as w:  # pure inside, W + S after
+        assert torch.equal(w, pure)
+    assert torch.equal(lin.weight.view(-1)[idx], expected)
+    merge.structural_change()
+    assert lin.weight._version == version + 1  # a graph saved before now fails its backward in autograd

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _helpers import dense_delta, random_indices, tiny_llama
+from _helpers import dense_delta, random_indices, rel_err, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet
 from apet_kernels.quantized import dequantize, quantization_of
 
@@ -148,6 +148,35 @@ def check_against_oracle(kind, device):
 @pytest.mark.parametrize("kind", CPU_KINDS)
 def test_outputs_and_gradients_match_the_dequantized_oracle(kind):
     check_against_oracle(kind, "cpu")
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_moves_copies_and_state_dicts_of_a_quantized_layer(kind):
+    import copy
+    layer = SparseDeltaLinear(quantized_linear(kind)[0], random_indices((40, 96), 300))
+    with torch.no_grad():
+        layer.delta_values.normal_(0, 0.05)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y = layer(x)
+        # a dtype move converts the deltas and the base with the rest (torchao's tensors move by swap_tensors)
+        moved = copy.deepcopy(layer).to(torch.bfloat16)
+        assert moved.delta_base.dtype == moved.delta_values.dtype == torch.bfloat16
+        assert rel_err(moved(x.bfloat16()), y) <= 3e-2
+        # a state dict loads into a layer over another quantized base of the same kind: the same outputs, and
+        # the loading never writes the quantized storage it gets (a quantized weight is never merged)
+        state = layer.state_dict()
+        other = SparseDeltaLinear(quantized_linear(kind, seed=1)[0], random_indices((40, 96), 300))
+        # (strict=False: bitsandbytes' 4-bit layers report their quantization state's keys as unexpected and keep
+        # their own scales; what the base library loads is its business, what APET loads is checked here)
+        other.load_state_dict(state, strict=False)
+        plain = quantized_linear(kind, seed=1)[0]
+        plain.load_state_dict({k[len("base_layer."):]: v for k, v in state.items() if k.startswith("base_layer.")},
+                              strict=False)
+        for a, b in zip(storage_snapshot(plain), storage_snapshot(other.base_layer)):
+            assert torch.equal(a, b)  # the base holds exactly what its own loading put there
+        assert torch.equal(other.delta_values, layer.delta_values)
+        torch.testing.assert_close(other(x) - other.base_layer(x), y - layer.base_layer(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
