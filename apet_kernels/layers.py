@@ -405,10 +405,12 @@ class SparseDeltaLinear(nn.Module):
             self._set_active_cache()
             self._merge.stale = True
             self._merge.read_base()  # W is pure at the new positions
-            self.deltas[old].rebuild_layout(columns=True)
-            self._active.rebuild_layout(columns=not merged)
             if merged:
                 self._merge.write(self.delta_values, self._backend_name())
+        if self.strategy != "merged":
+            for name in names:
+                if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
+                    self.deltas[name].rebuild_layout(columns=True)
         self.active_adapters = names
         for name, delta in self.deltas.items():
             delta.values.requires_grad_(name == new)
