@@ -1,9 +1,9 @@
-"""ApetConfig: what to tune and how, saved as JSON next to an adapter (PEFT's config role)."""
+"""ApetConfig: what to tune and how, saved as JSON next to an adapter (PEFT's config role; the file's format is
+apet_kernels.serialization's)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -11,12 +11,6 @@ from .ops.dispatch import CHOICES
 from .positions import SCORES
 from .selection import DATA_METHODS, METHODS
 
-CONFIG_NAME = "apet_config.json"
-# format 2 (0.3): the tensors of every adapter under the patched model's own state-dict keys, in the file
-# transformers' Trainer loads when it resumes or loads the best checkpoint of a PreTrainedModel
-WEIGHTS_NAME = "model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"  # format 1 (0.1/0.2): one adapter, keys <layer>.delta_values
-FORMAT_VERSION = 2
 
 
 @dataclass
@@ -85,45 +79,15 @@ class ApetConfig:
 
     def save_pretrained(self, directory: str, adapter_name: str = "default") -> None:
         """apet_config.json holding this one adapter (what ``ApetModel.save_pretrained`` writes for several)."""
+        from .serialization import write_config_file
         write_config_file(directory, {adapter_name: self}, [adapter_name])
 
     @classmethod
     def from_pretrained(cls, directory: str, adapter_name: str | None = None) -> "ApetConfig":
         """The config of ``adapter_name`` (default: the folder's active adapter) in an APET folder."""
+        from .serialization import CONFIG_NAME, read_config_file
         configs, active = read_config_file(directory)
         name = adapter_name or active[0]
         if name not in configs:
             raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} has no adapter {name!r} (it has {sorted(configs)})")
         return configs[name]
-
-
-def write_config_file(directory: str, configs: dict[str, ApetConfig], active: list[str]) -> None:
-    """apet_config.json, format 2: ``{"apet_format_version": 2, "active_adapters": [...], "adapters": {name:
-    config}}`` (format 1 held one config's fields at the top level)."""
-    os.makedirs(directory, exist_ok=True)
-    data = {"apet_format_version": FORMAT_VERSION, "active_adapters": list(active),
-            "adapters": {name: config.to_dict() for name, config in configs.items()}}
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-
-
-def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
-    """(adapter name -> config, active adapter names) of an APET folder of format 1 or 2."""
-    path = os.path.join(directory, CONFIG_NAME)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
-    version = data.get("apet_format_version") if isinstance(data, dict) else None
-    if version == 1:
-        return {"default": ApetConfig.from_dict(data, path)}, ["default"]
-    if version != FORMAT_VERSION or not isinstance(data.get("adapters"), dict) or not data["adapters"]:
-        raise ValueError(f"{path} is not an apet-kernels config of format version 1 or {FORMAT_VERSION}")
-    configs = {name: ApetConfig.from_dict(cfg, f"{path} (adapter {name!r})") for name, cfg in data["adapters"].items()}
-    active = list(data.get("active_adapters") or [next(iter(configs))])
-    if any(name not in configs for name in active):
-        raise ValueError(f"{path}: active_adapters {active} are not all among its adapters {sorted(configs)}")
-    return configs, active

@@ -151,6 +151,8 @@ class SparseDeltaLinear(nn.Module):
     dense ``F.linear(x, W + S)`` would.
     """
 
+    _apet_layer = True  # (what apet_kernels.load_guard looks for)
+
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, *, strategy: str = "auto",
                  backend: str = "auto", weight_shared: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()

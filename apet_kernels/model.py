@@ -37,8 +37,7 @@ from .quantized import dequantize, quantization_of, values_at
 from .selection import METHODS, magnitude_indices, select_indices
 from .serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                             delta_key, index_checksum, read_folder, regenerable, sketch_distance, write_folder)
-from .targets import find_targets, layer_budget, set_module, shared_parameter_ids, targeted, within
-from .targets import replace_linears
+from .targets import find_targets, layer_budget, replace_linears, set_module, shared_parameter_ids, targeted, within
 
 
 @dataclass

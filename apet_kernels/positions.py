@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .layers import SparseDeltaLinear
 from .linear_like import linear_shape
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout
@@ -304,7 +305,6 @@ class Regrower:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, interval: int,
                  total_steps: int, fraction: float = 0.2, schedule: str = "cosine", score: str = "abs",
                  pool_factor: float = 2.0):
-        from .layers import SparseDeltaLinear
         if interval < 1 or total_steps < 1 or not 0.0 <= fraction <= 1.0:
             raise ValueError("interval and total_steps must be >= 1 and fraction within [0, 1]")
         if score not in SCORES:

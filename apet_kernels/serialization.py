@@ -1,7 +1,7 @@
 """The APET folder format: the compatibility contract between versions. Reading, checking and writing;
 nothing here touches a model.
 
-Format 2 (written since 0.3): ``apet_config.json`` (``config.write_config_file``: every adapter's config and
+Format 2 (written since 0.3): ``apet_config.json`` (``write_config_file``: every adapter's config and
 per-layer record) and ``model.safetensors``, whose keys are the patched model's own state-dict keys:
 ``<layer>.deltas.<adapter>.values`` (fp32), ``<layer>.deltas.<adapter>.indices`` (only where a seed does
 not regenerate them) and the parameters of ``modules_to_save``. A Trainer checkpoint is such a folder,
@@ -19,6 +19,7 @@ recognized before anything is loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -27,8 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_finite
-from .config import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, ApetConfig, read_config_file, write_config_file
+from .config import ApetConfig
 from .selection import METHODS
+
+CONFIG_NAME = "apet_config.json"
+# format 2 (0.3): the tensors of every adapter under the patched model's own state-dict keys, in the file
+# transformers' Trainer loads when it resumes or loads the best checkpoint of a PreTrainedModel
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"  # format 1 (0.1/0.2): one adapter, keys <layer>.delta_values
+FORMAT_VERSION = 2
 
 VALUES, INDICES = "values", "indices"
 
@@ -59,6 +67,38 @@ def base_sketch(base: torch.Tensor) -> list[float]:
 def sketch_distance(a: list[float], b: list[float]) -> float:
     a, b = torch.tensor(a), torch.tensor(b)
     return float((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-30))
+
+
+def write_config_file(directory: str, configs: dict[str, ApetConfig], active: list[str]) -> None:
+    """apet_config.json, format 2: ``{"apet_format_version": 2, "active_adapters": [...], "adapters": {name:
+    config}}`` (format 1 held one config's fields at the top level)."""
+    os.makedirs(directory, exist_ok=True)
+    data = {"apet_format_version": FORMAT_VERSION, "active_adapters": list(active),
+            "adapters": {name: config.to_dict() for name, config in configs.items()}}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
+    """(adapter name -> config, active adapter names) of an APET folder of format 1 or 2."""
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+    version = data.get("apet_format_version") if isinstance(data, dict) else None
+    if version == 1:
+        return {"default": ApetConfig.from_dict(data, path)}, ["default"]
+    if version != FORMAT_VERSION or not isinstance(data.get("adapters"), dict) or not data["adapters"]:
+        raise ValueError(f"{path} is not an apet-kernels config of format version 1 or {FORMAT_VERSION}")
+    configs = {name: ApetConfig.from_dict(cfg, f"{path} (adapter {name!r})") for name, cfg in data["adapters"].items()}
+    active = list(data.get("active_adapters") or [next(iter(configs))])
+    if any(name not in configs for name in active):
+        raise ValueError(f"{path}: active_adapters {active} are not all among its adapters {sorted(configs)}")
+    return configs, active
 
 
 def delta_key(layer: str, adapter: str, what: str) -> str:

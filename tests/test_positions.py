@@ -210,13 +210,19 @@ def test_regrown_adapter_stores_its_moved_positions(tmp_path):
     model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     regrower = Regrower(model, opt, interval=1, fraction=0.5, total_steps=4)
+    seeded = {n: m.delta_indices.clone() for n, m in model.apet_layers().items()}
     for batch in _batches(2):
         with regrower.observe():
             model(**batch).loss.backward()
         opt.step()
         regrower.step()
         opt.zero_grad()
+    moved = [n for n, m in model.apet_layers().items() if not torch.equal(m.delta_indices, seeded[n])]
+    assert moved, "no position moved: the round trip below would not test stored positions"
     _assert_round_trip(model, tmp_path)
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert all(f"{n}.deltas.default.indices" in stored for n in moved)  # the seed no longer regenerates them
 
 
 def test_set_positions_checks_its_input():
