@@ -1,17 +1,17 @@
 """Drop-in modules: SparseDeltaLinear (sparse APET) and DenseMaskLinear (the dense-mask baseline).
 
 A SparseDeltaLinear holds every adapter it applies as module state, PEFT-style: ``deltas`` maps an
-adapter name to a ``DeltaSet`` (its K positions, a buffer, and their fp32 values, a Parameter), so
-``.to()``, state dicts, checkpoints, DDP/FSDP and deep copies see all of them. One adapter is active
-(applied and trained); others may be applied with it, untrained (``active_adapters``), or per batch
-row (``mixed_batch``). State-dict keys: ``deltas.<name>.values``, ``deltas.<name>.indices``,
-``delta_base`` (W's original values at the active adapter's positions), ``base_layer.*``.
+adapter name to a ``DeltaSet`` (its K positions and the base weight's values there, buffers, and its fp32
+values, a Parameter), so ``.to()``, state dicts, DCP checkpoints, DDP/FSDP and deep copies see all of them.
+One adapter is active (applied and trained); others may be applied with it, untrained (``active_adapters``),
+or per batch row (``mixed_batch``). State-dict keys: ``deltas.<name>.values``, ``.indices``, ``.base`` and
+``.merged`` (whether the weight saved beside it holds that adapter's W + S), ``base_layer.*``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import functools
 import weakref
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
-from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal
+from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, stored_weight
 from .load_guard import already_checked
 from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
@@ -28,6 +28,7 @@ from .ops.library import add_sparse_term
 from .optimizer_guard import note_active_values
 from .quantized import float_dtype, quantization_of, values_at
 from .selection import select_indices
+from .sharded import assign_full, is_dtensor
 
 STRATEGIES = ("auto", "merged", "unmerged")
 DEFAULT_ADAPTER = "default"
@@ -67,13 +68,18 @@ class DeltaSet(nn.Module):
     positions change, never in a forward; the column order, 4 bytes per delta, only where an
     unmerged backward needs it)."""
 
-    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], device: torch.device, columns: bool):
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], device: torch.device, columns: bool,
+                 base_dtype: torch.dtype):
         super().__init__()
         self.shape = tuple(shape)
         self.columns = columns
         # on the meta device the buffers hold no data; the positions wait on the host until they do
         self.host_indices = indices.detach().to("cpu").clone() if device.type == "meta" else None
         self.register_buffer("indices", indices.detach().to(device).clone())
+        # the base weight's own values at the positions (read by the layer from the pure W), and whether a weight
+        # saved in the same state dict holds W + S of this adapter (set when a state dict is taken)
+        self.register_buffer("base", torch.empty(indices.numel(), dtype=base_dtype, device=device))
+        self.register_buffer("merged", torch.zeros((), dtype=torch.bool, device=device))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=device),
                                    requires_grad=False)
         self.rebuild_layout()
@@ -190,12 +196,9 @@ class SparseDeltaLinear(nn.Module):
         self.active_adapters = [adapter_name]  # the active one first, then others applied with it (unmerged)
         self._mixed = None  # a MixedBatch while a mixed-adapter batch runs (ApetModel.mixed_batch)
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
-        base_dtype = float_dtype(base_layer) if quantized else weight.dtype
-        # saved as deltas.<active>.base (by _add_base_to_state_dict): the key says which adapter a saved merged W holds
-        self.register_buffer("delta_base", torch.empty(indices.numel(), dtype=base_dtype, device=weight.device),
-                             persistent=False)
+        self.base_dtype = float_dtype(base_layer) if quantized else weight.dtype
         self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
-                                             columns=self.strategy != "merged")
+                                             columns=self.strategy != "merged", base_dtype=self.base_dtype)
         self._set_active_cache()
         self.delta_values.requires_grad_(True)
         self._merge = MergedWeight(self)
@@ -204,7 +207,6 @@ class SparseDeltaLinear(nn.Module):
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
         self.register_state_dict_pre_hook(SparseDeltaLinear._before_state_dict)
-        self.register_state_dict_post_hook(SparseDeltaLinear._add_base_to_state_dict)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -267,6 +269,11 @@ class SparseDeltaLinear(nn.Module):
         return self._active.indices
 
     @property
+    def delta_base(self) -> torch.Tensor:
+        """W's own values at the active adapter's positions (its ``base`` buffer)."""
+        return self._active.base
+
+    @property
     def layout(self) -> DeltaLayout:
         return self._active.layout
 
@@ -281,6 +288,8 @@ class SparseDeltaLinear(nn.Module):
         self._claim_weight()
 
     def _claim_weight(self) -> None:
+        # the Parameter this layer merges into; another one at a forward means an engine re-gathers it (FSDP2)
+        self.__dict__["_own_weight"] = self.base_layer._parameters.get("weight")
         key = id(self.weight)
 
         def forget(ref, key=key):
@@ -367,8 +376,10 @@ class SparseDeltaLinear(nn.Module):
                                  f"got {values.dtype} {tuple(values.shape)}")
             check_finite(values, f"adapter {name!r} values")
         device = self.delta_indices.device
-        delta = DeltaSet(indices.to(self.delta_indices.dtype if indices.numel() else indices.dtype),
-                         (self.out_features, self.in_features), device, columns=True)
+        delta = DeltaSet(indices, (self.out_features, self.in_features), device, columns=True,
+                         base_dtype=self.base_dtype)
+        if not delta.indices.is_meta and not self.weight.is_meta:
+            delta.base.copy_(self.base_values_at(delta.indices))
         if values is not None:
             delta.values.copy_(values)
         self.deltas[name] = delta
@@ -438,10 +449,7 @@ class SparseDeltaLinear(nn.Module):
         self._merge.stale = True
         self._merge.read_base()
         self._active.rebuild_layout()
-        if values is None:
-            self.delta_values.zero_()
-        else:
-            self.delta_values.copy_(values)
+        assign_full(self.delta_values, torch.zeros(k) if values is None else values)  # (FSDP2: each rank its block)
         if merged:
             self._merge.write(self.delta_values, self._backend_name())
 
@@ -452,7 +460,7 @@ class SparseDeltaLinear(nn.Module):
         if self.quantization is not None:
             return values_at(self.base_layer, indices)
         idx = indices.long().to(self.delta_indices.device)
-        values = self._merge.storage()[idx // self.in_features, idx % self.in_features].clone()
+        values = self._merge._get(idx).clone()
         if self.strategy == "merged" and self.delta_indices.numel():
             mine = self.delta_indices.long()
             overlap = torch.isin(idx, mine)
@@ -479,38 +487,44 @@ class SparseDeltaLinear(nn.Module):
         return result
 
     # ----------------------------------------------------------------- state dict
-    # Keys: base_layer.weight/bias, deltas.<name>.values / .indices for every adapter, and deltas.<active>.base:
-    # W's original values at the active adapter's positions. A merged layer's weight is saved as W + S of the
-    # active adapter, so the base's key also says at which positions a saved W differs from the pure one.
+    # Keys: base_layer.weight/bias and, for every adapter, deltas.<name>.values / .indices / .base / .merged. A
+    # merged layer's weight is saved as W + S of its active adapter, whose ``merged`` flag says so; a load puts
+    # the pure W back at that adapter's positions from the base saved with it, whatever adapter is active here.
     @staticmethod
     def _before_state_dict(module: "SparseDeltaLinear", prefix, keep_vars) -> None:
         # a merged W written before the last optimizer step holds older values than delta_values: write the
-        # current ones, so the state dict's weight is W + S for the values saved with it
-        if module.strategy == "merged" and not module._merge.stale and not module.weight.is_meta:
+        # current ones, so the state dict's weight is W + S for the values saved with it. FSDP2's shards are never
+        # written (W + S lives only in the weight it gathers for a forward or a backward): a sharded state dict
+        # holds the pure weight.
+        merged = module.strategy == "merged" and not module._merge.stale and not module.weight.is_meta and \
+            not is_dtensor(stored_weight(module.base_layer))
+        if merged:
             module._merge.sync(module.delta_values, module._backend_name())
-
-    @staticmethod
-    def _add_base_to_state_dict(module: "SparseDeltaLinear", state_dict, prefix, local_metadata) -> None:
-        if not module._merge.stale or module.weight.is_meta:
-            state_dict[f"{prefix}deltas.{module.active_adapter}.base"] = module.current_base().detach()
+        with torch.no_grad():
+            for name, delta in module.deltas.items():
+                if not delta.merged.is_meta:
+                    delta.merged.fill_(merged and name == module.active_adapter)
 
     def upgrade_state_dict(self, state_dict, prefix: str) -> None:
         """Move 0.1/0.2's flat keys (``weight``/``bias`` of an unpatched checkpoint; ``delta_values``,
-        ``delta_indices``, ``delta_base`` of a one-adapter layer) to where they live now, in place."""
+        ``delta_indices``, ``delta_base`` of a one-adapter layer, whose saved weight held W + S when it came with
+        a base) to where they live now, in place."""
         for name in _LEGACY_BASE_KEYS:
             old, new = prefix + name, prefix + "base_layer." + name
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
+        active = f"{prefix}deltas.{self.active_adapter}."
         for old, new in _LEGACY_DELTA_KEYS.items():
-            old, new = prefix + old, f"{prefix}deltas.{self.active_adapter}.{new}"
-            if old in state_dict and new not in state_dict:
-                state_dict[new] = state_dict.pop(old)
+            if prefix + old in state_dict and active + new not in state_dict:
+                state_dict[active + new] = state_dict.pop(prefix + old)
+                if new == "base" and active + "merged" not in state_dict:
+                    state_dict[active + "merged"] = torch.tensor(prefix + "base_layer.weight" in state_dict)
 
-    def _incoming_base(self, state_dict, prefix: str) -> tuple[str, torch.Tensor] | None:
-        found = [(n, state_dict[f"{prefix}deltas.{n}.base"]) for n in self.deltas if f"{prefix}deltas.{n}.base" in state_dict]
+    def _incoming_merged(self, state_dict, prefix: str) -> str | None:
+        """The adapter whose W + S the incoming weight holds, if it comes with one."""
+        found = [n for n in self.deltas if bool(state_dict.get(f"{prefix}deltas.{n}.merged", False))]
         if len(found) > 1:
-            raise ValueError(f"{prefix}deltas: bases of several adapters ({[n for n, _ in found]}); a layer's state "
-                             f"holds the base of its active adapter only")
+            raise ValueError(f"{prefix}deltas: several adapters ({found}) are marked merged; a weight holds one at most")
         return found[0] if found else None
 
     def check_state_dict(self, state_dict, prefix: str = "") -> None:
@@ -536,18 +550,17 @@ class SparseDeltaLinear(nn.Module):
                     raise type(exc)(f"{key}indices: {exc}") from None
             _check_float_entry(state_dict.get(key + "values"), key + "values", delta.k, finite=True)
             _check_float_entry(state_dict.get(key + "base"), key + "base", delta.k, finite=False)
-        self._incoming_base(state_dict, prefix)
+        merged = self._incoming_merged(state_dict, prefix)
+        if merged is not None and f"{prefix}deltas.{merged}.base" not in state_dict:
+            raise ValueError(f"{prefix}deltas.{merged}.merged says the weight holds W + S, but its base is missing")
 
     def _before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.upgrade_state_dict(state_dict, prefix)
         if not already_checked(error_msgs):  # (an ancestor checked the whole state dict: apet_kernels.load_guard)
             self.check_state_dict(state_dict, prefix)
-        base = self._incoming_base(state_dict, prefix)
-        if base is not None:
-            del state_dict[f"{prefix}deltas.{base[0]}.base"]  # ours to apply (_after_load), not a buffer of the set
         incoming = {n for n in ("base_layer.weight",) if prefix + n in state_dict}
         incoming |= {n for n in self.deltas if f"{prefix}deltas.{n}.indices" in state_dict}
-        self._incoming = (frozenset(incoming), base)
+        self._incoming = (frozenset(incoming), self._incoming_merged(state_dict, prefix) if incoming else None)
         # the positions may move and the weight may be replaced: start from the pure W
         if self.strategy == "merged":
             self._merge.restore()
@@ -555,24 +568,27 @@ class SparseDeltaLinear(nn.Module):
     @staticmethod
     @torch.no_grad()
     def _after_load(module: "SparseDeltaLinear", incompatible_keys) -> None:
-        incoming, base = module.__dict__.pop("_incoming", (frozenset(), None))
+        incoming, merged = module.__dict__.pop("_incoming", (frozenset(), None))
         if module.delta_indices.is_meta or module.weight.is_meta:
             return
         for name in module.deltas:
             if name in incoming:
                 module.deltas[name].rebuild_layout()
+        if not incoming:
+            return  # values (and bases saved beside them) only: W and the positions are as they were
         merge = module._merge
-        if base is not None and "base_layer.weight" in incoming and module.quantization is None:
-            # the loaded W may hold W + S of adapter base[0] (saved merged): its saved base makes it pure (a
-            # quantized weight is never merged, and never written)
-            merge.restore_at(module.deltas[base[0]].indices, base[1])
+        if merged is not None and "base_layer.weight" in incoming and module.quantization is None:
+            # the loaded W holds W + S of that adapter (saved merged): its saved base makes it pure (a quantized
+            # weight is never merged, and never written)
+            delta = module.deltas[merged]
+            merge.restore_at(delta.indices, delta.base)
+        # W is pure here: every adapter's base is read from it again (a new base model re-bases the deltas)
         merge.stale = True
-        merge.read_base()  # W is pure here in every case: its values at the positions are the base
-        if base is not None and "base_layer.weight" not in incoming and base[0] == module.active_adapter and \
-                not torch.equal(base[1].to(module.delta_base), module.delta_base):
-            warnings.warn("the loaded base differs from this layer's weight at the tuned positions (a state dict "
-                          "from another base model?); keeping the weight's values as the base")
-        if module.strategy == "merged" and incoming:
+        merge.read_base()
+        for name, delta in module.deltas.items():
+            if name != module.active_adapter and delta.k:
+                delta.base.copy_(module.base_values_at(delta.indices))
+        if module.strategy == "merged":
             merge.structural_change()
         module._claim_weight()  # assign=True may have brought a new weight
 
@@ -587,15 +603,21 @@ class SparseDeltaLinear(nn.Module):
             return self._forward_mixed(x)
         backend_name, active = self._backend_name(), self._active
         values = active.values
+        regathered = False
         if merged:
-            if "weight" not in self.base_layer._parameters:
-                raise RuntimeError("this merged layer's base weight is now computed from other tensors (pruned or "
-                                   "parametrized after patching), so W + S cannot be written into it: unmerge() the "
-                                   "layer first (or prune / parametrize before patching: such layers run unmerged)")
-            self._merge.sync(values, backend_name)
+            w = self.base_layer._parameters.get("weight")
+            regathered = _check_mergeable_now(w) is not self.__dict__.get("_own_weight")
+            if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
+                self._merge.write(values, backend_name)
+            else:
+                self._merge.sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
         y = self.base_layer(x)
+        if regathered and y.requires_grad:  # (no input gradient wanted: the backward never reads W)
+            # FSDP2 gathers W from its shards for this forward and again for the backward (reshard_after_forward):
+            # the backward's W is written again just before the base layer's dx reads it (the shards stay pure)
+            y.register_hook(functools.partial(_write_before_dx, self, values, backend_name))
         if not merged and not is_plain_linear(self.base_layer) and y._is_view():  # (plain first: compiles)
             # the sparse term is added in place; a library's custom Function may return a view of its own
             # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
@@ -661,6 +683,26 @@ class SparseDeltaLinear(nn.Module):
                 f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
                 f"strategy={self.strategy}, backend={self.backend}{adapters}"
                 + (f", quantized={self.quantization}" if self.quantization is not None else ""))
+
+
+def _check_mergeable_now(w):
+    """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
+    if w is None:
+        raise RuntimeError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
+                           "parametrized after patching, or flattened by FSDP1), so W + S cannot be written into it: "
+                           "unmerge() the layer first (prune or parametrize before patching: such layers run unmerged)")
+    if getattr(w, "_fsdp_flattened", False):
+        raise RuntimeError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is not "
+                           "supported there; use FSDP2 (torch.distributed.fsdp.fully_shard) or strategy='unmerged'")
+    if hasattr(w, "ds_id"):
+        raise RuntimeError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported there; "
+                           "use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")
+    return w
+
+
+def _write_before_dx(layer: "SparseDeltaLinear", values: torch.Tensor, backend: str, grad: torch.Tensor) -> None:
+    """(A gradient hook on a merged layer's base output: W as the engine re-gathered it gets W + S again.)"""
+    layer._merge.write(values, backend)
 
 
 def _check_float_entry(t, key: str, k: int, finite: bool) -> None:

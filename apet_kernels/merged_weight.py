@@ -2,7 +2,7 @@
 reads or writes W there.
 
 The merged strategy keeps ``cast(base + v)`` in W's own storage, so the forward and dx are the base
-layer's own GEMMs. ``base`` (the layer's ``delta_base`` buffer) is W's original value at each tuned
+layer's own GEMMs. ``base`` (the active DeltaSet's ``base`` buffer) is W's original value at each tuned
 position. Invariants (tests/test_merged_state.py):
 
 - ``base`` is read from W only while W is pure at those positions;
@@ -13,7 +13,10 @@ position. Invariants (tests/test_merged_state.py):
   another adapter, unmerge) does move it, so a backward of a forward taken before the change fails in
   autograd's own check instead of computing dx from another weight;
 - ``sync(v)`` skips the write only when v's content hash and W's storage and version equal those of
-  the last write (eagerly on the CPU with the native extension; elsewhere it always writes: one launch).
+  the last write (eagerly on the CPU with the native extension; elsewhere it always writes: one launch);
+- under FSDP2 the weight a forward sees is gathered from shards that are never written: the layer writes it
+  at every forward and again before the backward's dx (SparseDeltaLinear.forward); between steps, reads
+  gather the sharded weight (a collective) and writes go to each rank's own block (restore, unmerge).
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ import torch
 
 from .linear_like import stored_weight
 from .ops.dispatch import implementation
+from .ops.reference import accumulate_dtype
 from .quantized import values_at
+from .sharded import full_tensor, is_dtensor, local_block
+
+
+def _sharded(w: torch.Tensor):
+    """For a DTensor (FSDP2's sharded parameter, between steps): its local tensor and the block [r0, r1) x [c0, c1)
+    of the whole stored tensor it holds; None for a plain tensor."""
+    if not is_dtensor(w):
+        return None
+    local, offset, shape = local_block(w)
+    return local, offset[0], offset[0] + shape[0], offset[1], offset[1] + shape[1]
 
 
 class MergedWeight:
@@ -36,25 +50,64 @@ class MergedWeight:
         self.written = None  # stamp of the last write that sync() may skip against
 
     # -- W's storage at the positions
-    def storage(self, write: bool = False) -> torch.Tensor:
-        """W's data as (out, in) (a view for GPT-2's Conv1D): writes here never touch autograd. Where the weight
-        came to be computed from another Parameter after patching (pruned, parametrized), that Parameter."""
+    def _stored(self, write: bool) -> torch.Tensor:
         w = stored_weight(self.layer.base_layer)
         if write and not isinstance(w, torch.nn.Parameter):
             raise RuntimeError("this layer's weight is now computed from several tensors (a parametrization such as "
                                "weight_norm added after merging): W + S cannot be written or restored there; remove "
                                "the parametrization (parametrize.remove_parametrizations) first")
-        w = w.data
+        return w
+
+    def storage(self, write: bool = False) -> torch.Tensor:
+        """W's data as (out, in) (a view for GPT-2's Conv1D): writes here never touch autograd. Where the weight
+        came to be computed from another Parameter after patching (pruned, parametrized), that Parameter."""
+        w = self._stored(write).data
         return w.t() if self.layer.weight_transposed else w
 
-    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.layer.delta_indices.long()
+    def _rows_cols(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.long()
         in_features = self.layer.in_features
         return idx // in_features, idx % in_features
 
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows_cols(self.layer.delta_indices)
+
+    def _local(self, w: torch.Tensor, indices: torch.Tensor):
+        """A sharded weight's local tensor, as (out, in), the local (row, col) of the positions it holds and which
+        of ``indices`` those are."""
+        local, s0, s1, t0, t1 = _sharded(w)
+        r, c = self._rows_cols(indices.to(local.device))
+        if self.layer.weight_transposed:  # GPT-2's Conv1D stores (in, out): its blocks are of columns then rows
+            inside = (c >= s0) & (c < s1) & (r >= t0) & (r < t1)
+            return local.t(), r[inside] - t0, c[inside] - s0, inside
+        inside = (r >= s0) & (r < s1) & (c >= t0) & (c < t1)
+        return local, r[inside] - s0, c[inside] - t0, inside
+
+    @torch.no_grad()
+    def _put(self, indices: torch.Tensor, content: torch.Tensor) -> None:
+        """W[indices] = content (one value per position, cast to W's dtype), into a plain weight or into the
+        local block of a sharded one (each rank writes the positions it holds)."""
+        w = self._stored(write=True)
+        if _sharded(w) is None:
+            storage = self.storage(write=True)
+            storage.index_put_(self._rows_cols(indices.to(storage.device)), content.to(storage.device, storage.dtype))
+            return
+        local, r, c, inside = self._local(w, indices)
+        local.index_put_((r, c), content.to(local.device)[inside].to(local.dtype))
+
+    @torch.no_grad()
+    def _get(self, indices: torch.Tensor) -> torch.Tensor:
+        """W at the positions; a sharded weight is gathered by every rank together (a collective, one layer at a
+        time: a switch of adapters or a regrowth under FSDP2 runs on every rank anyway)."""
+        w = self._stored(write=False)
+        if _sharded(w) is None:
+            return self.storage()[self._rows_cols(indices.to(w.device))]
+        full = w.full_tensor()
+        return (full.t() if self.layer.weight_transposed else full)[self._rows_cols(indices.to(full.device))]
+
     @torch.no_grad()
     def read_base(self) -> None:
-        """delta_base = W at the positions; W must hold the pure weight there."""
+        """The active adapter's base = W at its positions; W must hold the pure weight there."""
         layer = self.layer
         self.written = None
         if layer.weight.is_meta or layer.delta_indices.is_meta:
@@ -62,41 +115,46 @@ class MergedWeight:
         if layer.quantization is not None:
             base = values_at(layer.base_layer, layer.delta_indices)  # one dequantized copy of the layer, freed
         else:
-            base = self.storage()[self._positions()]
-        current = layer.delta_base
-        if current.shape == base.shape and current.dtype == base.dtype and current.device == base.device:
-            current.copy_(base)
+            base = self._get(layer.delta_indices)
+        delta = layer._active
+        if delta.base.shape == base.shape and delta.base.dtype == base.dtype and delta.base.device == base.device:
+            delta.base.copy_(base)
         else:
-            layer.delta_base = base
+            delta.base = base
         self.stale = False
 
     def base(self) -> torch.Tensor:
         """W's own values at the tuned positions, read first if still unread."""
         if self.stale:
             self.read_base()
-        return self.layer.delta_base
+        return self.layer._active.base
 
-    @torch.no_grad()
     def restore(self) -> None:
         """W[p] = base itself: the pure weight, bit-exact."""
         self.written = None
         if not self.stale:
-            self.storage(write=True).index_put_(self._positions(), self.layer.delta_base)
+            self._put(self.layer.delta_indices, self.layer._active.base)
 
-    @torch.no_grad()
     def restore_at(self, indices: torch.Tensor, base: torch.Tensor) -> None:
         """W[indices] = base: a loaded weight saved merged at other positions (another adapter's) made pure."""
         self.written = None
-        idx = indices.long()
-        in_features = self.layer.in_features
-        storage = self.storage(write=True)
-        storage.index_put_((idx // in_features, idx % in_features), base.to(storage.device, storage.dtype))
+        self._put(indices, base)
 
+    @torch.no_grad()
     def write(self, values: torch.Tensor, backend: str) -> None:
-        """W[p] = cast(base + v): K writes through the backend's own scatter (no autograd)."""
+        """W[p] = cast(base + v): K writes through the backend's own scatter (no autograd); a sharded weight's
+        local block gets its own positions."""
         base = self.base()
-        implementation(backend).scatter_merge_(self.storage(write=True), self.layer.delta_indices, base,
-                                               values.detach())
+        w = self._stored(write=True)
+        if _sharded(w) is None and w.dtype == base.dtype:
+            implementation(backend).scatter_merge_(self.storage(write=True), self.layer.delta_indices, base,
+                                                   values.detach())
+            return
+        # a sharded weight, or a gathered one in another dtype than its shards (FSDP2's MixedPrecisionPolicy:
+        # cast(base + v) in the compute dtype, as the cast of a dense W + S would be)
+        values = full_tensor(values.detach())  # (FSDP2 shards the values too)
+        acc = accumulate_dtype(w.dtype)  # as every backend's scatter_merge_ computes it
+        self._put(self.layer.delta_indices, (base.to(acc) + values.to(base.device, acc)).to(w.dtype))
 
     def sync(self, values: torch.Tensor, backend: str) -> None:
         """Make W hold cast(base + v) for ``values`` (see the module docstring for when it skips). The

@@ -35,6 +35,7 @@ from .mixed_batch import BASE, MixedBatch, batch_shape
 from .positions import GradientScores
 from .quantized import dequantize, quantization_of, values_at
 from .selection import METHODS, magnitude_indices, select_indices
+from .sharded import full_tensor, is_dtensor
 from .serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                             delta_key, index_checksum, read_folder, regenerable, sketch_distance, write_folder)
 from .targets import find_targets, layer_budget, replace_linears, set_module, shared_parameter_ids, targeted, within
@@ -291,15 +292,19 @@ class ApetModel(nn.Module):
 
         The signature is ``PreTrainedModel.save_pretrained``'s, which transformers' Trainer calls for checkpoints
         and ``save_model``: only the main process writes (``is_main_process``); a ``state_dict`` given (a
-        gathered one under FSDP or DeepSpeed) is where the tensors are taken from. ``safe_serialization`` is
-        accepted and ignored (always safetensors); other keyword arguments of transformers' method are ignored."""
+        gathered one under FSDP or DeepSpeed) is where the tensors are taken from. Sharded by FSDP2 and without a
+        ``state_dict``, every rank must call it (the deltas are gathered, a collective); the main process writes.
+        ``safe_serialization`` is accepted and ignored (always safetensors); other keyword arguments of
+        transformers' method are ignored."""
         _patch_of(self)  # (refuses on a model already unloaded)
         if push_to_hub:
             raise ValueError("push_to_hub is not supported: save to a folder and upload it yourself")
-        if not is_main_process:
+        sharded = state_dict is None and any(is_dtensor(p) for p in self.parameters())
+        if not is_main_process and not sharded:
             return
         configs, active, tensors = self._folder_contents(selected_adapters, state_dict)
-        write_folder(save_directory, configs, active, tensors)
+        if is_main_process:
+            write_folder(save_directory, configs, active, tensors)
 
     save_apet = save_pretrained
 
@@ -330,7 +335,7 @@ class ApetModel(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         for pname in _patch_of(self).saved_modules:  # modules_to_save, under every name of a tied parameter
             tensors[pname] = state_dict[pname] if state_dict is not None and pname in state_dict else params[pname]
-        return configs, active, {k: t.detach() for k, t in tensors.items()}
+        return configs, active, {k: full_tensor(t).detach() for k, t in tensors.items()}
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``save_pretrained`` would write for one adapter (default: the active one), on the CPU."""

@@ -35,6 +35,7 @@ from .linear_like import linear_shape
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout
 from .selection import block_rows, index_dtype, top_of_blocks
+from .sharded import assign_full, full_tensor, is_dtensor
 
 SCORES = ("abs", "squared")  # |g| or g^2 (a diagonal Fisher estimate) accumulated over batches
 
@@ -108,6 +109,26 @@ class _PoolState:
         if hasattr(self, "exact"):
             self.acc = self.exact
             del self.exact
+
+    def all_reduce(self, group=None) -> None:
+        """Every rank's candidates, with their accumulated signed sums added up over the ranks (a rank that did not
+        keep a candidate contributes zero there, the pool's one approximation): the same pool on every rank."""
+        import torch.distributed as dist
+        device = self.acc.device
+        flat = self.flat.to(device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([flat.numel()], device=device), group=group)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.full((longest,), -1, dtype=torch.int64, device=device)
+        padded[:flat.numel()] = flat
+        everyone = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(everyone, padded, group=group)
+        union = torch.unique(torch.cat(everyone))
+        union = union[union >= 0]
+        acc = torch.zeros(union.numel(), dtype=torch.float32, device=device)
+        acc[torch.searchsorted(union, flat)] = self.acc.float()
+        dist.all_reduce(acc, group=group)
+        self.flat, self.acc = union, acc
 
     def best(self, score: str = "abs") -> torch.Tensor:
         keep = torch.sort(_rank(self.acc, score), descending=True, stable=True).indices[:self.k]
@@ -242,10 +263,10 @@ def _moved_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor
             codes, quant = bnbf.quantize_blockwise(values, code=code, blocksize=blocksize)
             codes[is_new.to(codes.device)] = int(torch.argmin(code.abs()))  # new entries: exactly zero moments
             plan.append((t, codes, absmax, quant.absmax))
-        elif type(t) is not torch.Tensor and callable(getattr(t, "dequantize", None)):
+        elif type(t) is not torch.Tensor and not is_dtensor(t) and callable(getattr(t, "dequantize", None)):
             plan.append((t, moved(t.dequantize())))  # torchao's low-bit states: copy_ quantizes again
         elif t.is_floating_point() or t.is_complex():
-            plan.append((t, moved(t)))
+            plan.append((t, moved(full_tensor(t))))  # (FSDP2 shards optimizer state with its parameter)
         else:
             raise TypeError(f"cannot move {type(optimizer).__name__}'s state {key!r} ({type(t).__name__}, {t.dtype}) "
                             f"with its positions: regrowth supports torch's optimizers, bitsandbytes' 8-bit and paged "
@@ -260,7 +281,7 @@ def _move(layer, new_flat: torch.Tensor, optimizer: torch.optim.Optimizer | None
     n = new_flat.numel()
     if n == 0:
         return
-    values = layer.delta_values.detach()
+    values = full_tensor(layer.delta_values.detach())  # every rank moves the whole tensor the same way
     k = values.numel()
     order_by_size = torch.sort(values.abs().float().cpu(), stable=True).indices
     keep = torch.ones(k, dtype=torch.bool)
@@ -275,10 +296,18 @@ def _move(layer, new_flat: torch.Tensor, optimizer: torch.optim.Optimizer | None
 
     plan = _moved_optimizer_state(optimizer, layer.delta_values, moved, is_new) if optimizer is not None else []
     for target, content, *scales in plan:
-        target.copy_(content)
+        assign_full(target, content)
         if scales:
             scales[0].copy_(scales[1])
     layer.set_positions(indices[order].to(layer.delta_indices.dtype), moved(values))
+
+
+def _data_parallel_group():
+    """The default process group when several ranks train (DDP, FSDP2), else None."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 class Regrower:
@@ -362,8 +391,11 @@ class Regrower:
         pools, self._pools = self._pools, None
         if not pools:
             return 0
+        group = _data_parallel_group()
         moved = 0
-        for name, pool in pools.items():
+        for name, pool in pools.items():  # (the same order on every rank: the collectives pair up)
+            if group is not None:
+                pool.all_reduce(group)  # under DDP / FSDP2: the step's gradient summed over the ranks
             if pool.flat.numel():
                 new = pool.best("signed")
                 _move(self.layers[name], new, self.optimizer)

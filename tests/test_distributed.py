@@ -1,4 +1,4 @@
-"""DDP and FSDP2 with the existing engines (torchrun, gloo, CPU): no distributed code of our own."""
+"""DDP and accelerate launch with the existing engines (torchrun, gloo, CPU); FSDP2 has tests/test_fsdp.py."""
 
 import functools
 import importlib.util
@@ -66,17 +66,27 @@ def _assert_ranks_match_single(folder, strategy, tmp_path):
     assert any(v.abs().sum() > 0 for v in r0.values())
 
 
-def test_fsdp2_unmerged_matches_single_process(tmp_path):
-    proc = _torchrun("fsdp", tmp_path / "fsdp", "unmerged", tmp_path)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        if any(s in proc.stderr for s in ("NotImplementedError", "not supported", "requires CUDA", "No backend type")):
-            pytest.skip(f"FSDP2 on CPU/gloo is not supported by torch {torch.__version__}: {tail[0][:200]}")
-        raise AssertionError(_failure(proc))
-    r0 = load_file(str(tmp_path / "fsdp" / "rank0.safetensors"))
-    single = _single("unmerged")
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_regrowth_under_ddp_leaves_every_rank_the_same(tmp_path, strategy):
+    """Each rank observes its own half of the batch: the regrower sums the candidates' scores over the ranks,
+    so every rank moves the same deltas to the same positions (before: each its own, silently)."""
+    proc = _torchrun("ddp-regrow", tmp_path / "regrow", strategy, tmp_path)
+    assert proc.returncode == 0, _failure(proc)
+    r0, r1 = (load_file(str(tmp_path / "regrow" / f"rank{r}.safetensors")) for r in (0, 1))
+    moved = [k for k in r0 if k.endswith(".indices") and not torch.equal(r0[k], _single_indices(k))]
+    assert moved, "no position moved"
     for name in r0:
-        torch.testing.assert_close(r0[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(r0[name], r1[name]), f"{name} differs across ranks"
+
+
+def _single_indices(key):
+    from apet_kernels import ApetConfig, get_apet_model
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = get_apet_model(transformers.LlamaForCausalLM(cfg), ApetConfig(density=0.05))
+    return model.apet_layers()[key[:-len(".indices")]].delta_indices
 
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])

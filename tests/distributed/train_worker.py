@@ -1,10 +1,10 @@
 """Worker for tests/test_distributed.py: a few AdamW steps on a patched tiny LLaMA.
 
     torchrun --nproc_per_node 2 train_worker.py ddp OUT STRATEGY
-    torchrun --nproc_per_node 2 train_worker.py fsdp OUT unmerged
+    torchrun --nproc_per_node 2 train_worker.py ddp-regrow OUT STRATEGY      (drop-and-regrow every step)
     accelerate launch --multi_gpu --num_processes 2 train_worker.py accelerate OUT STRATEGY   (CPU ranks)
 
-Each rank writes OUT/rank{R}.safetensors with the delta values it ends with. ``train("single", ...)``
+Each rank writes OUT/rank{R}.safetensors with the delta values it ends with (and, regrowing, its positions). ``train("single", ...)``
 is the reference: one process, the whole global batch (the tests call it in their own process).
 """
 
@@ -40,31 +40,34 @@ def train(mode: str, strategy: str):
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         ids = ids.chunk(world)[rank]
-        if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        elif mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
+        if mode not in ("ddp", "ddp-regrow"):
             raise SystemExit(f"unknown mode {mode}")
+        model = torch.nn.parallel.DistributedDataParallel(model)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     if accelerator is not None:
         model, opt = accelerator.prepare(model, opt)
+    regrower = None
+    if mode == "ddp-regrow":  # each rank sees its own half of the batch: scores must be summed over the ranks
+        from apet_kernels import Regrower
+        regrower = Regrower(model.module, opt, interval=1, fraction=0.5, total_steps=STEPS + 1)
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward() if accelerator is None else accelerator.backward(loss)
+        with regrower.observe() if regrower is not None else torch.enable_grad():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward() if accelerator is None else accelerator.backward(loss)
         opt.step()
+        if regrower is not None:
+            regrower.step()
 
-    inner = model.module if mode == "ddp" else accelerator.unwrap_model(model) if accelerator is not None else model
+    inner = model.module if mode.startswith("ddp") else accelerator.unwrap_model(model) if accelerator is not None \
+        else model
     values = {}
     for name, layer in inner.apet_layers().items():
-        v = layer.delta_values
-        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2 keeps parameters sharded
-        values[name] = v.detach().clone().contiguous()
+        values[name] = layer.delta_values.detach().clone().contiguous()
+        if regrower is not None:
+            values[name + ".indices"] = layer.delta_indices.clone()
+            values[name + ".exp_avg"] = opt.state[layer.delta_values]["exp_avg"].clone()
     return values, rank, accelerator
 
 
