@@ -35,9 +35,9 @@ from .mixed_batch import BASE, MixedBatch, batch_shape
 from .positions import GradientScores
 from .quantized import dequantize, quantization_of, values_at
 from .selection import METHODS, magnitude_indices, select_indices
-from .sharded import full_tensor, is_dtensor
 from .serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                             delta_key, index_checksum, read_folder, regenerable, sketch_distance, write_folder)
+from .sharded import full_tensor, is_dtensor
 from .targets import find_targets, layer_budget, replace_linears, set_module, shared_parameter_ids, targeted, within
 
 
