@@ -56,7 +56,7 @@ class ApetConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
         if self.gradient_score not in SCORES:
             raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {SCORES}")
-        if self.strategy not in ("auto", "merged", "unmerged"):
+        if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):
             raise ValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {CHOICES}")

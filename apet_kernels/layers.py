@@ -19,18 +19,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
-from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, stored_weight
+from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, runs_as_plain_gemm, stored_weight
 from .load_guard import already_checked
 from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .ops.library import add_sparse_term
 from .optimizer_guard import note_active_values
+from .dequantized_linear import DequantizedLinear, can_dequantize_per_call
 from .quantized import float_dtype, quantization_of, values_at
 from .selection import select_indices
 from .sharded import assign_full, is_dtensor
 
-STRATEGIES = ("auto", "merged", "unmerged")
+STRATEGIES = ("auto", "merged", "unmerged", "dequantized")
 DEFAULT_ADAPTER = "default"
 
 # id(weight Parameter) -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
@@ -181,6 +182,9 @@ class SparseDeltaLinear(nn.Module):
         legal, why = merge_is_legal(base_layer, weight_shared)
         if strategy == "merged" and not legal:
             raise ValueError(f"strategy 'merged' is not legal here: {why}")
+        if strategy == "dequantized" and not quantized:
+            raise ValueError("strategy 'dequantized' scatters the deltas into a quantized base's dequantized weight, "
+                             "and this layer's weight is not quantized (use 'merged' or 'auto')")
         _check_not_wrapped(weight)
         # nothing above changed anything: from here on the construction cannot fail
         self.base_layer = base_layer
@@ -189,7 +193,8 @@ class SparseDeltaLinear(nn.Module):
         self.weight_transposed = is_conv1d(base_layer)  # GPT-2's Conv1D: we work on the (out, in) view
         self.weight_shared = weight_shared  # a module flag: survives deepcopy and pickling
         self.backend = backend
-        self.strategy = "merged" if strategy == "auto" and legal else ("unmerged" if strategy == "auto" else strategy)
+        self.strategy = strategy if strategy != "auto" else (
+            "merged" if legal else "dequantized" if quantized else "unmerged")
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self.deltas = nn.ModuleDict()
         self.active_adapter = adapter_name
@@ -198,7 +203,7 @@ class SparseDeltaLinear(nn.Module):
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
         self.base_dtype = float_dtype(base_layer) if quantized else weight.dtype
         self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
-                                             columns=self.strategy != "merged", base_dtype=self.base_dtype)
+                                             columns=self.strategy == "unmerged", base_dtype=self.base_dtype)
         self._set_active_cache()
         self.delta_values.requires_grad_(True)
         self._merge = MergedWeight(self)
@@ -330,7 +335,13 @@ class SparseDeltaLinear(nn.Module):
 
     # ----------------------------------------------------------------- strategy
     def merge(self) -> None:
-        """Switch to the merged strategy and write W + S into W's storage now."""
+        """Switch to the merged strategy and write W + S into W's storage now (over a quantized base: to the
+        dequantized strategy, S scattered into the weight each GEMM dequantizes; nothing is written)."""
+        if self.quantization is not None:  # (a shared quantized weight too: it is never written)
+            if self.strategy == "unmerged":
+                self.strategy = "dequantized"
+                self._active.rebuild_layout(columns=False)
+            return
         legal, why = self.merge_legality()
         if not legal:
             raise RuntimeError(f"cannot merge: {why}")
@@ -348,6 +359,9 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
+        if self.strategy == "dequantized":
+            self.strategy = "unmerged"
+            self._active.rebuild_layout(columns=True)
         if self.strategy == "merged":
             self._merge.restore()
             self._merge.structural_change()
@@ -420,10 +434,9 @@ class SparseDeltaLinear(nn.Module):
             self._merge.read_base()  # W is pure at the new positions
             if merged:
                 self._merge.write(self.delta_values, self._backend_name())
-        if self.strategy != "merged":
-            for name in names:
-                if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
-                    self.deltas[name].rebuild_layout(columns=True)
+        for name in names if self.strategy == "unmerged" else names[1:]:
+            if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
+                self.deltas[name].rebuild_layout(columns=True)
         self.active_adapters = names
         for name, delta in self.deltas.items():
             delta.values.requires_grad_(name == new)
@@ -613,7 +626,19 @@ class SparseDeltaLinear(nn.Module):
                 self._merge.sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
-        y = self.base_layer(x)
+        if not merged and backend_name == "native" and len(self.active_adapters) == 1 and \
+                not torch.compiler.is_compiling() and runs_as_plain_gemm(self.base_layer, x):
+            # one node for the GEMM and the sparse term: dx = dy W and dx += dy S in one buffer
+            layout = active.layout
+            return torch.ops.apet_native.linear_sparse(x, self.weight_oi(), self.base_layer.bias, values, active.indices,
+                                                       layout.row_ptr, layout.col_ptr, layout.col_perm)
+        if self.strategy == "dequantized" and can_dequantize_per_call(self.base_layer):
+            y = DequantizedLinear.apply(x, self.base_layer.bias, values, active.indices, self.base_layer)
+            merged = True  # the sparse term below only attaches the SDDMM
+        else:
+            if self.strategy == "dequantized" and active.col_perm is None:  # (a base that cannot dequantize per call
+                active.rebuild_layout(columns=True)                       # runs this forward unmerged)
+            y = self.base_layer(x)
         if regathered and y.requires_grad:  # (no input gradient wanted: the backward never reads W)
             # FSDP2 gathers W from its shards for this forward and again for the backward (reshard_after_forward):
             # the backward's W is written again just before the base layer's dx reads it (the shards stay pure)

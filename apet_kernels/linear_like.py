@@ -25,6 +25,17 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or is_conv1d(module)
 
 
+def runs_as_plain_gemm(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when calling ``module(x)`` is exactly ``F.linear(x, W, b)`` on its own frozen, unsharded Parameter
+    in x's dtype: no hooks (FSDP's gathers, users' hooks), no autocast, no computed or trainable weight."""
+    w = module._parameters.get("weight")
+    return (is_plain_linear(module) and w is not None and type(w.data) is torch.Tensor and not w.requires_grad
+            and w.dtype == x.dtype and w.device == x.device and not torch.is_autocast_enabled(x.device.type)
+            and "forward" not in module.__dict__  # (accelerate's offloading hooks replace the instance's forward)
+            and not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                     or nn.modules.module._global_forward_pre_hooks))
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear-like module; GPT-2's Conv1D stores its weight as (in, out);
     a quantized weight may be packed (bitsandbytes 4-bit: (n, 1) bytes)."""
@@ -64,8 +75,9 @@ def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, s
     nn.Linear / Conv1D layers with a floating, unquantized, unsharded weight that no other module uses."""
     quant = quantization_of(base_layer)
     if quant is not None:
-        return False, (f"the weight is quantized ({quant}): merging would write its quantized storage, so the "
-                       f"deltas run unmerged (merge_and_unload() dequantizes the layer and adds them)")
+        return False, (f"the weight is quantized ({quant}): merging would write its quantized storage; "
+                       f"strategy 'dequantized' (what 'auto' picks) scatters the deltas into the weight each GEMM "
+                       f"dequantizes, and merge_and_unload() dequantizes the layer and adds them")
     if weight_is_computed(base_layer):
         return False, ("the weight is computed from other tensors at every forward (pruning or a parametrization): "
                        "a write into it would not last")

@@ -1,10 +1,11 @@
 """Quantized frozen bases: recognize a quantized linear, dequantize it, quantize a weight the same way.
 
-APET never writes quantized storage: over a quantized layer the sparse deltas run unmerged,
-``y = base_layer(x) + x S^T``, the dense part being the quantization library's own forward and the
-deltas applied exactly in fp32. Only three things ever need the weight as floats, each one layer at a
-time and only for as long as the call: reading W at the K tuned positions (``delta_base``, the
-adapter's fingerprint), data-free magnitude positions, and ``merge_and_unload``.
+APET never writes quantized storage. Over a quantized layer the deltas run ``dequantized`` (the weight
+dequantized for each GEMM, as the library's training path does, with cast(W + v) scattered into that
+temporary: apet_kernels.dequantized_linear) or ``unmerged`` (``y = base_layer(x) + x S^T``, the library's
+own forward). Besides those GEMMs only three things need the weight as floats, one layer at a time and for
+the call only: reading W at the K tuned positions (``delta_base``, the adapter's fingerprint), data-free
+magnitude positions, and ``merge_and_unload``.
 
 Supported, recognized by the weight's type (the libraries are imported only when such a layer exists):
 bitsandbytes ``Linear4bit`` (NF4 / FP4, with or without double quantization) and ``Linear8bitLt``
@@ -80,6 +81,12 @@ def float_dtype(module: nn.Module) -> torch.dtype:
     return w.dtype  # torchao tensor subclasses report their high-precision dtype
 
 
+def _int8_row_scales(module: nn.Module) -> torch.Tensor:
+    """bitsandbytes int8: the row scales, on the weight until the first forward moves them to ``.state``."""
+    w = module.weight
+    return w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+
+
 @torch.no_grad()
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The layer's weight as floats, (out, in), in ``float_dtype(module)``: an out x in temporary."""
@@ -89,9 +96,8 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     w = module.weight
     if quant.library == "bitsandbytes":
         import bitsandbytes.functional as bnbf
-        if quant.scheme == "int8":  # row scales: on the weight until the first forward moves them to .state
-            scales = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
-            return bnbf.int8_vectorwise_dequant(w.data, scales).to(float_dtype(module))
+        if quant.scheme == "int8":
+            return bnbf.int8_vectorwise_dequant(w.data, _int8_row_scales(module)).to(float_dtype(module))
         if getattr(w.quant_state, "packing_format_for_cpu", False):
             # bitsandbytes repacks a 4-bit weight for its bf16 CPU kernel at an inference-mode forward (block
             # scales in bf16) and has no faithful inverse: its own kernel applied to the identity gives W^T
@@ -164,3 +170,37 @@ def quantize_like(module: nn.Module, weight_oi: torch.Tensor, config=None) -> nn
     quantize_(holder, config)
     holder[0].requires_grad_(False)
     return holder[0]
+
+
+def gemm_dtype(module: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantized layer's own GEMMs run in for inputs of ``x_dtype`` (bitsandbytes 4-bit: its
+    ``compute_dtype`` when set; the others compute in the input's dtype)."""
+    return getattr(module, "compute_dtype", None) or x_dtype
+
+
+def _per_row_scale(w) -> bool:
+    """A torchao Int8Tensor with one scale (and zero point) per row (Int8WeightOnlyConfig's default)."""
+    qdata, scale = getattr(w, "qdata", None), getattr(w, "scale", None)
+    zero_point = getattr(w, "zero_point", None)
+    return (isinstance(qdata, torch.Tensor) and qdata.dim() == 2 and isinstance(scale, torch.Tensor)
+            and scale.numel() == qdata.shape[0] and (zero_point is None or zero_point.numel() == qdata.shape[0])
+            and list(getattr(w, "block_size", [1, qdata.shape[1]])) == [1, qdata.shape[1]])
+
+
+def dequantize_for_gemm(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the library's own training path dequantizes it for its GEMMs, (out, in) in ``dtype``: a
+    temporary nobody else holds (the caller may write into it). No autograd: the weight is frozen."""
+    w = module.weight
+    with torch.no_grad():
+        if type(w).__name__ == "Int8Params":  # bitsandbytes' CPU training path: int8 rows times scale / 127
+            return w.data.to(dtype).mul_(_int8_row_scales(module).to(dtype).unsqueeze(1).mul(1.0 / 127.0))
+        if type(w).__name__ == "Int8Tensor" and _per_row_scale(w):  # torchao int8 weight-only, per row: in place
+            out = w.qdata.to(dtype)  # ((q - zero point) * scale, as torchao's dequantize(), which takes ~3x longer)
+            if w.zero_point is not None:
+                out.sub_(w.zero_point.to(dtype).reshape(-1, 1))
+            return out.mul_(w.scale.to(dtype).reshape(-1, 1))
+        if type(w).__name__ == "Params4bit" and not getattr(w.quant_state, "packing_format_for_cpu", False):
+            import bitsandbytes.functional as bnbf
+            return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        out = dequantize(module)
+        return out if out.dtype == dtype else out.to(dtype)

@@ -256,6 +256,8 @@ def planned_rows(args) -> list[dict]:
     on_gpu = args.device.startswith("cuda")
     rows = []
     for method in args.methods:
+        if method == "sparse dequantized":
+            continue  # (rows over quantized bases only, below)
         if method.startswith("sparse"):
             for backend in args.backends or ("reference", "native", "triton"):
                 st = status[backend]
@@ -267,7 +269,7 @@ def planned_rows(args) -> list[dict]:
             rows.append(dict(method=method, backend="", skip=None))
     from methods import NEEDS, QUANT_KINDS, QUANT_METHODS
     for kind in args.quant or ():
-        for method in QUANT_METHODS:  # (a quantized base runs APET unmerged: any sparse row asks for it)
+        for method in QUANT_METHODS:  # (APET over a quantized base: dequantized and unmerged)
             if method in args.methods or (method.startswith("sparse") and any(m.startswith("sparse")
                                                                               for m in args.methods)):
                 rows.append(dict(method=method, backend="", quant=kind, skip=None))
@@ -573,11 +575,12 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=10,
                     help="timed interleaved rounds (one step of every method each, a frozen step between any two)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of every method first")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "sparse dequantized"],
+                    choices=list(METHODS), metavar="METHOD",
                     help=f"rows to run: {', '.join(METHODS)}")
     ap.add_argument("--quant", nargs="+", default=[], choices=list(QUANT_KINDS), metavar="KIND",
                     help=f"add rows over a quantized base ({', '.join(QUANT_KINDS)}): its frozen floor, sparse APET "
-                         f"(unmerged) and PEFT LoRA at the same count (QLoRA for nf4); needs pip install -e '.[quant]'")
+                         f"(dequantized and unmerged) and PEFT LoRA at the same count (QLoRA for nf4); needs pip install -e '.[quant]'")
     ap.add_argument("--backends", nargs="+", default=None, choices=["reference", "native", "triton"],
                     help="backends for the sparse rows (default: every available one)")
     ap.add_argument("--out", default=None, help="output folder (default bench/runs/compare-<device>-<date>, git-ignored; "
@@ -589,7 +592,7 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-densities", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--sweep-methods", nargs="+", default=None,
                     help="only these of the sweep's methods (default: frozen, sparse merged, dense-mask, and over each "
-                         "--quant base frozen, sparse unmerged, lora (peft))")
+                         "--quant base frozen, sparse dequantized, sparse unmerged, lora (peft))")
     args = ap.parse_args(argv)
     if args.out is None:
         kind = "sweep" if args.sweep else "compare"

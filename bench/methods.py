@@ -115,6 +115,7 @@ METHODS = {
     "frozen": frozen,
     "sparse merged": lambda m, k, backend, **kw: sparse(m, k, "merged", backend),
     "sparse unmerged": lambda m, k, backend, **kw: sparse(m, k, "unmerged", backend),
+    "sparse dequantized": lambda m, k, backend, **kw: sparse(m, k, "dequantized", backend),  # (quantized bases)
     "dense-mask": dense_mask,
     "clone-scatter": clone_scatter,
     "lora (peft)": lora,
@@ -132,7 +133,7 @@ QUANT_KINDS = {
     "torchao-int8": "torchao",  # weight-only int8, per row
     "torchao-int4": "torchao",  # weight-only int4, groups of 32 (CPU: IntxWeightOnly; CUDA: tinygemm layout)
 }
-QUANT_METHODS = ("frozen", "sparse unmerged", "lora (peft)")  # the rows a quantized base gets
+QUANT_METHODS = ("frozen", "sparse dequantized", "sparse unmerged", "lora (peft)")  # the rows a quantized base gets
 
 
 def quantization_config(kind: str, dtype, device: str):

@@ -4,6 +4,7 @@
 // bench/forward_overhead.py.)
 //   unmerged: y += x S^T in place; backward dx = dy S (SpMM^T), dv = SDDMM(dy, x)
 //   merged (W already holds W + S): y passes through; backward dv = SDDMM(dy, x) only
+//   linear_sparse: a plain unmerged layer's GEMM and sparse term as one node (dx in one buffer)
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -96,14 +97,67 @@ at::Tensor sparse_term(at::Tensor y, const at::Tensor& x, const at::Tensor& valu
                            merged);
 }
 
+// A plain float linear layer run unmerged, as one node: y = x W^T + b, then y += x S^T in place; backward
+// dx = dy W, then dx += dy S in place into the same buffer (the base layer's call and a separate sparse node
+// would give two dx buffers that autograd then adds: a zero fill and an extra pass over dx per layer and step);
+// db = sum dy; dv = SDDMM(dy, x). W is frozen: no dW.
+class LinearSparse : public torch::autograd::Function<LinearSparse> {
+ public:
+  // (needs_input_grad counts tensor arguments only: the bool goes last so the two numberings agree)
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& values, const at::Tensor& indices, const at::Tensor& row_ptr,
+                            const at::Tensor& col_ptr, const at::Tensor& col_perm, bool has_bias) {
+    TORCH_CHECK(col_perm.numel() == indices.numel() && !col_ptr.is_same(row_ptr),
+                "apet_native::linear_sparse: the unmerged term needs the column layout (col_ptr, col_perm)");
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->save_for_backward({x, weight, values, indices, row_ptr, col_ptr, col_perm});
+    at::Tensor y = has_bias ? at::linear(x, weight, bias) : at::linear(x, weight);
+    spmm_(as_tokens(y), as_tokens(x), indices, values, row_ptr);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &values = saved[2], &indices = saved[3];
+    const at::Tensor& dy = grads[0];
+    const at::Tensor dy2 = as_tokens(dy);
+    at::Tensor dx, db, dv;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::matmul(dy, weight);  // a fresh contiguous buffer: its token view is a view
+      spmm_t_(as_tokens(dx), dy2, indices, values, saved[5], saved[6]);
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) db = dy2.sum(0);
+    if (ctx->needs_input_grad(3)) {
+      dv = at::empty({indices.numel()}, dy.options().dtype(dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+      sddmm_(dv, dy2, as_tokens(x), indices, saved[4]);
+      if (dv.scalar_type() != values.scalar_type()) dv = dv.to(values.scalar_type());
+    }
+    return {dx, at::Tensor(), db, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor linear_sparse(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& values, const at::Tensor& indices, const at::Tensor& row_ptr,
+                         const at::Tensor& col_ptr, const at::Tensor& col_perm) {
+  TORCH_CHECK(!weight.requires_grad(), "apet_native::linear_sparse: the weight is frozen (no dW is computed)");
+  // (an absent bias: row_ptr stands in, as Function::apply reads the device of every tensor argument)
+  return LinearSparse::apply(x, weight, bias.has_value() ? *bias : row_ptr, values, indices, row_ptr, col_ptr,
+                             col_perm, bias.has_value());
+}
+
 }  // namespace
 }  // namespace apet
 
 TORCH_LIBRARY_FRAGMENT(apet_native, m) {
   m.def("sparse_term(Tensor(a!) y, Tensor x, Tensor values, Tensor indices, Tensor row_ptr, Tensor? col_ptr, "
         "Tensor? col_perm, bool merged) -> Tensor(a!)");
+  m.def("linear_sparse(Tensor x, Tensor weight, Tensor? bias, Tensor values, Tensor indices, Tensor row_ptr, "
+        "Tensor col_ptr, Tensor col_perm) -> Tensor");
 }
 
 // One implementation for every device: it builds the autograd node itself and runs the kernels
 // through the dispatcher. Eager only; under torch.compile the Python ops are used.
-TORCH_LIBRARY_IMPL(apet_native, CompositeImplicitAutograd, m) { m.impl("sparse_term", &apet::sparse_term); }
+TORCH_LIBRARY_IMPL(apet_native, CompositeImplicitAutograd, m) {
+  m.impl("sparse_term", &apet::sparse_term);
+  m.impl("linear_sparse", &apet::linear_sparse);
+}

@@ -121,3 +121,26 @@ def test_engines_that_partition_weights_otherwise_refuse_merged():
             layer(torch.randn(2, 8))
         layer.unmerge()
         layer(torch.randn(2, 8))  # unmerged runs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_trainer_with_fsdp2_trains_and_saves_the_adapter(tmp_path, strategy):
+    """The documented way (README, Multi-GPU): Trainer with fsdp_config={"fsdp_version": 2}. accelerate turns
+    FSDP on only over accelerators, so this runs on GPUs (every one there is, one process each)."""
+    worker = Path(__file__).parent / "distributed" / "trainer_fsdp2_worker.py"
+    n = torch.cuda.device_count()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           str(worker), str(tmp_path), strategy], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert len(result["losses"]) == 4 and result["losses"][-1] < result["losses"][0]
+    assert result["values"] and all(v.abs().sum() > 0 for v in result["values"].values())  # trained and saved
+    if n == 1:  # one process: the same steps as Trainer without FSDP
+        spec = importlib.util.spec_from_file_location("trainer_fsdp2_worker", worker)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        plain, _ = module.train(str(tmp_path / "plain"), strategy, fsdp=False)
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(plain), rtol=1e-4, atol=1e-5)

@@ -202,3 +202,14 @@ def test_transpose(tk, shape, dtype):
     got = tk.transpose(t)
     assert got.is_contiguous() and torch.equal(got, t.t())
     assert torch.equal(tk.transpose(t.t().contiguous().t()), t.t())  # non-unit column stride input
+
+
+@pytest.mark.skipif(not backends()["native"]["available"], reason="the native extension is not built")
+def test_the_triton_backend_merges_with_one_native_launch():
+    """index_put_ is a chain of small ops; the merged write of every backend is the extension's one kernel."""
+    pytest.importorskip("triton")
+    from apet_kernels.ops import native
+    from apet_kernels.ops.triton import kernels
+    assert kernels._native_scatter("cpu") is native.scatter_merge_
+    from apet_kernels._build_info import BUILD_INFO
+    assert (kernels._native_scatter("cuda") is native.scatter_merge_) == ("CUDA" in BUILD_INFO["kind"])

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _helpers import assert_close_rel, oracle_linear
-from apet_kernels import DenseMaskLinear, SparseDeltaLinear
+from _helpers import assert_close_rel, dense_delta, oracle_linear
+from apet_kernels import DenseMaskLinear, SparseDeltaLinear, backends
 
 STRATEGIES = ["merged", "unmerged"]
 
@@ -378,3 +378,32 @@ def test_swap_based_moves_work(monkeypatch):
     assert layer.weight is weight and weight.dtype == torch.float64  # swapped in place
     assert layer.deltas["b"].values.dtype == torch.float64
     layer(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
+
+
+@pytest.mark.skipif(not backends()["native"]["available"], reason="the native extension is not built")
+def test_an_unmerged_plain_layer_forms_dx_in_one_buffer():
+    """dx = dy W, then dx += dy S in place (one node: apet_native::linear_sparse): no zero-filled second dx and
+    no pass adding two of them, which the base layer's node plus a separate sparse node cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.append((func.overloadpacket.__name__, tuple(out.shape)))
+            return out
+
+    layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=50, strategy="unmerged", backend="native"))
+    x = torch.randn(3, 9, 19, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    with Ops() as ops:
+        y.backward(dy)
+    dx_sized = [name for name, shape in ops.seen if shape in ((3, 9, 19), (27, 19))]
+    assert not [n for n in dx_sized if n in ("zeros", "zero_", "fill_", "add", "add_", "new_zeros")], dx_sized
+    w_eff = layer.weight.detach().double() + dense_delta(layer.delta_indices, layer.delta_values, (23, 19))
+    assert_close_rel(x.grad, dy.double() @ w_eff, torch.float32)

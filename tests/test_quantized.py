@@ -6,6 +6,7 @@ dy S and the SDDMM, so each check allows the base layer's own error and fp32 rou
 """
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -103,10 +104,9 @@ def storage_snapshot(module):
     return [t.detach().clone() for t in tensors if isinstance(t, torch.Tensor)]
 
 
-def check_against_oracle(kind, device):
+def check_against_oracle(kind, device, strategy):
     base, dtype = quantized_linear(kind, device=device)
-    layer = SparseDeltaLinear(base, random_indices((40, 96), 300).to(device))
-    assert layer.strategy == "unmerged"  # auto never merges a quantized weight
+    layer = SparseDeltaLinear(base, random_indices((40, 96), 300).to(device), strategy=strategy)
     with torch.no_grad():
         layer.delta_values.normal_(0, 0.05)
     before = storage_snapshot(base)
@@ -145,9 +145,10 @@ def check_against_oracle(kind, device):
         assert torch.equal(a, b), f"{kind}: the quantized storage changed"
 
 
+@pytest.mark.parametrize("strategy", ["dequantized", "unmerged"])
 @pytest.mark.parametrize("kind", CPU_KINDS)
-def test_outputs_and_gradients_match_the_dequantized_oracle(kind):
-    check_against_oracle(kind, "cpu")
+def test_outputs_and_gradients_match_the_dequantized_oracle(kind, strategy):
+    check_against_oracle(kind, "cpu", strategy)
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
@@ -180,20 +181,36 @@ def test_moves_copies_and_state_dicts_of_a_quantized_layer(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["dequantized", "unmerged"])
 @pytest.mark.parametrize("kind", GPU_KINDS)
-def test_outputs_and_gradients_match_the_dequantized_oracle_on_cuda(kind):
-    check_against_oracle(kind, "cuda")
+def test_outputs_and_gradients_match_the_dequantized_oracle_on_cuda(kind, strategy):
+    check_against_oracle(kind, "cuda", strategy)
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
-def test_merge_is_refused_with_the_reason(kind):
+def test_merging_never_writes_the_quantized_storage(kind):
     base, _ = quantized_linear(kind)
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ValueError, match="quantized.*'dequantized'"):
         SparseDeltaLinear(base, random_indices((40, 96), 10), strategy="merged")
+    with pytest.raises(ValueError, match="not quantized"):
+        SparseDeltaLinear(nn.Linear(96, 40), random_indices((40, 96), 10), strategy="dequantized")
     layer = SparseDeltaLinear(base, random_indices((40, 96), 10))
-    with pytest.raises(RuntimeError, match=r"cannot merge: the weight is quantized"):
-        layer.merge()
-    assert layer.strategy == "unmerged" and "quantized=" in repr(layer)
+    assert layer.strategy == "dequantized" and "quantized=" in repr(layer)  # what auto picks over a quantized base
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    x = torch.randn(3, 96)
+    y = layer(x)
+    layer.unmerge()  # -> the unmerged strategy: the same function
+    assert layer.strategy == "unmerged" and layer.layout.col_perm is not None
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.merge()  # over a quantized base merging means the dequantized strategy, nothing is written
+    assert layer.strategy == "dequantized"
+    layer.merge()
+    assert layer.strategy == "dequantized"
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    # a weight shared with another module may run dequantized: what the GEMM reads is a temporary
+    shared = SparseDeltaLinear(quantized_linear(kind)[0], random_indices((40, 96), 10), weight_shared=True)
+    assert shared.strategy == "dequantized"
     assert layer.delta_base.is_floating_point()  # the dequantized values there, not bytes of the storage
     torch.testing.assert_close(layer.delta_base, dequantize(base).reshape(-1)[layer.delta_indices.long()])
 
@@ -273,12 +290,14 @@ def _train(model, steps=25, seed=0):
 CONFIG = ApetConfig(density=0.05, target_modules="all-linear")
 
 
+@pytest.mark.parametrize("strategy", ["auto", "unmerged"])
 @pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_a_quantized_llama_trains_like_the_float_one(saved_llama, kind):
+def test_a_quantized_llama_trains_like_the_float_one(saved_llama, kind, strategy):
     float_losses = _train(get_apet_model(load_llama(saved_llama[0]), CONFIG))
-    model = get_apet_model(load_llama(saved_llama[0], kind), CONFIG)
+    model = get_apet_model(load_llama(saved_llama[0], kind), dataclasses.replace(CONFIG, strategy=strategy))
     layers = model.apet_layers()
-    assert layers and all(m.quantization is not None and m.strategy == "unmerged" for m in layers.values())
+    want = "dequantized" if strategy == "auto" else strategy  # auto: the deltas go into the dequantized weight
+    assert layers and all(m.quantization is not None and m.strategy == want for m in layers.values())
     before = {n: storage_snapshot(m.base_layer) for n, m in layers.items()}
     losses = _train(model)
     drop, float_drop = losses[0] - losses[-1], float_losses[0] - float_losses[-1]
@@ -420,3 +439,16 @@ def test_without_the_quantization_libraries_everything_else_works():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_the_weight_dequantized_for_a_gemm_is_the_library_dequantization(kind):
+    from apet_kernels.quantized import dequantize_for_gemm
+    base, _ = quantized_linear(kind)
+    before = storage_snapshot(base)
+    got = dequantize_for_gemm(base, torch.float32)
+    want = dequantize(base)  # (bitsandbytes int8: in fp16, what it was quantized from)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5 if want.dtype == torch.float32 else 1e-3, atol=1e-7)
+    got.add_(1.0)  # a temporary of its own: writing it changes nothing the layer holds
+    for a, b in zip(before, storage_snapshot(base)):
+        assert torch.equal(a, b)
