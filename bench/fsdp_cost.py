@@ -32,7 +32,15 @@ from common import environment, markdown_table  # noqa: E402
 from compare import budget_of, build_model, model_config  # noqa: E402
 from methods import METHODS  # noqa: E402
 
-ROWS = ("frozen", "sparse merged", "sparse unmerged", "lora (peft)")
+# "norms only": the RMSNorm weights trained, nothing else: the gradient collectives and optimizer step any
+# trainable method pays under FSDP2 (the frozen step runs neither), without any adapter's compute
+ROWS = ("frozen", "norms only", "sparse merged", "sparse unmerged", "lora (peft)")
+
+
+def norms_only(model, k, **_):
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name.rsplit(".", 2)[-2])
+    return model, [p for p in model.parameters() if p.requires_grad], {}
 
 
 def shard(model) -> None:
@@ -49,9 +57,12 @@ class Trainee:
         model = build_model(spec).eval()
         gen = torch.Generator().manual_seed(1 + dist.get_rank())  # each rank its own micro-batch
         self.ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen)
-        self.model, params, self.extra = METHODS[method](model, spec["k"], backend="native")
+        make = norms_only if method == "norms only" else METHODS[method]
+        self.model, params, self.extra = make(model, spec["k"], backend="native")
         self.trainable = sum(p.numel() for p in params)
-        self.embed = self.model.get_input_embeddings()
+        # every row does the input-gradient work (the frozen floor has nothing else to run a backward for);
+        # transformers' hook on the embeddings' output, as Trainer sets it for checkpointing
+        self.model.enable_input_require_grads()
         shard(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]  # (the sharded Parameters)
         self.opt = torch.optim.AdamW(params, lr=1e-3) if params else None
@@ -59,14 +70,21 @@ class Trainee:
     def step(self) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        emb = self.embed(self.ids).detach().requires_grad_()  # every row does the input-gradient work
-        loss = self.model(inputs_embeds=emb, labels=self.ids).loss
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         dist.barrier()
         return time.perf_counter() - t0
+
+
+def profile_step(trainee: Trainee) -> str:
+    """One step under torch.profiler: the ops that took the most time on this rank (collectives included)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainee.step()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
 
 
 def local_bytes(t: torch.Tensor) -> int:
@@ -102,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--memory-only", action="store_true", help="only the per-rank bytes of sparse merged")
+    ap.add_argument("--profile", action="store_true", help="also profile one step of each method (rank 0's ops)")
     ap.add_argument("--out", default=None, help="default bench/runs/fsdp-cost-<world size>")
     args = ap.parse_args(argv)
 
@@ -137,6 +156,8 @@ def main(argv=None) -> None:
                               ratio=statistics.median(ratios), q1=q[0], q3=q[2],
                               note=f"rank {trainees[m].extra['rank']}" if "rank" in trainees[m].extra else ""))
         result["rows"] = table
+        if args.profile:
+            result["profiles"] = {m: profile_step(t) for m, t in trainees.items()}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "fsdp_cost.json").write_text(json.dumps(result, indent=2))
@@ -152,6 +173,8 @@ def main(argv=None) -> None:
                   markdown_table([dict(rank=i, **m) for i, m in enumerate(mem)],
                                  ["rank", "k", "weight_shard_bytes", "values_bytes", "replicated_bytes",
                                   "replicated_over_shard", "replicated_bytes_per_delta"])]
+        for m, table in result.get("profiles", {}).items():
+            lines += ["", f"## one step of {m} under torch.profiler (rank 0)", "", "```", table, "```"]
         (out / "fsdp_cost.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     dist.destroy_process_group()
