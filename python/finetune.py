@@ -103,6 +103,11 @@ def apply_method(model, args, calibration=None):
         return model, "all parameters trainable"
     if args.method == "lora":
         import peft
+        if args.lora_params:  # the rank whose parameter count on all linears is closest to the budget
+            from apet_kernels.linear_like import linear_shape
+            from apet_kernels.targets import find_targets
+            per_rank = sum(sum(linear_shape(m)) for m in find_targets(model, ApetConfig(num_params=0)).values())
+            args.lora_r = max(1, round(args.lora_params / per_rank))
         cfg = peft.LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
                               lora_dropout=0.0)
         return peft.get_peft_model(model, cfg), f"LoRA r={args.lora_r}"
@@ -187,6 +192,8 @@ def parse_args(argv=None):
     ap.add_argument("--regrow-fraction", type=float, default=0.3, help="APET: fraction of K moved at the first regrowth")
     ap.add_argument("--strategy", default="auto", choices=["auto", "merged", "unmerged"])
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-params", type=int, default=None,
+                    help="LoRA: the rank whose parameter count on all linears is closest to this (instead of --lora-r)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-train", type=int, default=None, help="use the first N training examples (after shuffling)")
     ap.add_argument("--max-eval", type=int, default=None)
@@ -235,6 +242,7 @@ def run(args) -> dict:
     trainable = sum(p.numel() for p in params)
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
                   budget_like=args.budget_like, regrow_interval=args.regrow_interval,
+                  lora_r=args.lora_r if args.method == "lora" else None,
                   moved=regrower.moved if regrower else 0,
                   trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
                   seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,

@@ -88,38 +88,24 @@ def test_local_glue_loaders_read_every_shared_task():
         assert set(ds["validation"]["labels"]) == {0, 1}
 
 
-def test_scaling_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "study"
-    cmd = [sys.executable, str(ROOT / "python" / "scaling_study.py"), "--data-dir", str(sst2_dir), "--models",
-           str(tiny_model_dir), "--ks", "5", "50", "--positions", "random", "rows", "--seeds", "0",
-           "--batch-size", "8", "--max-len", "16", "--max-train", "32", "--out", str(out)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2  # full fine-tuning + 2 positions x 2 values of K
-    assert {"summary.md", "thresholds.json", "accuracy_vs_k.png"} <= {p.name for p in out.iterdir()}
-    assert "smallest K beating random guessing" in (out / "summary.md").read_text()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines), "a rerun must skip finished points"
-
-
-def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
+def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     pytest.importorskip("peft")
     results = tmp_path / "positions.jsonl"
-    cmd = [sys.executable, str(ROOT / "python" / "positions_study.py"), "--data-root", str(sst2_dir.parent),
+    cmd = [sys.executable, str(ROOT / "python" / "study.py"), "--data-root", str(sst2_dir.parent),
            "--tasks", "SST-2", "--model", str(tiny_model_dir), "--seeds", "0", "--budgets", "lora:r=1",
            "--batch-size", "8", "--max-len", "16", "--calibration-batches", "2", "--regrow-interval", "1",
+           "--methods", "random", "rows", "cols", "magnitude", "gradient", "gradient+regrow", "lora", "full",
            "--results", str(results)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert {r["study_method"] for r in rows} == {"random", "magnitude", "gradient", "gradient+regrow", "lora", "full"}
+    assert {r["study_method"] for r in rows} == {"random", "rows", "cols", "magnitude", "gradient", "gradient+regrow",
+                                                 "lora", "full"}
     by = {r["study_method"]: r for r in rows}
     assert by["lora"]["trainable"] == by["random"]["trainable"]  # same parameter count as LoRA r=1
     assert by["gradient+regrow"]["moved"] > 0 and by["gradient"]["moved"] == 0
-    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient+regrow | 1 |" in results.with_suffix(".md").read_text()
+    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient+regrow | 0.01 | 1 |" in results.with_suffix(".md").read_text()
+    assert "spread of 6 scheme means" in results.with_suffix(".md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(results.read_text().splitlines()) == len(rows), "a rerun must skip runs"
     # a changed setting is another run: only that one runs, and the table shows this plan's runs only
@@ -129,9 +115,21 @@ def test_positions_study_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     new = [json.loads(line) for line in results.read_text().splitlines()][len(rows):]
     assert [(r["study_method"], r["lr"], r["epochs"]) for r in new] == [("gradient", 0.003, 2.0)]
     table = results.with_suffix(".md").read_text()
-    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient | 1 |" in table and "| 0.003 | 2 |" in table
-    assert "random" not in table
+    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient | 0.003 | 1 |" in table and table.rstrip().endswith("| 2 |")
+    assert "| random |" not in table
     assert "Majority class of each dev set: sst2 " in table
+    # absolute budgets (LoRA at the closest rank) and a learning-rate axis: every method at every rate
+    probe = tmp_path / "probe.jsonl"
+    cmd_probe = cmd[:cmd.index("--budgets")] + ["--budgets", "k=300", "--methods", "random", "rows", "lora",
+                                                "--lrs", "0.01", "0.003", "--results", str(probe)]
+    ran = subprocess.run(cmd_probe, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    runs = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert sorted((r["study_method"], r["lr"]) for r in runs) == sorted(
+        (m, lr) for m in ("random", "rows", "lora") for lr in (0.01, 0.003))
+    apet = [r for r in runs if r["study_method"] != "lora"]
+    assert all(r["num_params"] == 300 for r in apet) and all(r["lora_r"] >= 1 for r in runs if r["lora_r"])
+    assert "spread of 2 scheme means (each at its best rate)" in probe.with_suffix(".md").read_text()
 
 
 @pytest.fixture(scope="module")
