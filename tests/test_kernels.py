@@ -213,3 +213,12 @@ def test_the_triton_backend_merges_with_one_native_launch():
     assert kernels._native_scatter("cpu") is native.scatter_merge_
     from apet_kernels._build_info import BUILD_INFO
     assert (kernels._native_scatter("cuda") is native.scatter_merge_) == ("CUDA" in BUILD_INFO["kind"])
+
+
+def test_autotuning_keys_on_token_buckets_not_token_counts():
+    """A new sequence length must not stall on autotuning unless it crosses a power of two."""
+    pytest.importorskip("triton")
+    from apet_kernels.ops.triton import kernels
+    assert [kernels.token_bucket(n) for n in (1, 3, 256, 257, 4096)] == [1, 4, 256, 512, 4096]
+    for kernel in (kernels._sddmm_kernel, kernels._group_spmm_kernel):
+        assert "T_BUCKET" in kernel.keys and not {"T", "T_CHUNK"} & set(kernel.keys)

@@ -93,9 +93,9 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
                       dict(BLOCK_R=16, BLOCK_J=128, BLOCK_T=64, num_warps=8),
                       dict(BLOCK_R=32, BLOCK_J=64, BLOCK_T=64, num_warps=4)],
                      dict(BLOCK_R=16, BLOCK_J=16, BLOCK_T=16)),
-    key=["K", "N_ROWS", "T_CHUNK"])
+    key=["K", "N_ROWS", "T_BUCKET"])
 @triton.jit
-def _sddmm_kernel(dy, x_t, idx, row_ptr, partial, K, N_ROWS, T, T_CHUNK, in_features, s_dy, s_x,
+def _sddmm_kernel(dy, x_t, idx, row_ptr, partial, K, N_ROWS, T, T_CHUNK, T_BUCKET, in_features, s_dy, s_x,
                   EXACT_F32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
     """partial[pid_t, k] = sum over this program's tokens of dy[t, r_k] * x[t, c_k].
 
@@ -133,6 +133,12 @@ def _sddmm_kernel(dy, x_t, idx, row_ptr, partial, K, N_ROWS, T, T_CHUNK, in_feat
         tl.store(partial + pid_t * K + offs_j, own, mask=mj)
 
 
+def token_bucket(n_tokens: int) -> int:
+    """The power of two at or above ``n_tokens``: what autotuning keys on instead of the token count itself, so
+    a new sequence length re-tunes only when it crosses a power of two (each tuning stalls ~0.5 s)."""
+    return 1 << max(0, int(n_tokens) - 1).bit_length()
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -165,8 +171,8 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
     partial = out.view(1, n_k) if n_split == 1 else torch.empty(n_split, n_k, dtype=torch.float32,
                                                                  device=dy.device)
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_split)
-    _sddmm_kernel[grid](dy, x_t, indices, row_ptr, partial, n_k, n_rows, n_t, t_chunk, x.shape[1],
-                        dy.stride(0), x_t.stride(0), EXACT_F32=_exact_f32(dy.dtype))
+    _sddmm_kernel[grid](dy, x_t, indices, row_ptr, partial, n_k, n_rows, n_t, t_chunk, token_bucket(t_chunk),
+                        x.shape[1], dy.stride(0), x_t.stride(0), EXACT_F32=_exact_f32(dy.dtype))
     if n_split > 1:
         torch.sum(partial, dim=0, out=out)
     return out
@@ -179,10 +185,10 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
                       dict(BLOCK_T=64, BLOCK_D=16, BLOCK_J=64, num_warps=4),
                       dict(BLOCK_T=256, BLOCK_D=16, BLOCK_J=32, num_warps=8)],
                      dict(BLOCK_T=16, BLOCK_D=16, BLOCK_J=16)),
-    key=["T", "N_DST", "K"],
+    key=["T_BUCKET", "N_DST", "K"],
     restore_value=["out"])  # the kernel accumulates into out: benchmarking must not add twice
 @triton.jit
-def _group_spmm_kernel(out, src_t, group_ptr, perm, idx, vals, T, N_DST, K, in_features, s_out, s_src,
+def _group_spmm_kernel(out, src_t, group_ptr, perm, idx, vals, T, T_BUCKET, N_DST, K, in_features, s_out, s_src,
                        SRC_IS_COL: tl.constexpr, USE_PERM: tl.constexpr, EXACT_F32: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
     """out[t, d] += sum over deltas j with destination d of v_j * src_t[source_j, t]."""
@@ -230,7 +236,8 @@ def _group_spmm(out, src, indices, values, group_ptr, perm, in_features: int, sr
     vals = values.contiguous()
     grid = lambda meta: (triton.cdiv(n_t, meta["BLOCK_T"]), triton.cdiv(n_dst, meta["BLOCK_D"]))
     _group_spmm_kernel[grid](out, src_t, group_ptr, perm if perm is not None else group_ptr, indices, vals,
-                             n_t, n_dst, indices.numel(), in_features, out.stride(0), src_t.stride(0),
+                             n_t, token_bucket(n_t), n_dst, indices.numel(), in_features, out.stride(0),
+                             src_t.stride(0),
                              SRC_IS_COL=src_is_col, USE_PERM=perm is not None,
                              EXACT_F32=_exact_f32(src.dtype))
 
