@@ -24,7 +24,7 @@ from .load_guard import already_checked
 from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
-from .ops.library import add_sparse_term
+from .ops.library import add_sparse_term, linear_sparse
 from .optimizer_guard import note_active_values
 from .dequantized_linear import DequantizedLinear, can_dequantize_per_call
 from .quantized import float_dtype, quantization_of, values_at
@@ -626,12 +626,11 @@ class SparseDeltaLinear(nn.Module):
                 self._merge.sync(values, backend_name)
             if not (values.requires_grad and torch.is_grad_enabled()):
                 return self.base_layer(x)  # no SDDMM to prepare for
-        if not merged and backend_name == "native" and len(self.active_adapters) == 1 and \
-                not torch.compiler.is_compiling() and runs_as_plain_gemm(self.base_layer, x):
+        if not merged and len(self.active_adapters) == 1 and not torch.compiler.is_compiling() and \
+                runs_as_plain_gemm(self.base_layer, x):
             # one node for the GEMM and the sparse term: dx = dy W and dx += dy S in one buffer
-            layout = active.layout
-            return torch.ops.apet_native.linear_sparse(x, self.weight_oi(), self.base_layer.bias, values, active.indices,
-                                                       layout.row_ptr, layout.col_ptr, layout.col_perm)
+            return linear_sparse(x, self.weight_oi(), self.base_layer.bias, values, active.indices, active.layout,
+                                 backend_name)
         if self.strategy == "dequantized" and can_dequantize_per_call(self.base_layer):
             y = DequantizedLinear.apply(x, self.base_layer.bias, values, active.indices, self.base_layer)
             merged = True  # the sparse term below only attaches the SDDMM

@@ -380,10 +380,11 @@ def test_swap_based_moves_work(monkeypatch):
     layer(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
 
 
-@pytest.mark.skipif(not backends()["native"]["available"], reason="the native extension is not built")
-def test_an_unmerged_plain_layer_forms_dx_in_one_buffer():
-    """dx = dy W, then dx += dy S in place (one node: apet_native::linear_sparse): no zero-filled second dx and
-    no pass adding two of them, which the base layer's node plus a separate sparse node cost."""
+@pytest.mark.parametrize("backend", ["native", "triton"])  # (the reference backend is the oracle, not fast)
+def test_an_unmerged_plain_layer_forms_dx_in_one_buffer(backend):
+    """dx = dy W, then dx += dy S in place (one node: apet_native::linear_sparse, or its Python twin for the other
+    backends): no zero-filled second dx and no pass adding two of them, which the base layer's node plus a
+    separate sparse node cost."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -397,7 +398,9 @@ def test_an_unmerged_plain_layer_forms_dx_in_one_buffer():
                 self.seen.append((func.overloadpacket.__name__, tuple(out.shape)))
             return out
 
-    layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=50, strategy="unmerged", backend="native"))
+    if not backends()[backend]["available"]:
+        pytest.skip(f"{backend}: {backends()[backend]['reason']}")
+    layer = _randomize(SparseDeltaLinear.from_linear(_linear(), k=50, strategy="unmerged", backend=backend))
     x = torch.randn(3, 9, 19, requires_grad=True)
     y = layer(x)
     dy = torch.randn_like(y)
@@ -407,3 +410,6 @@ def test_an_unmerged_plain_layer_forms_dx_in_one_buffer():
     assert not [n for n in dx_sized if n in ("zeros", "zero_", "fill_", "add", "add_", "new_zeros")], dx_sized
     w_eff = layer.weight.detach().double() + dense_delta(layer.delta_indices, layer.delta_values, (23, 19))
     assert_close_rel(x.grad, dy.double() @ w_eff, torch.float32)
+    assert_close_rel(y, x.detach().double() @ w_eff.t() + layer.bias.detach().double(), torch.float32)
+    dv = (dy.reshape(-1, 23).double().t() @ x.detach().reshape(-1, 19).double()).reshape(-1)
+    assert_close_rel(layer.delta_values.grad, dv[layer.delta_indices.long()], torch.float32)

@@ -102,6 +102,47 @@ def _as_tokens(t: Tensor) -> Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+class LinearSparse(torch.autograd.Function):
+    """A plain float linear layer run unmerged, as one node (the Python twin of apet_native::linear_sparse):
+    y = x W^T + b, then y += x S^T in place; backward dx = dy W, then dx += dy S into the same buffer (no
+    zero-filled second dx and no pass adding two), db = sum dy, dv = SDDMM(dy, x). W is frozen: no dW."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, row_ptr, col_ptr, col_perm, backend: str):
+        ctx.backend = backend
+        ctx.save_for_backward(x, weight, values, indices, row_ptr, col_ptr, col_perm)
+        y = torch.nn.functional.linear(x, weight, bias)
+        _, spmm, _ = _ops(backend)
+        spmm(_as_tokens(y), _as_tokens(x), indices, values, row_ptr)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, values, indices, row_ptr, col_ptr, col_perm = ctx.saved_tensors
+        sddmm, _, spmm_t = _ops(ctx.backend)
+        dy2 = _as_tokens(dy)
+        dx = db = dv = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight  # a fresh contiguous buffer: its token view is a view
+            spmm_t(_as_tokens(dx), dy2, indices, values, col_ptr, col_perm)
+        if ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            dv = sddmm(dy2, _as_tokens(x), indices, row_ptr)
+            dv = dv if dv.dtype == values.dtype else dv.to(values.dtype)
+        return dx, None, db, dv, None, None, None, None, None
+
+
+def linear_sparse(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor,
+                  layout: DeltaLayout, backend: str) -> Tensor:
+    """x (W + S)^T + b for a frozen plain weight, unmerged, as one autograd node (see LinearSparse)."""
+    if backend == "native":  # the same node in C++ (csrc/apet_autograd.cpp): no Python in the call or backward
+        return torch.ops.apet_native.linear_sparse(x, weight, bias, values, indices, layout.row_ptr, layout.col_ptr,
+                                                   layout.col_perm)
+    return LinearSparse.apply(x, weight, bias, values, indices, layout.row_ptr, layout.col_ptr, layout.col_perm,
+                              backend)
+
+
 class SparseDeltaTerm(torch.autograd.Function):
     """y (the base layer's output) + the sparse term, with the SDDMM backward (see module docstring).
     y and x keep their leading dimensions: flattening them here, not outside, saves two view nodes
