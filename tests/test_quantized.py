@@ -146,9 +146,10 @@ def check_against_oracle(kind, device, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["dequantized", "unmerged"])
-@pytest.mark.parametrize("kind", CPU_KINDS)
-def test_outputs_and_gradients_match_the_dequantized_oracle(kind, strategy):
-    check_against_oracle(kind, "cpu", strategy)
+@pytest.mark.parametrize("kind,device", [(k, "cpu") for k in CPU_KINDS] +
+                         [pytest.param(k, "cuda", marks=pytest.mark.gpu) for k in GPU_KINDS])
+def test_outputs_and_gradients_match_the_dequantized_oracle(kind, device, strategy):
+    check_against_oracle(kind, device, strategy)
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
@@ -178,13 +179,6 @@ def test_moves_copies_and_state_dicts_of_a_quantized_layer(kind):
             assert torch.equal(a, b)  # the base holds exactly what its own loading put there
         assert torch.equal(other.delta_values, layer.delta_values)
         torch.testing.assert_close(other(x) - other.base_layer(x), y - layer.base_layer(x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["dequantized", "unmerged"])
-@pytest.mark.parametrize("kind", GPU_KINDS)
-def test_outputs_and_gradients_match_the_dequantized_oracle_on_cuda(kind, strategy):
-    check_against_oracle(kind, "cuda", strategy)
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)
