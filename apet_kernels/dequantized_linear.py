@@ -52,9 +52,3 @@ class DequantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         return dx, db, None, None, None
-
-
-def can_dequantize_per_call(base_layer: nn.Module) -> bool:
-    """False where dequantizing is no cheap elementwise pass (bitsandbytes' inference repacking on CPU)."""
-    state = getattr(base_layer.weight, "quant_state", None)
-    return not getattr(state, "packing_format_for_cpu", False)

@@ -26,8 +26,8 @@ from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .ops.library import add_sparse_term, linear_sparse
 from .optimizer_guard import note_active_values
-from .dequantized_linear import DequantizedLinear, can_dequantize_per_call
-from .quantized import float_dtype, quantization_of, values_at
+from .dequantized_linear import DequantizedLinear
+from .quantized import float_dtype, quantization_of, repacked_for_cpu, values_at
 from .selection import select_indices
 from .sharded import assign_full, is_dtensor
 
@@ -631,7 +631,7 @@ class SparseDeltaLinear(nn.Module):
             # one node for the GEMM and the sparse term: dx = dy W and dx += dy S in one buffer
             return linear_sparse(x, self.weight_oi(), self.base_layer.bias, values, active.indices, active.layout,
                                  backend_name)
-        if self.strategy == "dequantized" and can_dequantize_per_call(self.base_layer):
+        if self.strategy == "dequantized" and not repacked_for_cpu(self.base_layer):
             y = DequantizedLinear.apply(x, self.base_layer.bias, values, active.indices, self.base_layer)
             merged = True  # the sparse term below only attaches the SDDMM
         else:

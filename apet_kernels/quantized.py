@@ -87,6 +87,12 @@ def _int8_row_scales(module: nn.Module) -> torch.Tensor:
     return w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
 
 
+def repacked_for_cpu(module: nn.Module) -> bool:
+    """bitsandbytes repacked this 4-bit weight for its bf16 CPU kernel (an inference-mode forward did): no cheap
+    inverse, so dequantizing it means running its kernel on the identity."""
+    return bool(getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
 @torch.no_grad()
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The layer's weight as floats, (out, in), in ``float_dtype(module)``: an out x in temporary."""
@@ -98,7 +104,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
         if quant.scheme == "int8":
             return bnbf.int8_vectorwise_dequant(w.data, _int8_row_scales(module)).to(float_dtype(module))
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
+        if repacked_for_cpu(module):
             # bitsandbytes repacks a 4-bit weight for its bf16 CPU kernel at an inference-mode forward (block
             # scales in bf16) and has no faithful inverse: its own kernel applied to the identity gives W^T
             # exactly as the layer now computes with it
@@ -199,7 +205,7 @@ def dequantize_for_gemm(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
             if w.zero_point is not None:
                 out.sub_(w.zero_point.to(dtype).reshape(-1, 1))
             return out.mul_(w.scale.to(dtype).reshape(-1, 1))
-        if type(w).__name__ == "Params4bit" and not getattr(w.quant_state, "packing_format_for_cpu", False):
+        if type(w).__name__ == "Params4bit" and not repacked_for_cpu(module):
             import bitsandbytes.functional as bnbf
             return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
         out = dequantize(module)
