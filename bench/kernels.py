@@ -52,12 +52,16 @@ def kernel_inputs(shape, t, density, dtype, device) -> dict:
 def kernel_ops(impl, d) -> dict:
     """op name -> (callable, compulsory bytes) for one backend implementation."""
     (out_f, in_f), t, idx, lay, elt = d["shape"], d["t"], d["idx"], d["layout"], d["x"].element_size()
-    return {
+    ops = {
         "sddmm": (lambda: impl.sddmm(d["dy"], d["x"], idx, lay.row_ptr), sddmm_bytes(t, idx, in_f, elt)),
         "spmm": (lambda: impl.spmm_(d["y"], d["x"], idx, d["v"], lay.row_ptr), spmm_bytes(t, idx, in_f, elt)),
         "spmm_t": (lambda: impl.spmm_t_(d["x"], d["dy"], idx, d["v"], lay.col_ptr, lay.col_perm),
                    spmm_bytes(t, idx, out_f, elt)),
     }
+    token_major = getattr(impl, "token_major", None)  # the Triton backend's second SDDMM (issue 22), side by side
+    if token_major is not None and in_f <= token_major.MAX_STAGED_IN:
+        ops["sddmm tokens"] = (lambda: token_major.sddmm(d["dy"], d["x"], idx, lay.row_ptr), ops["sddmm"][1])
+    return ops
 
 
 def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
@@ -78,13 +82,20 @@ def kernel_rows(shape, t, density, dtype, device, backends, copy_gbs):
     return rows
 
 
-def _step(module, x, dy):
+def _step(module, x, dy, sddmm_walk=None):
     def run():
         x.grad = None
         for p in module.parameters():
             p.grad = None
         module(x).backward(dy)
-    return run
+    if sddmm_walk is None:
+        return run
+    from apet_kernels.ops.triton import token_major
+
+    def run_walking():
+        with token_major.chosen(sddmm_walk):
+            run()
+    return run_walking
 
 
 def layer_variants(base, k, device, backends):
@@ -100,8 +111,15 @@ def layer_variants(base, k, device, backends):
         first = first or merged
         variants.append((f"sparse merged [{backend}]", merged))
         variants.append((f"sparse unmerged [{backend}]", unmerged))
+        if backend == "triton" and base.in_features <= _token_major_max_in():  # the second Triton SDDMM
+            variants.append(("sparse merged [triton, sddmm tokens]", merged))
     variants.append(("dense-mask", DenseMaskLinear.from_linear(copy.deepcopy(base), first.delta_indices)))
     return variants
+
+
+def _token_major_max_in() -> int:
+    from apet_kernels.ops.triton import token_major
+    return token_major.MAX_STAGED_IN
 
 
 def layer_rows(shape, t, density, dtype, device, backends):
@@ -114,7 +132,8 @@ def layer_rows(shape, t, density, dtype, device, backends):
     dy = torch.randn(t, out_f, device=device, dtype=dtype)
     rows, times = [], {}
     for label, module in layer_variants(base, k, device, backends):
-        times[label] = median_ms(_step(module, x, dy), device)
+        walk = "tokens" if "sddmm tokens" in label else ("columns" if "[triton]" in label else None)
+        times[label] = median_ms(_step(module, x, dy, walk), device)
         rows.append(dict(kind="layer", op=label, backend=",".join(backends), shape=f"{out_f}x{in_f}", tokens=t,
                          density=density, k=k, dtype=str(dtype).replace("torch.", ""),
                          ms=times[label], us=times[label] * 1e3,

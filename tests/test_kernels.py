@@ -141,10 +141,13 @@ def test_values_keep_fp32_precision_in_half_dtypes(impl):
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_layer_matches_dense_mask(backend, strategy, dtype):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["triton-tokens"])
+def test_layer_matches_dense_mask(backend, strategy, dtype, monkeypatch):
+    backend, _, walk = backend.partition("-")
     if not backends()[backend]["available"]:
         pytest.skip(f"{backend} unavailable: {backends()[backend]['reason']}")
+    if walk:  # the Triton backend with its token-major SDDMM
+        monkeypatch.setenv("APET_TRITON_SDDMM", walk)
     lin = torch.nn.Linear(29, 37).to(DEVICE, dtype)
     layer = SparseDeltaLinear.from_linear(copy.deepcopy(lin), k=90, strategy=strategy, backend=backend)
     with torch.no_grad():
@@ -222,3 +225,118 @@ def test_autotuning_keys_on_token_buckets_not_token_counts():
     assert [kernels.token_bucket(n) for n in (1, 3, 256, 257, 4096)] == [1, 4, 256, 512, 4096]
     for kernel in (kernels._sddmm_kernel, kernels._group_spmm_kernel):
         assert "T_BUCKET" in kernel.keys and not {"T", "T_CHUNK"} & set(kernel.keys)
+
+
+# ---------------------------------------------------------------- the token-major Triton SDDMM (issue 22)
+@pytest.fixture
+def token_major(tk):
+    from apet_kernels.ops.triton import token_major
+    return token_major
+
+
+def _decoded_chunks(tables, k):
+    ptr = tables.chunk_ptr.long().tolist()
+    return [(ptr[i], ptr[i + 1], int(tables.chunk_row[i])) for i in range(tables.n_chunks)] if k else []
+
+
+@pytest.mark.parametrize("max_chunk", [8, 64, 2048])
+@pytest.mark.parametrize("case", CASES + [(5, 300, 40, 2000, "random")],
+                         ids=lambda c: f"{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
+def test_token_major_chunk_tables(token_major, case, max_chunk):
+    """Chunks partition the sorted deltas, each inside one block of block_r rows with at most block_j deltas,
+    and the packed entries decode to each delta's (row - chunk row, column)."""
+    _, out_f, in_f, k, pattern = case
+    idx = _pattern(pattern, (out_f, in_f), k, torch.int32)
+    layout = build_layout(idx, (out_f, in_f))
+    tables = token_major.build_chunk_tables(idx, layout.row_ptr, in_f, max_chunk=max_chunk)
+    chunks = _decoded_chunks(tables, k)
+    assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]] and (not k or chunks[-1][1] == k)
+    rows, cols = (idx.long() // in_f).cpu(), (idx.long() % in_f).cpu()
+    packed = tables.packed.long().cpu()
+    for start, end, row0 in chunks:
+        assert 0 < end - start <= tables.block_j and row0 % tables.block_r == 0
+        assert bool(((rows[start:end] >= row0) & (rows[start:end] < row0 + tables.block_r)).all())
+        assert torch.equal(packed[start:end] // tables.block_r, cols[start:end])
+        assert torch.equal(packed[start:end] % tables.block_r, rows[start:end] - row0)
+    assert tables.block_j <= max(max_chunk, 1) and not tables.counters.any()
+
+
+# (case, max_chunk): the CASES with many small chunks (8 deltas) and with one chunk per block; a longer one
+TOKEN_MAJOR_CASES = [(c, m) for c in CASES for m in (8, 2048)] + [((300, 64, 128, 900, "random"), 256)]
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,max_chunk", TOKEN_MAJOR_CASES,
+                         ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}" if isinstance(c, tuple) else f"chunk{c}")
+def test_token_major_sddmm(token_major, case, dtype, index_dtype, max_chunk):
+    """Against float64, poisoned output, many chunks (max_chunk 8) and token blocks reduced by the last block;
+    deterministic (bit-equal on a second call) and the counters back at zero for the next call."""
+    x, dy, idx, _ = _data(*case, dtype, index_dtype)
+    layout = build_layout(idx, case[1:3])
+    tables = token_major.build_chunk_tables(idx, layout.row_ptr, case[2], max_chunk=max_chunk)
+    out = torch.full((idx.numel(),), float("nan"), device=DEVICE)
+    got = token_major.sddmm(dy, x, idx, layout.row_ptr, out=out, tables=tables)
+    assert got.data_ptr() == out.data_ptr()
+    if idx.numel():
+        assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
+        again = token_major.sddmm(dy, x, idx, layout.row_ptr, out=torch.full_like(out, float("nan")), tables=tables)
+        assert torch.equal(again, got)
+    assert not tables.counters.any()
+
+
+def test_token_major_sddmm_strided_inputs_and_cached_tables(token_major):
+    """Views with a row stride are read in place; the tables are built once per layout and rebuilt when the
+    positions change in place or the layout is rebuilt."""
+    out_f, in_f, k = 30, 50, 200
+    idx = random_indices((out_f, in_f), k).to(DEVICE)
+    layout = build_layout(idx, (out_f, in_f))
+    x = torch.randn(40, in_f + 7, device=DEVICE)[:, 3:3 + in_f]
+    dy = torch.randn(40, out_f + 2, device=DEVICE)[:, :out_f]
+    got = token_major.sddmm(dy, x, idx, layout.row_ptr)
+    assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
+    first = token_major.chunk_tables(idx, layout.row_ptr, in_f)
+    assert token_major.chunk_tables(idx, layout.row_ptr, in_f) is first
+    with torch.no_grad():
+        idx.copy_(random_indices((out_f, in_f), k).to(DEVICE))
+    layout2 = build_layout(idx, (out_f, in_f))
+    assert token_major.chunk_tables(idx, layout.row_ptr, in_f) is not first  # in-place change: rebuilt
+    got = token_major.sddmm(dy, x, idx, layout2.row_ptr)
+    assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
+
+
+def test_the_triton_sddmm_takes_the_token_major_kernel_on_request(tk, token_major, monkeypatch):
+    calls = []
+    monkeypatch.setattr(token_major, "sddmm", lambda *a, **kw: calls.append(a) or a[-1])
+    x, dy, idx, _ = _data(8, 12, 10, 20, "random", torch.float32, torch.int64)
+    row_ptr = build_layout(idx, (12, 10)).row_ptr
+    tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
+    assert not calls
+    monkeypatch.setenv("APET_TRITON_SDDMM", "tokens")
+    tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
+    assert len(calls) == 1
+    with token_major.chosen("columns"):  # what the benchmarks use to time both walks in one process
+        tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
+    monkeypatch.delenv("APET_TRITON_SDDMM")
+    with token_major.chosen("tokens"):
+        tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="'tokens' or 'columns'"):
+        with token_major.chosen("rows"):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1e-4, 1e-3, 1e-2])
+@pytest.mark.parametrize("shape", GPU_SHAPES + [(4096, 11008, 4096), (4096, 4096, 11008)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_token_major_sddmm_real_sizes(token_major, shape, density):
+    t, out_f, in_f = shape
+    k = int(density * out_f * in_f)
+    idx = random_indices((out_f, in_f), k).to(DEVICE)
+    x = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(t, out_f, device=DEVICE, dtype=torch.bfloat16)
+    layout = build_layout(idx, (out_f, in_f))
+    got = token_major.sddmm(dy, x, idx, layout.row_ptr, out=torch.full((k,), float("nan"), device=DEVICE))
+    assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
+    assert torch.equal(token_major.sddmm(dy, x, idx, layout.row_ptr), got)

@@ -156,6 +156,8 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
     n_k, (n_t, n_rows) = indices.numel(), dy.shape
     if out is None:
         out = torch.empty(n_k, dtype=torch.float32, device=dy.device)
+    if token_major.applies(x):
+        return token_major.sddmm(dy, x, indices, row_ptr, out)
     if n_k == 0:
         return out
     if n_t == 0:
@@ -273,3 +275,6 @@ def _native_scatter(device_type: str):
 def scatter_merge_(weight: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, values: torch.Tensor) -> None:
     """weight[p] = cast(base + v): the native extension's one launch where it is built (else index_put_)."""
     (_native_scatter(weight.device.type) or reference.scatter_merge_)(weight, indices, base, values)
+
+
+from . import token_major  # noqa: E402  (imports names from this module: after them)
