@@ -3,6 +3,7 @@
 from .config import ApetConfig
 from .functional import sparse_delta_linear
 from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
+from .learning_rate import suggested_lr
 from .model import ApetModel, get_apet_model, load_apet
 from .ops.dispatch import backends
 from .positions import GradientScores, Regrower
@@ -13,4 +14,4 @@ __version__ = "0.3.0"
 
 __all__ = ["ApetConfig", "ApetModel", "DeltaSet", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear",
            "backends", "get_apet_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices",
-           "sparse_delta_linear", "split_budget", "__version__"]
+           "sparse_delta_linear", "split_budget", "suggested_lr", "__version__"]

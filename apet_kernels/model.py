@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from . import learning_rate
 from .config import ApetConfig
 from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
 from .linear_like import is_linear_like, linear_shape, weight_oi
@@ -94,9 +95,13 @@ class ApetModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
+        """PEFT's line, and on a second one the learning rate to start from (apet_kernels.suggested_lr)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+        hint = learning_rate.describe(self)
+        if hint:
+            print(hint)
 
     # ----------------------------------------------------------------- disabling
     @contextlib.contextmanager
@@ -167,6 +172,7 @@ class ApetModel(nn.Module):
                 layer.delete_adapter(name)
             raise
         _patch_of(self).configs[name] = config
+        _note_lr_hint(self, name, config)
 
     def load_adapter(self, directory: str, adapter_name: str, *, strict: bool = False) -> None:
         """Add the adapter saved in ``directory`` (its active one) under ``adapter_name``, inactive. Its
@@ -583,7 +589,14 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
     model.__class__ = _apet_class(type(model))
     _install_model_hooks(model)
     guard_ancestors(model)
+    _note_lr_hint(model, adapter_name, config)
     return model
+
+
+def _note_lr_hint(model: nn.Module, name: str, config: ApetConfig) -> None:
+    """Let an optimizer that trains this adapter's values at a rate its positions bear badly warn (learning_rate)."""
+    values = [layer.deltas[name].values for layer in model.apet_layers().values() if name in layer.deltas]
+    learning_rate.note_adapter(values, config.method, sum(int(v.numel()) for v in values))
 
 
 def float_weight_oi(module: nn.Module) -> torch.Tensor:

@@ -119,6 +119,7 @@ def apply_method(model, args, calibration=None):
     config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[head],
                         strategy=args.strategy)
     apet = get_apet_model(model, config, calibration=calibration if args.position == "gradient" else None)
+    args.tuned_scalars = sum(m.delta_values.numel() for m in apet.apet_layers().values())
     if args.method == "apet":
         return apet, f"APET K={sum(m.delta_values.numel() for m in apet.apet_layers().values())}"
     # dense-mask APET on exactly the same positions: swap each sparse layer for the dense baseline
@@ -199,11 +200,21 @@ def parse_args(argv=None):
     ap.add_argument("--max-eval", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default: 1e-2 APET/dense-mask, 1e-3 LoRA, 5e-5 full")
+    ap.add_argument("--lr", type=float, default=None, help="default: APET/dense-mask apet_kernels.suggested_lr (by --position and K), "
+                    "1e-3 LoRA, 5e-5 full")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default=None, help="save the APET adapter here")
     ap.add_argument("--results", default=None, help="append the result as a JSON line to this file")
     return ap.parse_args(argv)
+
+
+def default_lr(args) -> float:
+    """APET (and dense-mask APET, the same scalars): the library's suggestion for the scheme and K (the study's
+    rates); LoRA 1e-3 and full fine-tuning 5e-5, the usual starting points."""
+    if args.method in ("apet", "dense-mask"):
+        from apet_kernels import suggested_lr
+        return suggested_lr(args.tuned_scalars, args.position)
+    return {"lora": 1e-3, "full": 5e-5}[args.method]
 
 
 def run(args) -> dict:
@@ -222,7 +233,10 @@ def run(args) -> dict:
         calibration = [b for _, b in zip(range(args.calibration_batches), first)]
     model, note = apply_method(model, args, calibration)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = args.lr or {"apet": 1e-2, "dense-mask": 1e-2, "lora": 1e-3, "full": 5e-5}[args.method]
+    lr = args.lr or default_lr(args)
+    if args.method in ("apet", "dense-mask") and not args.lr:
+        print(f"learning rate {lr:.1e}: apet_kernels.suggested_lr for {args.position} positions at "
+              f"K={args.tuned_scalars:,d} (--lr to override)", flush=True)
     steps = max(1, int(args.epochs * -(-len(train) // args.batch_size)))
     callbacks = []
     if args.regrow_interval:
@@ -244,7 +258,7 @@ def run(args) -> dict:
                   budget_like=args.budget_like, regrow_interval=args.regrow_interval,
                   lora_r=args.lora_r if args.method == "lora" else None,
                   moved=regrower.moved if regrower else 0,
-                  trainable=trainable, num_params=args.num_params, density=args.density if args.num_params is None else None,
+                  trainable=trainable, tuned_scalars=getattr(args, "tuned_scalars", None), num_params=args.num_params, density=args.density if args.num_params is None else None,
                   seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
                   dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],
                   optimizer_steps=trainer.state.global_step, trainer="transformers.Trainer",

@@ -104,7 +104,13 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     by = {r["study_method"]: r for r in rows}
     assert by["lora"]["trainable"] == by["random"]["trainable"]  # same parameter count as LoRA r=1
     assert by["gradient+regrow"]["moved"] > 0 and by["gradient"]["moved"] == 0
-    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient+regrow | 0.01 | 1 |" in results.with_suffix(".md").read_text()
+    # without --lr, APET runs start from the library's suggestion for their scheme and K
+    from apet_kernels import suggested_lr
+    lr = suggested_lr(by["gradient"]["tuned_scalars"], "gradient")
+    assert by["gradient"]["lr"] == pytest.approx(lr) and by["random"]["lr"] == pytest.approx(
+        suggested_lr(by["random"]["tuned_scalars"], "random"))
+    assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient+regrow | {by['gradient+regrow']['lr']:g} | 1 |" in \
+        results.with_suffix(".md").read_text()
     assert "spread of 6 scheme means" in results.with_suffix(".md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(results.read_text().splitlines()) == len(rows), "a rerun must skip runs"

@@ -1,0 +1,117 @@
+"""The learning rate to start from, by position scheme and budget: what python/study.py measured (issue 21).
+
+Measured with AdamW (no weight decay), linear warm-up over 10% of the steps and linear decay, one short epoch
+with a fresh classification head, as ``python/finetune.py`` trains (``python/results/README.md``):
+
+- random positions (and rows, which ran alike): K = 10⁴ tuned scalars were best at 3e-2 on MiniLM-L6 (22M)
+  and on Gemma 3 270M, the highest rate probed; about 3.3·10⁵ (LoRA r=8's count on MiniLM) at 1e-2.
+- data-chosen positions run colder as K grows: magnitude at 3e-2 for K = 10⁴ but 3e-3 for 3.3·10⁵; gradient
+  at 1e-3 for 3.3·10⁵, where 1e-2 cost it 12 points (70.0% against 81.7%). Published work agrees (LoTA 0.1x,
+  RoSA ~0.3x of LoRA's rate; SHiRA's random positions 2.5-3x hotter than LoRA).
+
+Between measured budgets the rate is interpolated in log-log; outside them it follows random positions' slope
+(about K^-0.31) and stays within [1e-4, 3e-2]. It is where to start, not a tuned optimum: one task (SST-2),
+two models, one seed per probe.
+
+A warning is raised once per optimizer when magnitude or gradient positions are trained at more than 3x their
+suggested rate, the region where the study saw them fall behind.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import warnings
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+# scheme -> ((K, best learning rate), ...) by increasing K (python/results/scaling_*.md, positions_lr_probe_sst2)
+MEASURED = {
+    "random": ((1e4, 3e-2), (3.3e5, 1e-2)),
+    "magnitude": ((1e4, 3e-2), (3.3e5, 3e-3)),
+    "gradient": ((3.3e5, 1e-3),),
+}
+SAME_AS = {"rows": "random", "cols": "random", "blocks": "random"}
+SLOPE = math.log(1e-2 / 3e-2) / math.log(3.3e5 / 1e4)   # random positions' d log(lr) / d log(K), ~ -0.31
+LR_RANGE = (1e-4, 3e-2)                                  # 3e-2: the highest rate probed
+UNSTABLE_FACTOR = 3.0                                    # warn above this multiple of the suggestion
+WARNED_METHODS = ("magnitude", "gradient")
+
+
+def suggested_lr(model_or_k, method: str | None = None) -> float:
+    """The learning rate to start from for an APET adapter: ``suggested_lr(model)`` (a patched model: its
+    active adapter's method and K) or ``suggested_lr(k, method)``."""
+    if isinstance(model_or_k, torch.nn.Module):
+        config = getattr(model_or_k, "apet_config", None)
+        if config is None:
+            raise TypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
+                            "(or call suggested_lr(k, method))")
+        k, method = sum(int(layer["k"]) for layer in config.layers.values()), method or config.method
+    else:
+        k, method = int(model_or_k), method or "random"
+    scheme = SAME_AS.get(method, method)
+    if scheme not in MEASURED:
+        raise ValueError(f"no suggested learning rate for method {method!r}; known: {sorted(MEASURED) + sorted(SAME_AS)}")
+    points = MEASURED[scheme]
+    log_k = math.log(max(k, 1))
+    ks = [math.log(p[0]) for p in points]
+    i = bisect.bisect_left(ks, log_k)
+    if 0 < i < len(points):  # between two measured budgets
+        (k0, lr0), (k1, lr1) = (ks[i - 1], math.log(points[i - 1][1])), (ks[i], math.log(points[i][1]))
+        log_lr = lr0 + (lr1 - lr0) * (log_k - k0) / (k1 - k0)
+    else:
+        j = 0 if i == 0 else len(points) - 1
+        log_lr = math.log(points[j][1]) + SLOPE * (log_k - ks[j])
+    return float(min(max(math.exp(log_lr), LR_RANGE[0]), LR_RANGE[1]))
+
+
+def describe(model) -> str:
+    """One line for ``print_trainable_parameters``."""
+    config = model.apet_config
+    k = sum(int(layer["k"]) for layer in config.layers.values())
+    try:
+        lr = suggested_lr(k, config.method)
+    except ValueError:
+        return ""
+    return (f"suggested lr (AdamW, linear warm-up and decay; python/study.py): {lr:.1e} for "
+            f"{config.method} positions at K={k:,d}")
+
+
+# ----------------------------------------------------------------------------- the warning
+_HINT = "_apet_lr_hint"  # on an adapter's values Parameters: (suggested lr, method, K)
+_CHECKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_hook = None
+
+
+def note_adapter(values, method: str, k: int) -> None:
+    """Mark an adapter's values Parameters with the rate its method was found to bear (called when an adapter
+    is created); the optimizer check is installed the first time a warned method appears."""
+    global _hook
+    if method not in WARNED_METHODS:
+        return
+    hint = (suggested_lr(k, method), method, int(k))
+    for p in values:
+        setattr(p, _HINT, hint)
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_step)
+
+
+def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if optimizer in _CHECKED:
+        return
+    _CHECKED.add(optimizer)
+    for group in optimizer.param_groups:
+        # a scheduler's warm-up starts low: judge the rate it ramps to
+        lr = group.get("initial_lr", group.get("lr"))
+        hints = {getattr(p, _HINT) for p in group["params"] if hasattr(p, _HINT)}
+        for suggested, method, k in hints:
+            if isinstance(lr, (int, float)) and lr > UNSTABLE_FACTOR * suggested:
+                warnings.warn(
+                    f"{type(optimizer).__name__} trains APET {method} positions (K={k:,d}) at lr {lr:g}, more than "
+                    f"{UNSTABLE_FACTOR:g}x the {suggested:.1e} suggested for them (apet_kernels.suggested_lr): in "
+                    f"the study, {method} positions fell behind random ones at such rates (gradient positions at "
+                    f"10x: 70.0% against 81.7% on SST-2). Random positions bear higher rates",
+                    RuntimeWarning, stacklevel=3)
+                return
