@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from .ops.dispatch import CHOICES
-from .positions import SCORES
+from .positions import CALIBRATION_SCORES
 from .selection import DATA_METHODS, METHODS
 
 
@@ -41,6 +41,10 @@ class ApetConfig:
     # batches, keeping a candidate pool of pool_factor x K positions per layer (apet_kernels.positions)
     gradient_score: str = "abs"
     pool_factor: float = 4.0
+    # method="gradient": at most ceil(row_cap * K / out) positions per row of a layer (None: no cap); gradient
+    # positions otherwise cluster in a few rows and columns. gradient_score also takes "signed" (|sum of g|)
+    # and "snip" (|w| * sum |g|)
+    row_cap: float | None = None
     # filled by get_apet_model: per target layer its shape, k and an index checksum
     layers: dict = field(default_factory=dict)
 
@@ -54,8 +58,11 @@ class ApetConfig:
             raise ValueError(f"density must lie in [0, 1], got {self.density}")
         if self.method not in METHODS + DATA_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
-        if self.gradient_score not in SCORES:
-            raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {SCORES}")
+        if self.gradient_score not in CALIBRATION_SCORES:
+            raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
+        if self.row_cap is not None and not (isinstance(self.row_cap, (int, float)) and self.row_cap > 0):
+            raise ValueError(f"row_cap must be a positive number (positions per row, as a multiple of K / out), "
+                             f"got {self.row_cap!r}")
         if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):
             raise ValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:

@@ -31,28 +31,35 @@ import torch
 import torch.nn as nn
 
 from .layers import SparseDeltaLinear
-from .linear_like import linear_shape
+from .linear_like import linear_shape, weight_oi
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout
 from .selection import block_rows, index_dtype, top_of_blocks
 from .sharded import assign_full, full_tensor, is_dtensor
 
 SCORES = ("abs", "squared")  # |g| or g^2 (a diagonal Fisher estimate) accumulated over batches
+# calibration (GradientScores) also ranks by |sum of g| ("signed": what the optimizer's first steps see; noise
+# that cancels over batches does not count) or by |w| * sum |g| ("snip", SNIP's saliency |w g|)
+CALIBRATION_SCORES = SCORES + ("signed", "snip")
 
 
-def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str):
-    """(first row, |dW| or dW^2 of rows r0..r0+rows) for dW = dy^T x, one row block at a time, fp32."""
+def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str, weight: torch.Tensor | None = None):
+    """(first row, |dW| or dW^2 of rows r0..r0+rows) for dW = dy^T x, one row block at a time, fp32; times |W|
+    of those rows when ``weight`` (out, in) is given."""
     rows = block_rows(out_f, x.shape[1])
     xf = x.float()
     for r0 in range(0, out_f, rows):
         g = dy[:, r0:r0 + rows].float().t() @ xf
-        yield r0, (g.abs_() if score == "abs" else g.square_())
+        g = g.square_() if score == "squared" else g.abs_()
+        if weight is not None:
+            g.mul_(weight[r0:r0 + rows].to(g.device).float().abs())
+        yield r0, g
 
 
 def _contribution(g: torch.Tensor, score: str) -> torch.Tensor:
-    """What one batch adds to a position's accumulator: |g|, g^2, or g itself ("signed": the step's summed
-    gradient, ranked by its magnitude, as the optimizer sees it under gradient accumulation)."""
-    return g if score == "signed" else (g.abs() if score == "abs" else g.square())
+    """What one batch adds to a position's accumulator: |g| (also for "snip", weighted by |w| at the end), g^2,
+    or g itself ("signed": the step's summed gradient, ranked by its magnitude, as the optimizer sees it)."""
+    return g if score == "signed" else (g.square() if score == "squared" else g.abs())
 
 
 def _rank(acc: torch.Tensor, score: str) -> torch.Tensor:
@@ -63,8 +70,10 @@ class _PoolState:
     """One layer's candidate pool: flat positions and their accumulated scores. ``exclude`` (sorted
     flat positions) never enter it: the regrower's currently tuned positions."""
 
-    def __init__(self, shape: tuple[int, int], k: int, pool_factor: float, exclude: torch.Tensor | None = None):
+    def __init__(self, shape: tuple[int, int], k: int, pool_factor: float, exclude: torch.Tensor | None = None,
+                 weight: Callable[[], torch.Tensor] | None = None):
         self.shape, self.k, self.exclude = shape, k, exclude
+        self.weight = weight  # score "snip": the layer's weight (out, in), each contribution times |w|
         self.size = min(shape[0] * shape[1], max(k, math.ceil(pool_factor * k)))
         self.flat = torch.empty(0, dtype=torch.int64)
         self.acc = torch.empty(0)
@@ -78,12 +87,22 @@ class _PoolState:
         g = implementation(resolve(backend, x.device)).sddmm(dy, x, idx, layout.row_ptr).float()
         return torch.empty_like(g).index_copy_(0, order.to(g.device), g)
 
+    def _scored(self, dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, score: str, backend: str) -> torch.Tensor:
+        """One batch's contribution at ``flat``: |g|, g^2 or g (SDDMM), times |w| for "snip"."""
+        c = _contribution(self._sddmm(dy, x, flat, backend), score)
+        if score == "snip":
+            w, in_f = self.weight(), self.shape[1]
+            f = flat.to(w.device).long()
+            c = c * w[f // in_f, f % in_f].to(c.device).float().abs()
+        return c
+
     def add_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:
         out_f, in_f = self.shape
         dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
         if self.flat.numel():  # exact increments at the pool's positions
-            self.acc = self.acc.to(x.device) + _contribution(self._sddmm(dy, x, self.flat, backend), score)
-        cand_score, cand_flat = top_of_blocks(_dense_grad_blocks(dy, x, out_f, "abs" if score == "signed" else score),
+            self.acc = self.acc.to(x.device) + self._scored(dy, x, self.flat, score, backend)
+        weight = self.weight() if score == "snip" else None
+        cand_score, cand_flat = top_of_blocks(_dense_grad_blocks(dy, x, out_f, score, weight),
                                               in_f, self.size, largest=True, exclude=self.exclude)
         if self.flat.numel():  # newcomers enter with this batch's contribution; members keep theirs
             new = ~torch.isin(cand_flat, self.flat.to(cand_flat.device))
@@ -103,7 +122,7 @@ class _PoolState:
         dy, x = dy.reshape(-1, out_f), x.reshape(-1, in_f)
         if not hasattr(self, "exact"):
             self.exact = torch.zeros(self.flat.numel(), device=x.device)
-        self.exact += _contribution(self._sddmm(dy, x, self.flat, backend), score)
+        self.exact += self._scored(dy, x, self.flat, score, backend)
 
     def finish_rescoring(self) -> None:
         if hasattr(self, "exact"):
@@ -130,9 +149,22 @@ class _PoolState:
         dist.all_reduce(acc, group=group)
         self.flat, self.acc = union, acc
 
-    def best(self, score: str = "abs") -> torch.Tensor:
-        keep = torch.sort(_rank(self.acc, score), descending=True, stable=True).indices[:self.k]
+    def best(self, score: str = "abs", row_cap: float | None = None) -> torch.Tensor:
+        """The top-K of the pool by score. With ``row_cap`` a row takes at most ceil(row_cap * K / out) of them
+        while other rows have candidates left; the rest of K is then filled in score order, so K is always met."""
         out_f, in_f = self.shape
+        ranked = _rank(self.acc, score).float()
+        order = torch.sort(ranked, descending=True, stable=True).indices
+        if row_cap is not None and self.k:
+            cap = math.ceil(row_cap * self.k / out_f)
+            rows = self.flat.to(order.device)[order] // in_f
+            by_row = torch.sort(rows, stable=True)                       # candidates grouped by row, best first
+            first = torch.searchsorted(by_row.values, by_row.values, right=False)
+            rank_in_row = torch.empty_like(rows)
+            rank_in_row[by_row.indices] = torch.arange(rows.numel(), device=rows.device) - first
+            within = rank_in_row < cap
+            order = torch.cat([order[within], order[~within]])           # capped picks first, overflow after
+        keep = order[:self.k]
         return torch.sort(self.flat[keep]).values.to(index_dtype(out_f * in_f)).cpu()
 
 
@@ -180,11 +212,17 @@ class GradientScores:
     per layer as a candidate pool of ``pool_factor`` x K positions (see the module docstring)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Module], budget: dict[str, int],
-                 score: str = "abs", pool_factor: float = 4.0, backend: str = "auto"):
-        if score not in SCORES:
-            raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
-        self.model, self.targets, self.score, self.backend = model, targets, score, backend
-        self.pools = {name: _PoolState(linear_shape(m), budget[name], pool_factor) for name, m in targets.items()}
+                 score: str = "abs", pool_factor: float = 4.0, backend: str = "auto", row_cap: float | None = None,
+                 weight_of: Callable[[nn.Module], torch.Tensor] | None = None):
+        if score not in CALIBRATION_SCORES:
+            raise ValueError(f"unknown gradient score {score!r}; choose one of {CALIBRATION_SCORES}")
+        if row_cap is not None and not row_cap > 0:
+            raise ValueError(f"row_cap must be positive (a multiple of K / out per row), got {row_cap}")
+        self.model, self.targets, self.score, self.backend, self.row_cap = model, targets, score, backend, row_cap
+        weight_of = weight_of or (lambda m: weight_oi(m).detach())
+        self.pools = {name: _PoolState(linear_shape(m), budget[name], pool_factor,
+                                       weight=(lambda m=m: weight_of(m)) if score == "snip" else None)
+                      for name, m in targets.items()}
 
     def _on_grad(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
         self.pools[name].add_batch(dy, x, self.score, self.backend)
@@ -220,7 +258,7 @@ class GradientScores:
         self.pools[name].rescore_batch(dy, x, self.score, self.backend)
 
     def indices(self) -> dict[str, torch.Tensor]:
-        return {name: pool.best() for name, pool in self.pools.items()}
+        return {name: pool.best(self.score, self.row_cap) for name, pool in self.pools.items()}
 
 
 # ----------------------------------------------------------------------------- drop and regrow

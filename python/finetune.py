@@ -116,8 +116,9 @@ def apply_method(model, args, calibration=None):
     else:
         budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
     head = head_name(model)
+    extra = dict(gradient_score=args.gradient_score, row_cap=args.row_cap) if args.position == "gradient" else {}
     config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[head],
-                        strategy=args.strategy)
+                        strategy=args.strategy, **extra)
     apet = get_apet_model(model, config, calibration=calibration if args.position == "gradient" else None)
     args.tuned_scalars = sum(m.delta_values.numel() for m in apet.apet_layers().values())
     if args.method == "apet":
@@ -188,6 +189,12 @@ def parse_args(argv=None):
     ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks", "magnitude", "gradient"],
                     help="APET position scheme (gradient: from --calibration-batches training batches)")
     ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
+    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip"],
+                    help="--position gradient: rank by sum |g|, sum g^2, |sum g| or |w| sum |g| (SNIP)")
+    ap.add_argument("--row-cap", type=float, default=None,
+                    help="--position gradient: at most ceil(ROW_CAP * K / out) positions per row of a layer")
+    ap.add_argument("--calibration-warmup", type=int, default=0,
+                    help="--position gradient: first train only the new head for this many steps, then calibrate")
     ap.add_argument("--regrow-interval", type=int, default=0,
                     help="APET: drop-and-regrow every N steps (0: never); fraction decays by cosine to 0")
     ap.add_argument("--regrow-fraction", type=float, default=0.3, help="APET: fraction of K moved at the first regrowth")
@@ -206,6 +213,19 @@ def parse_args(argv=None):
     ap.add_argument("--output-dir", default=None, help="save the APET adapter here")
     ap.add_argument("--results", default=None, help="append the result as a JSON line to this file")
     return ap.parse_args(argv)
+
+
+def warm_up_head(model, train, tokenizer, args) -> None:
+    """Train only the fresh classification head for --calibration-warmup steps (AdamW, lr 1e-3, Trainer), so the
+    gradients that choose positions come from a head that already points somewhere (RoSA waits 64 warm-up steps;
+    gradients through a random head mostly say what the head gets wrong)."""
+    head = head_name(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(head))
+    make_trainer(model, train, tokenizer, args, 1e-3, args.calibration_warmup, []).train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
 
 
 def default_lr(args) -> float:
@@ -229,6 +249,8 @@ def run(args) -> dict:
     train, dev = encode(train, tokenizer, args.max_len), encode(dev, tokenizer, args.max_len)
     calibration = None
     if args.method in ("apet", "dense-mask") and args.position == "gradient":
+        if args.calibration_warmup:
+            warm_up_head(model, train, tokenizer, args)
         first = batches(train, tokenizer, args.batch_size, shuffle_seed=args.seed)
         calibration = [b for _, b in zip(range(args.calibration_batches), first)]
     model, note = apply_method(model, args, calibration)
@@ -254,6 +276,9 @@ def run(args) -> dict:
     acc, dev_loss = evaluate(model, dev, tokenizer, args.batch_size * 2)
     regrower = callbacks[0].regrower if callbacks else None
     trainable = sum(p.numel() for p in params)
+    if args.position == "gradient" and args.method in ("apet", "dense-mask"):
+        note += f", {args.gradient_score} score" + (f", row cap {args.row_cap:g}" if args.row_cap else "") + (
+            f", head warmed up {args.calibration_warmup} steps" if args.calibration_warmup else "")
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
                   budget_like=args.budget_like, regrow_interval=args.regrow_interval,
                   lora_r=args.lora_r if args.method == "lora" else None,

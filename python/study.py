@@ -33,6 +33,40 @@ import finetune  # noqa: E402
 
 SCHEMES = ("random", "rows", "cols", "blocks", "magnitude", "gradient", "gradient+regrow")
 METHODS = SCHEMES + ("lora", "full")
+# gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | squared (the score), capN (at
+# most N x K/out positions per row), warmN (train the head N steps before calibrating)
+GRADIENT_OPTIONS = {"signed": ["--gradient-score", "signed"], "snip": ["--gradient-score", "snip"],
+                    "squared": ["--gradient-score", "squared"]}
+
+
+def gradient_variant_args(method: str) -> list[str]:
+    """finetune.py's arguments for a gradient variant's options (``gradient:signed:cap2`` ...)."""
+    scheme = method.split("+")[0]
+    out = []
+    for option in scheme.split(":")[1:]:
+        if option in GRADIENT_OPTIONS:
+            out += GRADIENT_OPTIONS[option]
+        elif option.startswith("cap") and option[3:].replace(".", "", 1).isdigit():
+            out += ["--row-cap", option[3:]]
+        elif option.startswith("warm") and option[4:].isdigit():
+            out += ["--calibration-warmup", option[4:]]
+        else:
+            raise SystemExit(f"unknown gradient option {option!r} in {method!r}: signed, snip, squared, capN, warmN")
+    return out
+
+
+def method_name(text: str) -> str:
+    """argparse type for --methods: one of METHODS, or a gradient variant (checked here, before any run)."""
+    if text in METHODS:
+        return text
+    if text.startswith("gradient:") and text.split("+")[0].split(":")[0] == "gradient" and text.split("+", 1)[1:] in ([], ["regrow"]):
+        gradient_variant_args(text)
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(METHODS)} or gradient:OPTIONS[+regrow]")
+
+
+def is_scheme(method: str) -> bool:
+    return method in SCHEMES or method.startswith("gradient:")
 
 
 def per_key(pairs: list[str], cast=float) -> dict[str, object]:
@@ -80,10 +114,10 @@ def run_args(args, model: str, task: str, seed: int, budget: str, method: str, l
         return argv + ["--method", "full"]
     if method == "lora":
         return argv + ["--method", "lora"] + budget_args(budget, method)
-    position = method.split("+")[0]
+    position = method.split("+")[0].split(":")[0]
     argv += ["--method", "apet", "--position", position] + budget_args(budget, method)
     if position == "gradient":
-        argv += ["--calibration-batches", str(args.calibration_batches)]
+        argv += ["--calibration-batches", str(args.calibration_batches)] + gradient_variant_args(method)
     if method.endswith("+regrow"):
         argv += ["--regrow-interval", str(args.regrow_interval), "--regrow-fraction", str(args.regrow_fraction)]
     return argv
@@ -119,7 +153,8 @@ def summarize(rows: list[dict], majority: dict[str, float]) -> str:
         budgets = sorted({r["study_budget"] for r in mine}, key=lambda b: (b == "—", b))
         for budget in budgets:  # "—" (full fine-tuning) last
             best = {}  # per method: the accuracies at its best learning rate (the probe's choice)
-            for method in METHODS:
+            present = {r["study_method"] for r in mine if r["study_budget"] == budget}
+            for method in [m for m in METHODS if m in present] + sorted(present - set(METHODS)):  # variants last
                 for lr in sorted({r["lr"] for r in mine if r["study_method"] == method and r["study_budget"] == budget}):
                     at = [r for r in mine if r["study_method"] == method and r["study_budget"] == budget and r["lr"] == lr]
                     acc = [100 * r["dev_accuracy"] for r in at]
@@ -144,7 +179,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["SST-2"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budgets", nargs="+", default=["lora:r=2", "lora:r=8"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), type=method_name, metavar="METHOD",
+                    help=f"{', '.join(METHODS)}, or gradient variants gradient:OPTION[:OPTION][+regrow] with options "
+                         f"signed, snip, squared (score), capN (row cap), warmN (head warm-up steps)")
     ap.add_argument("--models", "--model", nargs="+", default=["minilm"],
                     help="minilm, gemma (the causal LM Gemma 3 270M as a classifier) or model folders: the grid "
                          "runs on each")

@@ -1,6 +1,7 @@
 """Learned positions: magnitude, gradient calibration and drop-and-regrow, all without dense masks."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -90,11 +91,16 @@ def _exact_gradient_top(model, batches, k_of, score):
         model(**batch).loss.backward()
         for name, k in k_of.items():
             g = model.get_submodule(name).weight.grad
-            totals[name] = totals.get(name, 0) + (g.abs() if score == "abs" else g.square())
+            totals[name] = totals.get(name, 0) + (g.square() if score == "squared" else g if score == "signed"
+                                                  else g.abs())
+    if score == "signed":
+        totals = {name: t.abs() for name, t in totals.items()}
+    if score == "snip":
+        totals = {name: t * model.get_submodule(name).weight.detach().abs() for name, t in totals.items()}
     return {name: set(torch.topk(t.reshape(-1), k_of[name]).indices.tolist()) for name, t in totals.items()}
 
 
-@pytest.mark.parametrize("score", ["abs", "squared"])
+@pytest.mark.parametrize("score", ["abs", "squared", "signed", "snip"])
 def test_gradient_positions_match_the_exact_dense_top_k(score):
     model = tiny_llama()
     batches = _batches()
@@ -106,6 +112,30 @@ def test_gradient_positions_match_the_exact_dense_top_k(score):
     assert hits / sum(k_of.values()) >= 0.9
     assert all(len(exact[name] & set(m.delta_indices.tolist())) / k_of[name] >= 0.8
                for name, m in patched.apet_layers().items())
+
+
+@pytest.mark.parametrize("row_cap", [1.0, 2.0])
+def test_a_row_cap_bounds_the_positions_per_row_and_keeps_k(row_cap):
+    model = tiny_llama()
+    batches = _batches()
+    free = get_apet_model(copy.deepcopy(model), ApetConfig(density=0.05, method="gradient"), calibration=batches)
+    capped = get_apet_model(copy.deepcopy(model), ApetConfig(density=0.05, method="gradient", row_cap=row_cap),
+                            calibration=batches)
+    clustered = 0
+    for name, layer in capped.apet_layers().items():
+        k, (out_f, in_f) = layer.delta_indices.numel(), (layer.out_features, layer.in_features)
+        assert k == free.apet_layers()[name].delta_indices.numel()
+        cap = math.ceil(row_cap * k / out_f)
+        per_row = torch.bincount(layer.delta_indices.long() // in_f, minlength=out_f)
+        free_rows = torch.bincount(free.apet_layers()[name].delta_indices.long() // in_f, minlength=out_f)
+        clustered += int(free_rows.max() > cap)
+        # the pool (4K candidates) may hold too few rows: then the overflow fills K in score order
+        assert per_row.max() <= cap or int((per_row > 0).sum()) == int((free_rows > 0).sum()) or per_row.sum() == k
+        assert int((per_row.clamp(max=cap)).sum()) >= min(k, int(free_rows.clamp(max=cap).sum()))
+    assert clustered, "uncapped gradient positions should exceed the cap somewhere (else this tests nothing)"
+    assert capped.apet_config.row_cap == row_cap
+    with pytest.raises(ValueError, match="row_cap must be a positive"):
+        ApetConfig(density=0.05, method="gradient", row_cap=0)
 
 
 def test_gradient_calibration_forms_no_layer_sized_gradient_and_changes_no_flag():

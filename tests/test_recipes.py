@@ -95,13 +95,16 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
            "--tasks", "SST-2", "--model", str(tiny_model_dir), "--seeds", "0", "--budgets", "lora:r=1",
            "--batch-size", "8", "--max-len", "16", "--calibration-batches", "2", "--regrow-interval", "1",
            "--methods", "random", "rows", "cols", "magnitude", "gradient", "gradient+regrow", "lora", "full",
-           "--results", str(results)]
+           "gradient:signed:cap2:warm2", "--results", str(results)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert {r["study_method"] for r in rows} == {"random", "rows", "cols", "magnitude", "gradient", "gradient+regrow",
-                                                 "lora", "full"}
+                                                 "lora", "full", "gradient:signed:cap2:warm2"}
     by = {r["study_method"]: r for r in rows}
+    variant = by["gradient:signed:cap2:warm2"]  # a gradient variant reaches finetune.py with its options
+    assert "signed score, row cap 2, head warmed up 2 steps" in variant["note"]
+    assert variant["trainable"] == by["gradient"]["trainable"]
     assert by["lora"]["trainable"] == by["random"]["trainable"]  # same parameter count as LoRA r=1
     assert by["gradient+regrow"]["moved"] > 0 and by["gradient"]["moved"] == 0
     # without --lr, APET runs start from the library's suggestion for their scheme and K
