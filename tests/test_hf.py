@@ -106,10 +106,11 @@ def test_architecture_end_to_end(arch, strategy, tmp_path):
 def test_print_trainable_parameters_peft_format(capsys):
     model = get_apet_model(build("llama"), ApetConfig(num_params=500))
     model.print_trainable_parameters()
-    out = capsys.readouterr().out.strip()
+    first, *rest = capsys.readouterr().out.strip().splitlines()
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 500
-    assert out == f"trainable params: 500 || all params: {total:,d} || trainable%: {100 * 500 / total:.4f}"
+    assert first == f"trainable params: 500 || all params: {total:,d} || trainable%: {100 * 500 / total:.4f}"
+    assert len(rest) == 1 and rest[0].startswith("suggested lr")  # ours, on a line of its own
 
 
 def test_target_modules_forms_and_heads():
