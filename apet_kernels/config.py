@@ -41,10 +41,11 @@ class ApetConfig:
     # batches, keeping a candidate pool of pool_factor x K positions per layer (apet_kernels.positions)
     gradient_score: str = "abs"
     pool_factor: float = 4.0
-    # method="gradient": at most ceil(row_cap * K / out) positions per row of a layer (None: no cap); gradient
-    # positions otherwise cluster in a few rows and columns. gradient_score also takes "signed" (|sum of g|)
-    # and "snip" (|w| * sum |g|)
+    # method="gradient": at most ceil(row_cap * K / out) positions per row and ceil(col_cap * K / in) per column
+    # of a layer (None: no cap); gradient positions otherwise cluster in a few rows and columns. gradient_score
+    # also takes "signed" (|sum of g|) and "snip" (|w| * sum |g|)
     row_cap: float | None = None
+    col_cap: float | None = None
     # filled by get_apet_model: per target layer its shape, k and an index checksum
     layers: dict = field(default_factory=dict)
 
@@ -60,9 +61,11 @@ class ApetConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
         if self.gradient_score not in CALIBRATION_SCORES:
             raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
-        if self.row_cap is not None and not (isinstance(self.row_cap, (int, float)) and self.row_cap > 0):
-            raise ValueError(f"row_cap must be a positive number (positions per row, as a multiple of K / out), "
-                             f"got {self.row_cap!r}")
+        for name in ("row_cap", "col_cap"):
+            cap = getattr(self, name)
+            if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+                raise ValueError(f"{name} must be a positive number (positions per row or column, as a multiple of "
+                                 f"K / out or K / in), got {cap!r}")
         if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):
             raise ValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:

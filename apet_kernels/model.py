@@ -637,7 +637,7 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
         if calibration is None:
             raise ValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
         scores = GradientScores(model, targets, budget, score=config.gradient_score, pool_factor=config.pool_factor,
-                                row_cap=config.row_cap, weight_of=float_weight_oi,
+                                row_cap=config.row_cap, col_cap=config.col_cap, weight_of=float_weight_oi,
                                 backend=config.backend)
         scores.accumulate(calibration, loss_fn)
         indices = scores.indices()

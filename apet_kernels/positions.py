@@ -149,23 +149,31 @@ class _PoolState:
         dist.all_reduce(acc, group=group)
         self.flat, self.acc = union, acc
 
-    def best(self, score: str = "abs", row_cap: float | None = None) -> torch.Tensor:
-        """The top-K of the pool by score. With ``row_cap`` a row takes at most ceil(row_cap * K / out) of them
-        while other rows have candidates left; the rest of K is then filled in score order, so K is always met."""
+    def best(self, score: str = "abs", row_cap: float | None = None, col_cap: float | None = None) -> torch.Tensor:
+        """The top-K of the pool by score. With ``row_cap`` a row takes at most ceil(row_cap * K / out) of them,
+        with ``col_cap`` a column at most ceil(col_cap * K / in) (columns first, then rows among what is left),
+        while other candidates remain; the rest of K is then filled in score order, so K is always met."""
         out_f, in_f = self.shape
         ranked = _rank(self.acc, score).float()
         order = torch.sort(ranked, descending=True, stable=True).indices
-        if row_cap is not None and self.k:
-            cap = math.ceil(row_cap * self.k / out_f)
-            rows = self.flat.to(order.device)[order] // in_f
-            by_row = torch.sort(rows, stable=True)                       # candidates grouped by row, best first
-            first = torch.searchsorted(by_row.values, by_row.values, right=False)
-            rank_in_row = torch.empty_like(rows)
-            rank_in_row[by_row.indices] = torch.arange(rows.numel(), device=rows.device) - first
-            within = rank_in_row < cap
+        if self.k and (row_cap is not None or col_cap is not None):
+            flat = self.flat.to(order.device)[order]
+            within = torch.ones_like(order, dtype=torch.bool)
+            for cap, groups, n in ((col_cap, flat % in_f, in_f), (row_cap, flat // in_f, out_f)):
+                if cap is not None:
+                    within[within.clone()] = _first_per_group(groups[within], math.ceil(cap * self.k / n))
             order = torch.cat([order[within], order[~within]])           # capped picks first, overflow after
         keep = order[:self.k]
         return torch.sort(self.flat[keep]).values.to(index_dtype(out_f * in_f)).cpu()
+
+
+def _first_per_group(groups: torch.Tensor, cap: int) -> torch.Tensor:
+    """For entries in priority order: whether each is among the first ``cap`` of its group."""
+    by_group = torch.sort(groups, stable=True)                       # grouped, priority order kept within
+    first = torch.searchsorted(by_group.values, by_group.values)
+    rank = torch.empty_like(groups)
+    rank[by_group.indices] = torch.arange(groups.numel(), device=groups.device) - first
+    return rank < cap
 
 
 @contextlib.contextmanager
@@ -213,12 +221,14 @@ class GradientScores:
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Module], budget: dict[str, int],
                  score: str = "abs", pool_factor: float = 4.0, backend: str = "auto", row_cap: float | None = None,
-                 weight_of: Callable[[nn.Module], torch.Tensor] | None = None):
+                 weight_of: Callable[[nn.Module], torch.Tensor] | None = None, col_cap: float | None = None):
         if score not in CALIBRATION_SCORES:
             raise ValueError(f"unknown gradient score {score!r}; choose one of {CALIBRATION_SCORES}")
-        if row_cap is not None and not row_cap > 0:
-            raise ValueError(f"row_cap must be positive (a multiple of K / out per row), got {row_cap}")
-        self.model, self.targets, self.score, self.backend, self.row_cap = model, targets, score, backend, row_cap
+        for name, cap in (("row_cap", row_cap), ("col_cap", col_cap)):
+            if cap is not None and not cap > 0:
+                raise ValueError(f"{name} must be positive (a multiple of K / out or K / in), got {cap}")
+        self.model, self.targets, self.score, self.backend = model, targets, score, backend
+        self.row_cap, self.col_cap = row_cap, col_cap
         weight_of = weight_of or (lambda m: weight_oi(m).detach())
         self.pools = {name: _PoolState(linear_shape(m), budget[name], pool_factor,
                                        weight=(lambda m=m: weight_of(m)) if score == "snip" else None)
@@ -258,7 +268,7 @@ class GradientScores:
         self.pools[name].rescore_batch(dy, x, self.score, self.backend)
 
     def indices(self) -> dict[str, torch.Tensor]:
-        return {name: pool.best(self.score, self.row_cap) for name, pool in self.pools.items()}
+        return {name: pool.best(self.score, self.row_cap, self.col_cap) for name, pool in self.pools.items()}
 
 
 # ----------------------------------------------------------------------------- drop and regrow

@@ -116,7 +116,8 @@ def apply_method(model, args, calibration=None):
     else:
         budget = dict(num_params=args.num_params) if args.num_params is not None else dict(density=args.density)
     head = head_name(model)
-    extra = dict(gradient_score=args.gradient_score, row_cap=args.row_cap) if args.position == "gradient" else {}
+    extra = dict(gradient_score=args.gradient_score, row_cap=args.row_cap,
+                 col_cap=args.col_cap) if args.position == "gradient" else {}
     config = ApetConfig(**budget, method=args.position, seed=args.seed, modules_to_save=[head],
                         strategy=args.strategy, **extra)
     apet = get_apet_model(model, config, calibration=calibration if args.position == "gradient" else None)
@@ -193,6 +194,8 @@ def parse_args(argv=None):
                     help="--position gradient: rank by sum |g|, sum g^2, |sum g| or |w| sum |g| (SNIP)")
     ap.add_argument("--row-cap", type=float, default=None,
                     help="--position gradient: at most ceil(ROW_CAP * K / out) positions per row of a layer")
+    ap.add_argument("--col-cap", type=float, default=None,
+                    help="--position gradient: at most ceil(COL_CAP * K / in) positions per column of a layer")
     ap.add_argument("--calibration-warmup", type=int, default=0,
                     help="--position gradient: first train only the new head for this many steps, then calibrate")
     ap.add_argument("--regrow-interval", type=int, default=0,
@@ -278,6 +281,7 @@ def run(args) -> dict:
     trainable = sum(p.numel() for p in params)
     if args.position == "gradient" and args.method in ("apet", "dense-mask"):
         note += f", {args.gradient_score} score" + (f", row cap {args.row_cap:g}" if args.row_cap else "") + (
+            f", column cap {args.col_cap:g}" if args.col_cap else "") + (
             f", head warmed up {args.calibration_warmup} steps" if args.calibration_warmup else "")
     result = dict(task=task.name, model=args.model, method=args.method, note=note, position=args.position,
                   budget_like=args.budget_like, regrow_interval=args.regrow_interval,

@@ -34,7 +34,7 @@ import finetune  # noqa: E402
 SCHEMES = ("random", "rows", "cols", "blocks", "magnitude", "gradient", "gradient+regrow")
 METHODS = SCHEMES + ("lora", "full")
 # gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | squared (the score), capN (at
-# most N x K/out positions per row), warmN (train the head N steps before calibrating)
+# most N x K/out positions per row), ccapN (per column, N x K/in), warmN (train the head N steps before calibrating)
 GRADIENT_OPTIONS = {"signed": ["--gradient-score", "signed"], "snip": ["--gradient-score", "snip"],
                     "squared": ["--gradient-score", "squared"]}
 
@@ -48,10 +48,13 @@ def gradient_variant_args(method: str) -> list[str]:
             out += GRADIENT_OPTIONS[option]
         elif option.startswith("cap") and option[3:].replace(".", "", 1).isdigit():
             out += ["--row-cap", option[3:]]
+        elif option.startswith("ccap") and option[4:].replace(".", "", 1).isdigit():
+            out += ["--col-cap", option[4:]]
         elif option.startswith("warm") and option[4:].isdigit():
             out += ["--calibration-warmup", option[4:]]
         else:
-            raise SystemExit(f"unknown gradient option {option!r} in {method!r}: signed, snip, squared, capN, warmN")
+            raise SystemExit(f"unknown gradient option {option!r} in {method!r}: signed, snip, squared, capN, ccapN, "
+                           f"warmN")
     return out
 
 
@@ -181,7 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", nargs="+", default=["lora:r=2", "lora:r=8"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), type=method_name, metavar="METHOD",
                     help=f"{', '.join(METHODS)}, or gradient variants gradient:OPTION[:OPTION][+regrow] with options "
-                         f"signed, snip, squared (score), capN (row cap), warmN (head warm-up steps)")
+                         f"signed, snip, squared (score), capN / ccapN (row / column cap), warmN (head warm-up steps)")
     ap.add_argument("--models", "--model", nargs="+", default=["minilm"],
                     help="minilm, gemma (the causal LM Gemma 3 270M as a classifier) or model folders: the grid "
                          "runs on each")
