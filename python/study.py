@@ -204,6 +204,8 @@ def main(argv=None) -> None:
     ap.add_argument("--regrow-interval", type=int, default=20)
     ap.add_argument("--regrow-fraction", type=float, default=0.3)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "study.jsonl"))
+    ap.add_argument("--summarize", action="store_true",
+                    help="run nothing: write the summary of every run in --results (all settings) next to it")
     args = ap.parse_args(argv)
     args.lr_by = per_key(args.lr_by_method)
     args.epochs_by, args.max_len_by, args.max_train_by, args.budgets_by = {}, {}, {}, {}
@@ -223,6 +225,8 @@ def main(argv=None) -> None:
     plan = [(mo, t, s, b, m, lr) for s in args.seeds for mo in args.models for t in args.tasks for m in args.methods
             for b in (args.budgets_by.get(t, args.budgets) if m != "full" else ["—"]) for lr in (args.lrs or [None])]
     current = []
+    if args.summarize:
+        plan, current = [], done
     for model, task, seed, budget, method, lr in plan:
         name = finetune.glue.task_for_folder(str(Path(args.data_root) / task)).name
         argv_run = run_args(args, model, task, seed, budget, method, lr)
@@ -236,11 +240,25 @@ def main(argv=None) -> None:
             f.write(json.dumps(result) + "\n")
         current.append(result)
         print(f"{model} {name} seed {seed} {budget} {method}: {100 * result['dev_accuracy']:.1f}%", flush=True)
+    tasks = args.tasks
+    if args.summarize:  # the tasks present in the file
+        by_name = {finetune.glue.task_for_folder(str(Path(args.data_root) / t)).name: t
+                   for t in (p.name for p in Path(args.data_root).iterdir() if p.is_dir())
+                   if _is_task(Path(args.data_root) / t)}
+        tasks = [by_name[n] for n in sorted({r["task"] for r in done}) if n in by_name]
     majority = {finetune.glue.task_for_folder(str(Path(args.data_root) / t)).name: majority_rate(str(Path(args.data_root) / t))
-                for t in args.tasks}
+                for t in tasks}
     table = summarize(current, majority)  # this plan's runs only, not older settings in the same file
     print("\n" + table)
     out.with_suffix(".md").write_text(f"# python/study.py\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+
+
+def _is_task(folder: Path) -> bool:
+    try:
+        finetune.glue.task_for_folder(str(folder))
+        return True
+    except Exception:  # not a GLUE-format folder of a known task
+        return False
 
 
 if __name__ == "__main__":

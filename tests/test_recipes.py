@@ -127,6 +127,13 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     assert f"| {tiny_model_dir} | sst2 | lora:r=1 | gradient | 0.003 | 1 |" in table and table.rstrip().endswith("| 2 |")
     assert "| random |" not in table
     assert "Majority class of each dev set: sst2 " in table
+    # --summarize runs nothing and tables every run in the file, whatever its settings
+    summary = subprocess.run(cmd[:2] + ["--data-root", str(sst2_dir.parent), "--summarize", "--results", str(results)],
+                             capture_output=True, text=True, timeout=600)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    table = results.with_suffix(".md").read_text()
+    assert "| random |" in table and "| gradient | 0.003 | 1 |" in table and len(results.read_text().splitlines()) == \
+        len(rows) + 1
     # absolute budgets (LoRA at the closest rank) and a learning-rate axis: every method at every rate
     probe = tmp_path / "probe.jsonl"
     cmd_probe = cmd[:cmd.index("--budgets")] + ["--budgets", "k=300", "--methods", "random", "rows", "lora",
