@@ -48,7 +48,7 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
         if config is None:
             raise TypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
                             "(or call suggested_lr(k, method))")
-        k, method = sum(int(layer["k"]) for layer in config.layers.values()), method or config.method
+        k, method = _adapter_k(config), method or config.method
     else:
         k, method = int(model_or_k), method or "random"
     scheme = SAME_AS.get(method, method)
@@ -67,10 +67,15 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
     return float(min(max(math.exp(log_lr), LR_RANGE[0]), LR_RANGE[1]))
 
 
+def _adapter_k(config) -> int:
+    """An adapter's K: the tuned scalars over all its layers (recorded in its config)."""
+    return sum(int(layer["k"]) for layer in config.layers.values())
+
+
 def describe(model) -> str:
     """One line for ``print_trainable_parameters``."""
     config = model.apet_config
-    k = sum(int(layer["k"]) for layer in config.layers.values())
+    k = _adapter_k(config)
     try:
         lr = suggested_lr(k, config.method)
     except ValueError:

@@ -62,7 +62,7 @@ def method_name(text: str) -> str:
     """argparse type for --methods: one of METHODS, or a gradient variant (checked here, before any run)."""
     if text in METHODS:
         return text
-    if text.startswith("gradient:") and text.split("+")[0].split(":")[0] == "gradient" and text.split("+", 1)[1:] in ([], ["regrow"]):
+    if text.startswith("gradient:") and text.split("+", 1)[1:] in ([], ["regrow"]):
         gradient_variant_args(text)
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(METHODS)} or gradient:OPTIONS[+regrow]")

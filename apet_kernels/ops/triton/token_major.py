@@ -47,10 +47,6 @@ class ChunkTables(NamedTuple):
         return self.counters.numel()
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _pow2_at_most(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
@@ -63,8 +59,8 @@ def build_chunk_tables(indices: torch.Tensor, row_ptr: torch.Tensor, in_features
     equal pieces. One host sync (the chunk count), at build time only."""
     n_rows, k = row_ptr.numel() - 1, indices.numel()
     device = indices.device
-    block_j = min(_pow2_at_least(max(k, 1)), _pow2_at_least(max_chunk))
-    block_r = min(_pow2_at_least(n_rows), MAX_BLOCK_R, max(1, _pow2_at_most(block_j * n_rows // max(k, 1))))
+    block_j = min(triton.next_power_of_2(max(k, 1)), triton.next_power_of_2(max_chunk))
+    block_r = min(triton.next_power_of_2(n_rows), MAX_BLOCK_R, max(1, _pow2_at_most(block_j * n_rows // max(k, 1))))
     if in_features * block_r >= 2 ** 31:
         raise ValueError(f"packed indices need in_features * block_r < 2**31 (in {in_features}, block_r {block_r})")
     n_blocks = triton.cdiv(n_rows, block_r)
@@ -194,7 +190,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
     x = x if x.stride(1) == 1 else x.contiguous()
     if tables is None:
         tables = chunk_tables(indices, row_ptr, in_features)
-    in_p2 = _pow2_at_least(in_features)
+    in_p2 = triton.next_power_of_2(in_features)
     block_t = max(1, min(16, _pow2_at_most(STAGE_ELEMENTS // (in_p2 + tables.block_r))))
     # split the tokens until the chunks x token blocks fill the GPU (4 programs per SM)
     n_split = max(1, min(triton.cdiv(n_t, block_t), triton.cdiv(4 * _num_sms(dy.device), tables.n_chunks)))
