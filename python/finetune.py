@@ -20,7 +20,9 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,10 +65,18 @@ def gemma_dir() -> str:
     # model still names its GGUF "quantizer"
     model.hf_quantizer, model.is_quantized = None, False
     model.config.__dict__.pop("quantization_config", None)
-    staging = folder.with_name(folder.name + ".partial")
+    # a staging folder of this process's own: a cut-short conversion never looks finished, and two runs
+    # converting at once (a study in two processes) do not write into each other's files
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    os.replace(staging, folder)  # a cut-short conversion never looks finished
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process finished first: use its copy
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(staging)
     return str(folder)
 
 

