@@ -146,6 +146,24 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     apet = [r for r in runs if r["study_method"] != "lora"]
     assert all(r["num_params"] == 300 for r in apet) and all(r["lora_r"] >= 1 for r in runs if r["lora_r"])
     assert "spread of 2 scheme means (each at its best rate)" in probe.with_suffix(".md").read_text()
+    # the `default` budget passes no budget and (without --lr) no rate: each method exactly as finetune.py defaults
+    defaults = tmp_path / "defaults.jsonl"
+    cmd_defaults = cmd[:cmd.index("--budgets")] + ["--budgets", "default", "--methods", "random", "lora",
+                                                   "--results", str(defaults)]
+    ran = subprocess.run(cmd_defaults, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    by = {r["study_method"]: r for r in map(json.loads, defaults.read_text().splitlines())}
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(ROOT / "python"))
+    plain = finetune.parse_args(["--data-dir", str(sst2_dir)])
+    assert by["random"]["density"] == plain.density and by["random"]["num_params"] is None
+    assert by["random"]["lr"] == pytest.approx(suggested_lr(by["random"]["tuned_scalars"], "random"))
+    assert by["lora"]["lora_r"] == plain.lora_r and by["lora"]["lr"] == finetune.default_lr(
+        finetune.parse_args(["--data-dir", str(sst2_dir), "--method", "lora"]))
+    assert "| default | random |" in defaults.with_suffix(".md").read_text()
 
 
 @pytest.fixture(scope="module")
