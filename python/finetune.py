@@ -250,7 +250,11 @@ def default_lr(args) -> float:
     return {"lora": 1e-3, "full": 5e-5}[args.method]
 
 
-def run(args) -> dict:
+def prepare(args):
+    """Everything before training: data, model with the method applied, rate and step count. Returns a namespace
+    (task, model, tokenizer, train, dev, note, params, lr, steps, callbacks) that run() trains and evaluates and
+    that analyses (python/adam_travel.py) reuse, so a run is set up in one place."""
+    import types
     torch.manual_seed(args.seed)
     task = glue.TASKS[args.task] if args.task else glue.task_for_folder(args.data_dir)
     data = glue.load_hub(task) if args.hub else glue.load_local(task, args.data_dir)
@@ -281,6 +285,14 @@ def run(args) -> dict:
         callbacks.append(RegrowthCallback(interval=args.regrow_interval, fraction=args.regrow_fraction,
                                           schedule="cosine", total_steps=steps))
         note += f", regrow every {args.regrow_interval} steps from {args.regrow_fraction:g}"
+    return types.SimpleNamespace(task=task, model=model, tokenizer=tokenizer, train=train, dev=dev, note=note,
+                                 params=params, lr=lr, steps=steps, callbacks=callbacks)
+
+
+def run(args) -> dict:
+    setup = prepare(args)
+    task, model, tokenizer, train, dev, note = setup.task, setup.model, setup.tokenizer, setup.train, setup.dev, setup.note
+    params, lr, steps, callbacks = setup.params, setup.lr, setup.steps, setup.callbacks
     trainer = make_trainer(model, train, tokenizer, args, lr, steps, callbacks)
     t0 = time.perf_counter()
     trainer.train()

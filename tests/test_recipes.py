@@ -166,6 +166,26 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     assert "| default | random |" in defaults.with_suffix(".md").read_text()
 
 
+def test_adam_travel_measures_each_scheme_after_its_steps(tmp_path, tiny_model_dir, sst2_dir):
+    """python/adam_travel.py trains each scheme the given number of steps of the run's own schedule and
+    measures travel, output change and column activation; it refuses a method or position of its own."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import adam_travel
+    results = tmp_path / "travel.jsonl"
+    common = ["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir), "--density", "0.05", "--batch-size", "8",
+              "--max-len", "16", "--lr", "1e-2", "--calibration-batches", "2"]
+    adam_travel.main(["--schemes", "random", "gradient:ccap1", "--steps", "2", "--results", str(results), *common])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["scheme"] for r in rows] == ["random", "gradient:ccap1"]
+    for r in rows:
+        assert r["steps"] == 2 and r["of_steps"] == 4 and r["lr"] == 1e-2
+        # Adam moves a scalar by at most about the rate per step: travel is positive and at most ~1
+        assert 0 < r["travel"] <= 1.05 and r["output_change_median"] > 0 and r["column_activation"] > 0
+    assert "--col-cap 1" in rows[1]["command"] and "--col-cap" not in rows[0]["command"]
+    with pytest.raises(SystemExit, match="--schemes"):
+        adam_travel.main(["--position", "rows", *common])
+
+
 @pytest.fixture(scope="module")
 def tiny_decoder_dir(tmp_path_factory, tiny_model_dir):
     """A tiny Gemma 3 text model (the architecture of `--model gemma`) with the tiny BERT's tokenizer."""
