@@ -43,7 +43,7 @@ class ApetConfig:
     pool_factor: float = 4.0
     # method="gradient": at most ceil(row_cap * K / out) positions per row and ceil(col_cap * K / in) per column
     # of a layer (None: no cap); gradient positions otherwise cluster in a few rows and columns. gradient_score
-    # also takes "signed" (|sum of g|) and "snip" (|w| * sum |g|)
+    # also takes "signed" (|sum of g|), "snip" (|w| * sum |g|) and "xnorm" (sum of |g| / the input feature's norm)
     row_cap: float | None = None
     col_cap: float | None = None
     # filled by get_apet_model: per target layer its shape, k and an index checksum

@@ -200,8 +200,9 @@ def parse_args(argv=None):
     ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks", "magnitude", "gradient"],
                     help="APET position scheme (gradient: from --calibration-batches training batches)")
     ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
-    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip"],
-                    help="--position gradient: rank by sum |g|, sum g^2, |sum g| or |w| sum |g| (SNIP)")
+    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip", "xnorm"],
+                    help="--position gradient: rank by sum |g|, sum g^2, |sum g|, |w| sum |g| (SNIP) or sum |g| / ||x_j|| "
+                         "(each batch's gradient over its input feature's norm)")
     ap.add_argument("--row-cap", type=float, default=None,
                     help="--position gradient: at most ceil(ROW_CAP * K / out) positions per row of a layer")
     ap.add_argument("--col-cap", type=float, default=None,

@@ -83,7 +83,10 @@ def _batches(n=4, seed=0):
 def _exact_gradient_top(model, batches, k_of, score):
     """Dense oracle: accumulate |dW| (or dW^2) per target over the batches, then the top K."""
     model = copy.deepcopy(model)
-    totals = {}
+    totals, inputs = {}, {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: inputs.__setitem__(name, a[0].detach().reshape(-1, a[0].shape[-1])))
+        for name in k_of]
     for batch in batches:
         model.zero_grad()
         for p in model.parameters():
@@ -91,8 +94,12 @@ def _exact_gradient_top(model, batches, k_of, score):
         model(**batch).loss.backward()
         for name, k in k_of.items():
             g = model.get_submodule(name).weight.grad
+            if score == "xnorm":  # this batch's |g| over the norm of each input feature across its tokens
+                g = g.abs() / inputs[name].norm(dim=0)
             totals[name] = totals.get(name, 0) + (g.square() if score == "squared" else g if score == "signed"
                                                   else g.abs())
+    for h in hooks:
+        h.remove()
     if score == "signed":
         totals = {name: t.abs() for name, t in totals.items()}
     if score == "snip":
@@ -100,7 +107,7 @@ def _exact_gradient_top(model, batches, k_of, score):
     return {name: set(torch.topk(t.reshape(-1), k_of[name]).indices.tolist()) for name, t in totals.items()}
 
 
-@pytest.mark.parametrize("score", ["abs", "squared", "signed", "snip"])
+@pytest.mark.parametrize("score", ["abs", "squared", "signed", "snip", "xnorm"])
 def test_gradient_positions_match_the_exact_dense_top_k(score):
     model = tiny_llama()
     batches = _batches()
