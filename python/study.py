@@ -9,8 +9,9 @@ changed) and only writes the summary again.
         --methods random rows magnitude lora --max-train 2000 --lrs 1e-3 1e-2 --seeds 0     # a two-rate probe
 
 Budgets: `lora:r=N` (as many parameters as PEFT LoRA of rank N on all linears), `k=N` (N tuned scalars;
-LoRA then gets the rank whose count is closest) or `default` (finetune.py's defaults: APET's --density, LoRA's
---lora-r; with no --lr either, each method runs exactly as a newcomer's first run would). Methods (each on the same encoder, the classifier head
+LoRA then gets the rank whose count is closest), `density=X` (APET schemes only: X of each linear's weights, a
+candidate default) or `default` (finetune.py's defaults: APET's --density, LoRA's --lora-r; with no --lr either,
+each method runs exactly as a newcomer's first run would). Methods (each on the same encoder, the classifier head
 always trained): position schemes `random`, `rows`, `cols`, `blocks`, `magnitude`, `gradient` (calibrated
 on --calibration-batches training batches), `gradient+regrow` (drop-and-regrow every --regrow-interval
 steps from --regrow-fraction, cosine decay); `lora` (PEFT LoRA at the budget's count); `full`.
@@ -97,12 +98,23 @@ def lr_of(args, method: str) -> float | None:
 
 
 def budget_args(budget: str, method: str) -> list[str]:
-    """finetune.py's arguments for a budget (`lora:r=N`, `k=N`, or `default`: finetune.py's own) and a method."""
+    """finetune.py's arguments for a budget (`lora:r=N`, `k=N`, `density=X`, or `default`: finetune.py's own) and
+    a method."""
     if budget == "default":  # what a newcomer gets: APET's --density, LoRA's --lora-r defaults
         return []
     kind, _, value = budget.partition("=")
+    if kind == "density":  # a candidate default: a fraction of the linear weights (APET only)
+        if method in ("lora", "full"):
+            raise SystemExit(f"budget {budget!r} is for APET schemes; give {method} a lora:r=N or k=N budget")
+        try:
+            ok = 0 < float(value) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"a density budget is a fraction in (0, 1], got {budget!r}")
+        return ["--density", value]
     if kind not in ("lora:r", "k") or not value.isdigit():
-        raise SystemExit(f"a budget is lora:r=N, k=N or default, got {budget!r}")
+        raise SystemExit(f"a budget is lora:r=N, k=N, density=X or default, got {budget!r}")
     if method == "lora":
         return ["--lora-r", value] if kind == "lora:r" else ["--lora-params", value]
     return ["--budget-like", budget] if kind == "lora:r" else ["--num-params", value]

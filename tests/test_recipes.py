@@ -166,6 +166,23 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     assert "| default | random |" in defaults.with_suffix(".md").read_text()
 
 
+def test_study_budgets_map_to_finetune_arguments():
+    sys.path.insert(0, str(ROOT / "python"))
+    import study
+    assert study.budget_args("k=100000", "random") == ["--num-params", "100000"]
+    assert study.budget_args("k=100000", "lora") == ["--lora-params", "100000"]
+    assert study.budget_args("lora:r=8", "magnitude") == ["--budget-like", "lora:r=8"]
+    assert study.budget_args("density=0.01", "random") == ["--density", "0.01"]
+    assert study.budget_args("default", "lora") == []
+    with pytest.raises(SystemExit, match="APET schemes"):
+        study.budget_args("density=0.01", "lora")
+    with pytest.raises(SystemExit, match="a budget is"):
+        study.budget_args("r=8", "random")
+    for bad in ("density=2", "density=x", "density=0"):
+        with pytest.raises(SystemExit, match="a density budget is a fraction"):
+            study.budget_args(bad, "random")
+
+
 def test_adam_travel_measures_each_scheme_after_its_steps(tmp_path, tiny_model_dir, sst2_dir):
     """python/adam_travel.py trains each scheme the given number of steps of the run's own schedule and
     measures travel, output change and column activation; it refuses a method or position of its own."""
