@@ -44,6 +44,7 @@ class ApetConfig:
     # method="gradient": at most ceil(row_cap * K / out) positions per row and ceil(col_cap * K / in) per column
     # of a layer (None: no cap); gradient positions otherwise cluster in a few rows and columns. gradient_score
     # also takes "signed" (|sum of g|), "snip" (|w| * sum |g|) and "xnorm" (sum of |g| / the input feature's norm)
+    # and "corr" (sum of |g| / (the output gradient's norm x the input feature's norm): the |cosine| of the two)
     row_cap: float | None = None
     col_cap: float | None = None
     # filled by get_apet_model: per target layer its shape, k and an index checksum

@@ -43,37 +43,48 @@ SCORES = ("abs", "squared")  # |g| or g^2 (a diagonal Fisher estimate) accumulat
 # |g_ij| / ||x_j|| ("xnorm": each batch's |g| divided by its input feature's norm over the batch's tokens).
 # |g_ij| = |sum_t dy_ti x_tj| grows with ||x_j||, so plain |g| piles positions onto the few features with large
 # activations, where Adam's ~lr step per scalar moves the output most (python/adam_travel.py measured 2x);
-# xnorm ranks by how well the feature and the output's gradient align instead.
-CALIBRATION_SCORES = SCORES + ("signed", "snip", "xnorm")
+# xnorm ranks by how well the feature and the output's gradient align instead. "corr" also divides by the output's
+# gradient norm ||dy_i||: |g_ij| / (||dy_i|| ||x_j||) is the |cosine| between the two over the batch's tokens, blind
+# to the scale of rows as well as columns.
+CALIBRATION_SCORES = SCORES + ("signed", "snip", "xnorm", "corr")
 
 
-def _column_scale(x: torch.Tensor, score: str) -> torch.Tensor | None:
-    """Score "xnorm": 1 / ||x_j|| per input feature of this batch (fp32; a feature that is zero on every token
-    has zero gradient too and scores 0); otherwise None."""
-    if score != "xnorm":
-        return None
-    norm = x.float().norm(dim=0)
+def _inverse_norms(t: torch.Tensor) -> torch.Tensor:
+    """1 / the norm of each column of t (fp32); a column that is zero on every token gives a zero gradient too
+    and scores 0."""
+    norm = t.float().norm(dim=0)
     return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+
+
+def _scales(dy: torch.Tensor, x: torch.Tensor, score: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(per output row, per input column) factors of one batch's |g|: 1 / ||x_j|| for "xnorm" and "corr",
+    1 / ||dy_i|| for "corr"; None where the score has none."""
+    row = _inverse_norms(dy) if score == "corr" else None
+    col = _inverse_norms(x) if score in ("xnorm", "corr") else None
+    return row, col
 
 
 def _dense_grad_blocks(dy: torch.Tensor, x: torch.Tensor, out_f: int, score: str, weight: torch.Tensor | None = None):
     """(first row, |dW| or dW^2 of rows r0..r0+rows) for dW = dy^T x, one row block at a time, fp32; times |W|
-    of those rows when ``weight`` (out, in) is given; divided by the input features' norms for "xnorm"."""
+    of those rows when ``weight`` (out, in) is given; divided by the input features' norms for "xnorm" (and the
+    output gradients' norms for "corr")."""
     rows = block_rows(out_f, x.shape[1])
     xf = x.float()
-    scale = _column_scale(x, score)
+    row_scale, col_scale = _scales(dy, x, score)
     for r0 in range(0, out_f, rows):
         g = dy[:, r0:r0 + rows].float().t() @ xf
         g = g.square_() if score == "squared" else g.abs_()
         if weight is not None:
             g.mul_(weight[r0:r0 + rows].to(g.device).float().abs())
-        if scale is not None:
-            g.mul_(scale)
+        if col_scale is not None:
+            g.mul_(col_scale)
+        if row_scale is not None:
+            g.mul_(row_scale[r0:r0 + rows, None])
         yield r0, g
 
 
 def _contribution(g: torch.Tensor, score: str) -> torch.Tensor:
-    """What one batch adds to a position's accumulator: |g| (also for "snip" and "xnorm", weighted after), g^2,
+    """What one batch adds to a position's accumulator: |g| (also for "snip", "xnorm" and "corr", weighted after), g^2,
     or g itself ("signed": the step's summed gradient, ranked by its magnitude, as the optimizer sees it)."""
     return g if score == "signed" else (g.square() if score == "squared" else g.abs())
 
@@ -105,16 +116,18 @@ class _PoolState:
 
     def _scored(self, dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, score: str, backend: str) -> torch.Tensor:
         """One batch's contribution at ``flat``: |g|, g^2 or g (SDDMM), times |w| for "snip", divided by the input
-        feature's norm for "xnorm"."""
+        feature's norm for "xnorm" (and the output gradient's for "corr")."""
         c = _contribution(self._sddmm(dy, x, flat, backend), score)
         in_f = self.shape[1]
         if score == "snip":
             w = self.weight()
             f = flat.to(w.device).long()
             c = c * w[f // in_f, f % in_f].to(c.device).float().abs()
-        scale = _column_scale(x, score)
-        if scale is not None:
-            c = c * scale[flat.to(scale.device).long() % in_f].to(c.device)
+        row_scale, col_scale = _scales(dy, x, score)
+        if col_scale is not None:
+            c = c * col_scale[flat.to(col_scale.device).long() % in_f].to(c.device)
+        if row_scale is not None:
+            c = c * row_scale[flat.to(row_scale.device).long() // in_f].to(c.device)
         return c
 
     def add_batch(self, dy: torch.Tensor, x: torch.Tensor, score: str, backend: str) -> None:

@@ -200,7 +200,7 @@ def parse_args(argv=None):
     ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks", "magnitude", "gradient"],
                     help="APET position scheme (gradient: from --calibration-batches training batches)")
     ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
-    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip", "xnorm"],
+    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip", "xnorm", "corr"],
                     help="--position gradient: rank by sum |g|, sum g^2, |sum g|, |w| sum |g| (SNIP) or sum |g| / ||x_j|| "
                          "(each batch's gradient over its input feature's norm)")
     ap.add_argument("--row-cap", type=float, default=None,

@@ -35,10 +35,10 @@ import finetune  # noqa: E402
 
 SCHEMES = ("random", "rows", "cols", "blocks", "magnitude", "gradient", "gradient+regrow")
 METHODS = SCHEMES + ("lora", "full")
-# gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | xnorm | squared (the score), capN (at
+# gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | xnorm | corr | squared (the score), capN (at
 # most N x K/out positions per row), ccapN (per column, N x K/in), warmN (train the head N steps before calibrating)
 GRADIENT_OPTIONS = {"signed": ["--gradient-score", "signed"], "snip": ["--gradient-score", "snip"],
-                    "xnorm": ["--gradient-score", "xnorm"],
+                    "xnorm": ["--gradient-score", "xnorm"], "corr": ["--gradient-score", "corr"],
                     "squared": ["--gradient-score", "squared"]}
 
 
@@ -56,7 +56,7 @@ def gradient_variant_args(method: str) -> list[str]:
         elif option.startswith("warm") and option[4:].isdigit():
             out += ["--calibration-warmup", option[4:]]
         else:
-            raise SystemExit(f"unknown gradient option {option!r} in {method!r}: signed, snip, xnorm, squared, capN, ccapN, "
+            raise SystemExit(f"unknown gradient option {option!r} in {method!r}: signed, snip, xnorm, corr, squared, capN, ccapN, "
                            f"warmN")
     return out
 
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", nargs="+", default=["lora:r=2", "lora:r=8"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), type=method_name, metavar="METHOD",
                     help=f"{', '.join(METHODS)}, or gradient variants gradient:OPTION[:OPTION][+regrow] with options "
-                         f"signed, snip, xnorm, squared (score), capN / ccapN (row / column cap), warmN (head warm-up steps)")
+                         f"signed, snip, xnorm, corr, squared (score), capN / ccapN (row / column cap), warmN (head warm-up steps)")
     ap.add_argument("--models", "--model", nargs="+", default=["minilm"],
                     help="minilm, gemma (the causal LM Gemma 3 270M as a classifier) or model folders: the grid "
                          "runs on each")
