@@ -10,7 +10,7 @@ changed) and only writes the summary again.
 
 Budgets: `lora:r=N` (as many parameters as PEFT LoRA of rank N on all linears), `k=N` (N tuned scalars;
 LoRA then gets the rank whose count is closest), `density=X` (APET schemes only: X of each linear's weights, a
-candidate default) or `default` (finetune.py's defaults: APET's --density, LoRA's --lora-r; with no --lr either,
+candidate default) or `default` (finetune.py's defaults: APET's K = 10^5, LoRA's --lora-r; with no --lr either,
 each method runs exactly as a newcomer's first run would). Methods (each on the same encoder, the classifier head
 always trained): position schemes `random`, `rows`, `cols`, `blocks`, `magnitude`, `gradient` (calibrated
 on --calibration-batches training batches), `gradient+regrow` (drop-and-regrow every --regrow-interval
@@ -100,7 +100,7 @@ def lr_of(args, method: str) -> float | None:
 def budget_args(budget: str, method: str) -> list[str]:
     """finetune.py's arguments for a budget (`lora:r=N`, `k=N`, `density=X`, or `default`: finetune.py's own) and
     a method."""
-    if budget == "default":  # what a newcomer gets: APET's --density, LoRA's --lora-r defaults
+    if budget == "default":  # what a newcomer gets: APET's default budget (K = 10^5), LoRA's --lora-r
         return []
     kind, _, value = budget.partition("=")
     if kind == "density":  # a candidate default: a fraction of the linear weights (APET only)

@@ -159,7 +159,11 @@ def test_study_grid_smoke_and_resume(tmp_path, tiny_model_dir, sst2_dir):
     finally:
         sys.path.remove(str(ROOT / "python"))
     plain = finetune.parse_args(["--data-dir", str(sst2_dir)])
-    assert by["random"]["density"] == plain.density and by["random"]["num_params"] is None
+    assert plain.default_budget and plain.num_params is None and plain.density is None
+    # the tiny model's linears hold far fewer than 10^6 weights: the default budget is a tenth of them
+    assert by["random"]["num_params"] == by["random"]["tuned_scalars"] < finetune.DEFAULT_NUM_PARAMS
+    assert by["random"]["density"] is None
+    assert finetune.default_num_params(10**8) == finetune.DEFAULT_NUM_PARAMS == 100_000
     assert by["random"]["lr"] == pytest.approx(suggested_lr(by["random"]["tuned_scalars"], "random"))
     assert by["lora"]["lora_r"] == plain.lora_r and by["lora"]["lr"] == finetune.default_lr(
         finetune.parse_args(["--data-dir", str(sst2_dir), "--method", "lora"]))
