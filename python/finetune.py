@@ -105,6 +105,14 @@ def build_model(name: str, num_labels: int, seed: int):
     return model, tokenizer
 
 
+def _target_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of every linear an APET or LoRA budget is spread over (all linears but output heads)."""
+    from apet_kernels import ApetConfig
+    from apet_kernels.linear_like import linear_shape
+    from apet_kernels.targets import find_targets
+    return [linear_shape(m) for m in find_targets(model, ApetConfig(num_params=0)).values()]
+
+
 def apply_method(model, args, calibration=None):
     """Freeze the encoder and add the method's trainable parameters; returns (model, note).
     ``calibration``: training batches for ``--position gradient``."""
@@ -114,18 +122,13 @@ def apply_method(model, args, calibration=None):
     if args.method == "lora":
         import peft
         if args.lora_params:  # the rank whose parameter count on all linears is closest to the budget
-            from apet_kernels.linear_like import linear_shape
-            from apet_kernels.targets import find_targets
-            per_rank = sum(sum(linear_shape(m)) for m in find_targets(model, ApetConfig(num_params=0)).values())
+            per_rank = sum(o + i for o, i in _target_shapes(model))
             args.lora_r = max(1, round(args.lora_params / per_rank))
         cfg = peft.LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
                               lora_dropout=0.0)
         return peft.get_peft_model(model, cfg), f"LoRA r={args.lora_r}"
     if getattr(args, "default_budget", False):
-        from apet_kernels.linear_like import linear_shape
-        from apet_kernels.targets import find_targets
-        shapes = [linear_shape(m) for m in find_targets(model, ApetConfig(num_params=0)).values()]
-        args.num_params = default_num_params(sum(o * i for o, i in shapes))
+        args.num_params = default_num_params(sum(o * i for o, i in _target_shapes(model)))
     if args.budget_like:
         budget = dict(budget_like=args.budget_like)
     else:
@@ -220,8 +223,8 @@ def parse_args(argv=None):
                     help="APET position scheme (gradient: from --calibration-batches training batches)")
     ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
     ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip", "xnorm", "corr"],
-                    help="--position gradient: rank by sum |g|, sum g^2, |sum g|, |w| sum |g| (SNIP) or sum |g| / ||x_j|| "
-                         "(each batch's gradient over its input feature's norm)")
+                    help="--position gradient: rank by sum |g|, sum g^2, |sum g|, |w| sum |g| (SNIP), sum |g| / ||x_j|| "
+                         "(xnorm: each batch's gradient over its input feature's norm) or also over ||dy_i|| (corr)")
     ap.add_argument("--row-cap", type=float, default=None,
                     help="--position gradient: at most ceil(ROW_CAP * K / out) positions per row of a layer")
     ap.add_argument("--col-cap", type=float, default=None,
