@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import environment, markdown_table, torch_dtype  # noqa: E402
+from bench_common import environment, markdown_table, torch_dtype  # noqa: E402
 
 
 def _timed(fn, device) -> float:

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import DTYPES, environment, markdown_table, torch_dtype, trainable_state_bytes  # noqa: E402
+from bench_common import DTYPES, environment, markdown_table, torch_dtype, trainable_state_bytes  # noqa: E402
 
 # LLaMA-style presets: name -> (hidden, layers, intermediate, heads, vocab)
 PRESETS = {
@@ -156,7 +156,7 @@ class Trainee:
         return seconds
 
     def state_bytes(self) -> int:
-        """Trainable state (bench/common.py): parameters, gradients, AdamW's state, the method's new buffers."""
+        """Trainable state (bench/bench_common.py): parameters, gradients, AdamW's state, the method's new buffers."""
         return trainable_state_bytes(self.params, self.opt, self.new_buffers)
 
 

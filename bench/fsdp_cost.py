@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from common import environment, markdown_table  # noqa: E402
+from bench_common import environment, markdown_table  # noqa: E402
 from compare import budget_of, build_model, model_config  # noqa: E402
 from methods import METHODS  # noqa: E402
 

@@ -67,7 +67,7 @@ fi
 
 step "kernel microbenchmarks + layer steps: triton (columns and tokens SDDMM) and native side by side"
 if t=$(lim 110 30); then
-  TRITON_PRINT_AUTOTUNING=1 timeout "$t" "$PY" bench/kernels.py --device "$DEVICE" --dtype "$DTYPE" --shapes $SHAPES \
+  TRITON_PRINT_AUTOTUNING=1 timeout "$t" "$PY" bench/bench_kernels.py --device "$DEVICE" --dtype "$DTYPE" --shapes $SHAPES \
     --tokens "$TOKENS" --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b \
     $([ "$DEVICE" = cuda ] && echo --profile) 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
 fi

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DTYPES, environment, markdown_table, torch_dtype  # noqa: E402
-from timing import median_ms  # noqa: E402
+from bench_common import DTYPES, environment, markdown_table, torch_dtype  # noqa: E402
+from bench_timing import median_ms  # noqa: E402
 
 from apet_kernels import SparseDeltaLinear, backends  # noqa: E402
 

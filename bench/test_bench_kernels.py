@@ -1,6 +1,6 @@
 """Kernel microbenchmarks with pytest-benchmark: `pytest bench/ --benchmark-only`.
 
-Same inputs and op callables as bench/kernels.py (kernel_inputs, kernel_ops). Sizes are small
+Same inputs and op callables as bench/bench_kernels.py (kernel_inputs, kernel_ops). Sizes are small
 enough for the CPU; on a GPU, set APET_BENCH_SHAPE=4096x4096 APET_BENCH_TOKENS=4096.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import apet_kernels  # noqa: E402
 from apet_kernels.ops.dispatch import implementation  # noqa: E402
-from kernels import kernel_inputs, kernel_ops  # noqa: E402
+from bench_kernels import kernel_inputs, kernel_ops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = tuple(int(s) for s in os.environ.get("APET_BENCH_SHAPE", "3072x768").split("x"))

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import glue  # noqa: E402
+import glue_tasks as glue  # noqa: E402
 
 # task -> (prompt template, label words in label-id order)
 PROMPTS = {

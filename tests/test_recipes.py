@@ -79,7 +79,7 @@ def test_local_glue_loaders_read_every_shared_task():
     if not data.is_dir():
         pytest.skip(f"no shared data folder at {data}")
     sys.path.insert(0, str(ROOT / "python"))
-    import glue
+    import glue_tasks as glue
     expected = {"SST-2": (67349, 872), "RTE": (2490, 277), "MRPC": (3668, 408), "CoLA": (8551, 1043),
                 "rotten_tomatoes": (8530, 1066)}  # PROVENANCE.md's counts
     for folder, (n_train, n_dev) in expected.items():

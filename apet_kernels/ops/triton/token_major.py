@@ -1,6 +1,6 @@
 """Token-major SDDMM: dv[k] = sum_t dy[t, r_k] x[t, c_k], reading dy and x where they lie (no transposes).
 
-Why this shape (issue 22): the column kernel in ``kernels.py`` transposes x on every call and then reads one
+Why this shape (issue 22): the column kernel in ``kernels.py`` (apet_kernels.ops.triton.kernels) transposes x on every call and then reads one
 whole column of x per delta, so x crosses memory about (K / in) + 2 times. Here a program owns a chunk of the
 row-sorted deltas and a block of tokens. Per tile of BLOCK_T tokens it stages the tile's whole rows of x and
 the chunk's BLOCK_R columns of dy (both coalesced, token-major) and gathers every delta's pair from the staged

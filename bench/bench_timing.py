@@ -1,4 +1,4 @@
-"""Timing and roofline helpers shared by bench/kernels.py, bench/gpu_check.sh and pytest-benchmark.
+"""Timing and roofline helpers shared by bench/bench_kernels.py, bench/gpu_check.sh and pytest-benchmark.
 
 GPU: triton.testing.do_bench (CUDA events, warm-up, median). CPU: perf_counter median.
 Never time on zeros: every input here is random.

@@ -1,7 +1,7 @@
 """Kernel microbenchmarks and single-layer steps, side by side in one process.
 
-    python bench/kernels.py --device cuda            # LLaMA-7B layer shapes, T=4096, bf16
-    python bench/kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32 \
+    python bench/bench_kernels.py --device cuda            # LLaMA-7B layer shapes, T=4096, bf16
+    python bench/bench_kernels.py --device cpu --layer-only --shapes 3072x768 --tokens 2048 --dtype float32 \
       --layer-densities 1e-3
 
 Prints a markdown table and writes CSV + markdown to --out (default $OUT, else bench/runs/, git-ignored).
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DTYPES, environment, torch_dtype, trainable_state_bytes  # noqa: E402
-from common import markdown_table as markdown  # noqa: E402
-from timing import copy_bandwidth_gbs, median_ms, sddmm_bytes, spmm_bytes  # noqa: E402
+from bench_common import DTYPES, environment, torch_dtype, trainable_state_bytes  # noqa: E402
+from bench_common import markdown_table as markdown  # noqa: E402
+from bench_timing import copy_bandwidth_gbs, median_ms, sddmm_bytes, spmm_bytes  # noqa: E402
 
 import apet_kernels  # noqa: E402
 from apet_kernels import DenseMaskLinear, SparseDeltaLinear, select_indices  # noqa: E402
@@ -231,7 +231,7 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
     with open(out / f"{stem}.md", "w") as f:
-        f.write(f"# bench/kernels.py on {env['device']}\n\n{env}\n\ncopy bandwidth {copy_gbs:.0f} GB/s\n\n")
+        f.write(f"# bench/bench_kernels.py on {env['device']}\n\n{env}\n\ncopy bandwidth {copy_gbs:.0f} GB/s\n\n")
         kr = [r for r in rows if r["kind"] == "kernel"]
         lr = [r for r in rows if r["kind"] == "layer"]
         if kr:

@@ -4,8 +4,36 @@ of a method's trainable state."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import platform
+
+# One-line warnings that libraries log while peft imports them, which would otherwise land between a
+# benchmark's progress and its table: bitsandbytes >= 0.50 tries to fetch a CPU kernel from the hub at
+# import (no hub here), torchao 0.18 registers Enums with torch 2.14's pytree. A benchmark process keeps
+# them out of its output and records them in its environment (``withheld_warnings``); only the bench
+# scripts install this filter, so a user's own code still sees them.
+_IMPORT_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",
+}
+withheld_warnings: list[str] = []
+
+
+class _WithholdImportNoise(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(self.prefix):
+            withheld_warnings.append(f"{record.name}: {record.getMessage()}")
+            return False
+        return True
+
+
+for _name, _prefix in _IMPORT_NOISE.items():
+    logging.getLogger(_name).addFilter(_WithholdImportNoise(_prefix))
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,6 +55,7 @@ def environment(device: str) -> dict:
     env.update({name: installed_version(name) for name in ("triton", "transformers", "peft", "bitsandbytes", "torchao")})
     if str(device).startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["withheld_warnings"] = withheld_warnings  # the list itself: imports after this call add to it
     return env
 
 
