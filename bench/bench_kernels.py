@@ -58,9 +58,9 @@ def kernel_ops(impl, d) -> dict:
         "spmm_t": (lambda: impl.spmm_t_(d["x"], d["dy"], idx, d["v"], lay.col_ptr, lay.col_perm),
                    spmm_bytes(t, idx, out_f, elt)),
     }
-    token_major = getattr(impl, "token_major", None)  # the Triton backend's second SDDMM (issue 22), side by side
-    if token_major is not None and in_f <= token_major.MAX_STAGED_IN:
-        ops["sddmm tokens"] = (lambda: token_major.sddmm(d["dy"], d["x"], idx, lay.row_ptr), ops["sddmm"][1])
+    staged = getattr(impl, "sddmm_staged", None)  # the native backend's second SDDMM (issue 31), side by side
+    if staged is not None and d["x"].is_cuda and impl.staged_fits(d["x"]):
+        ops["sddmm staged"] = (lambda: staged(d["dy"], d["x"], idx, lay.row_ptr), ops["sddmm"][1])
     return ops
 
 
@@ -90,10 +90,10 @@ def _step(module, x, dy, sddmm_walk=None):
         module(x).backward(dy)
     if sddmm_walk is None:
         return run
-    from apet_kernels.ops.triton import token_major
+    from apet_kernels.ops import native
 
     def run_walking():
-        with token_major.chosen(sddmm_walk):
+        with native.chosen(sddmm_walk):
             run()
     return run_walking
 
@@ -111,15 +111,15 @@ def layer_variants(base, k, device, backends):
         first = first or merged
         variants.append((f"sparse merged [{backend}]", merged))
         variants.append((f"sparse unmerged [{backend}]", unmerged))
-        if backend == "triton" and base.in_features <= _token_major_max_in():  # the second Triton SDDMM
-            variants.append(("sparse merged [triton, sddmm tokens]", merged))
+        if backend == "native" and torch.device(device).type == "cuda" and _staged_fits(base.weight):  # the second SDDMM
+            variants.append(("sparse merged [native, sddmm staged]", merged))
     variants.append(("dense-mask", DenseMaskLinear.from_linear(copy.deepcopy(base), first.delta_indices)))
     return variants
 
 
-def _token_major_max_in() -> int:
-    from apet_kernels.ops.triton import token_major
-    return token_major.MAX_STAGED_IN
+def _staged_fits(weight) -> bool:
+    from apet_kernels.ops import native
+    return native.staged_fits(weight)  # (in_features is the weight's dim 1, as it is x's)
 
 
 def layer_rows(shape, t, density, dtype, device, backends):
@@ -132,7 +132,7 @@ def layer_rows(shape, t, density, dtype, device, backends):
     dy = torch.randn(t, out_f, device=device, dtype=dtype)
     rows, times = [], {}
     for label, module in layer_variants(base, k, device, backends):
-        walk = "tokens" if "sddmm tokens" in label else ("columns" if "[triton]" in label else None)
+        walk = "staged" if "sddmm staged" in label else ("warps" if "[native]" in label else None)
         times[label] = median_ms(_step(module, x, dy, walk), device)
         rows.append(dict(kind="layer", op=label, backend=",".join(backends), shape=f"{out_f}x{in_f}", tokens=t,
                          density=density, k=k, dtype=str(dtype).replace("torch.", ""),

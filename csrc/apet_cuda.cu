@@ -3,6 +3,7 @@
 //  - sddmm: one warp per delta, 16-byte loads where rows are aligned, warp-shuffle reduction.
 //  - spmm / spmm_t: a block owns a (64 tokens x 32 destination columns) tile of the output and
 //    each of its warps owns whole destination columns: no atomics anywhere.
+//  - sddmm_staged_: tokens staged feature-major in shared memory, walked by row bands (sddmm_staged.h).
 //  - scatter_merge: one thread per delta.
 // Every launch runs on the current stream under a device guard and is followed by a launch check.
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "sddmm_staged.h"
 
 namespace apet {
 namespace {
@@ -138,6 +140,40 @@ __global__ void scatter_merge_kernel(scalar_t* __restrict__ w, const index_t* __
   w[r * s0 + c * s1] = static_cast<scalar_t>(static_cast<acc_t>(base[k]) + static_cast<acc_t>(vals[k]));
 }
 
+// The staged SDDMM (sddmm_staged.h): block (token group, band * n_sub + s). The loops' bounds are the
+// block's, so every thread reaches each __syncthreads.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(staged::kThreads)
+    sddmm_staged_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                        const index_t* __restrict__ idx, const index_t* __restrict__ row_ptr,
+                        at::opmath_type<scalar_t>* __restrict__ partial, staged::Plan plan, int64_t n_t, int64_t out_f,
+                        int64_t in_f, int64_t n_k, int64_t s_dy, int64_t s_x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  scalar_t* xs = reinterpret_cast<scalar_t*>(smem_raw);
+  scalar_t* dys = xs + in_f * plan.tt;
+  const int64_t tid = threadIdx.x;
+  const staged::Block b = staged::block_of(plan, row_ptr, out_f, n_t, blockIdx.x, blockIdx.y);
+  staged::Lane<scalar_t, acc_t> lane;
+  for (int64_t pass = b.first_pass; pass < b.hi; pass += b.pass_stride) {
+    lane.load(idx, b, pass, tid, plan.threads, in_f);
+    for (int64_t t0 = b.t_begin; t0 < b.t_end; t0 += plan.tt) {
+      staged::stage_tile(xs, dys, x, dy, s_x, s_dy, in_f, b, t0, plan.tt, tid, plan.threads);
+      __syncthreads();
+      lane.accumulate(xs, dys);
+      __syncthreads();
+    }
+    lane.store(partial, n_k, b.group, plan.threads);
+  }
+}
+
+template <typename acc_t>
+__global__ void reduce_groups_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ partial, int64_t n_k,
+                                     int64_t n_groups) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k < n_k) staged::reduce_groups(out, partial, n_k, n_groups, k);
+}
+
 void group_spmm_cuda(at::Tensor& out, const at::Tensor& src, const at::Tensor& indices, const at::Tensor& values,
                      const at::Tensor& group_ptr, const at::Tensor* perm, int64_t in_f, bool src_is_col,
                      const char* op) {
@@ -201,6 +237,56 @@ void sddmm_cuda(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// smem_budget, sms: <= 0 for the device's own (opt-in shared memory per block, SM count); threads must be
+// the kernel's (512) or 0. Raises when x's rows do not fit shared memory (the caller then uses sddmm_).
+void sddmm_staged_cuda(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+                       const at::Tensor& row_ptr, int64_t smem_budget, int64_t sms, int64_t threads) {
+  const char* op = "apet_native::sddmm_staged_";
+  check_sddmm(out, dy, x, indices, row_ptr, op);
+  TORCH_CHECK(dy.scalar_type() != at::kDouble, op, ": CUDA kernels take fp32/bf16/fp16, got float64");
+  TORCH_CHECK(threads <= 0 || threads == staged::kThreads, op, ": the CUDA kernel runs ", staged::kThreads,
+              " threads per block, not ", threads);
+  c10::cuda::CUDAGuard guard(dy.device());
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  smem_budget = smem_budget > 0 ? std::min<int64_t>(smem_budget, prop->sharedMemPerBlockOptin)
+                                : static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  sms = sms > 0 ? sms : prop->multiProcessorCount;
+  const int64_t n_t = dy.size(0), out_f = dy.size(1), in_f = x.size(1), n_k = indices.numel();
+  TORCH_CHECK(staged::fits(in_f, smem_budget), op, ": ", in_f, " input features do not fit ", smem_budget,
+              " bytes of shared memory (16 bytes per feature and at least one row of dy)");
+  if (n_k == 0) return;
+  if (n_t == 0) {
+    out.zero_();
+    return;
+  }
+  auto idx = indices.contiguous();
+  auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "apet_sddmm_staged_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const staged::Plan plan =
+        staged::make_plan(n_t, out_f, in_f, n_k, sizeof(scalar_t), staged::kThreads, sms, smem_budget);
+    TORCH_CHECK(plan.n_bands * plan.n_sub <= 65535, op, ": ", plan.n_bands * plan.n_sub, " row blocks exceed the grid");
+    auto partial = plan.n_groups == 1 ? out : at::empty({plan.n_groups * n_k}, out.options());
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "apet_sddmm_staged_cuda_idx", [&] {
+      auto kernel = sddmm_staged_kernel<scalar_t, index_t>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(plan.smem_bytes)));
+      dim3 grid(static_cast<unsigned>(plan.n_groups), static_cast<unsigned>(plan.n_bands * plan.n_sub));
+      kernel<<<grid, staged::kThreads, plan.smem_bytes, stream>>>(
+          dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), row_ptr.data_ptr<index_t>(),
+          partial.data_ptr<acc_t>(), plan, n_t, out_f, in_f, n_k, dyc.stride(0), xc.stride(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (plan.n_groups > 1) {
+      reduce_groups_kernel<acc_t><<<(n_k + 255) / 256, 256, 0, stream>>>(out.data_ptr<acc_t>(),
+                                                                          partial.data_ptr<acc_t>(), n_k, plan.n_groups);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
 void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
                const at::Tensor& row_ptr) {
   const char* op = "apet_native::spmm_";
@@ -245,4 +331,5 @@ TORCH_LIBRARY_IMPL(apet_native, CUDA, m) {
   m.impl("spmm_", &apet::spmm_cuda);
   m.impl("spmm_t_", &apet::spmm_t_cuda);
   m.impl("scatter_merge_", &apet::scatter_merge_cuda);
+  m.impl("sddmm_staged_", &apet::sddmm_staged_cuda);
 }

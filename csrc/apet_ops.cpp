@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "sddmm_staged.h"
 
 namespace apet {
 namespace {
@@ -448,6 +449,72 @@ void sddmm_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const 
 namespace {
 // out[:, d] += sum_{j in group d} v_j src[:, source_j] (groups: rows of the weight for spmm, columns
 // for spmm_t). Tokens go to threads whole, so no two threads write one output row.
+// The staged CUDA SDDMM (sddmm_staged.h) emulated on the CPU: the same per-thread code, run block by
+// block and phase by phase (every thread's stage, then every thread's accumulate: the kernel's
+// __syncthreads), so its arithmetic is tested where no GPU is. A test oracle, not a CPU kernel.
+// smem_budget, sms and threads stand in for the device's (<= 0: an H100's 227 KB, 132 SMs, 512 threads).
+void sddmm_staged_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+                      const at::Tensor& row_ptr, int64_t smem_budget, int64_t sms, int64_t threads) {
+  const char* op = "apet_native::sddmm_staged_";
+  check_sddmm(out, dy, x, indices, row_ptr, op);
+  smem_budget = smem_budget > 0 ? smem_budget : 227 * 1024;
+  sms = sms > 0 ? sms : 132;
+  threads = threads > 0 ? threads : staged::kThreads;
+  const int64_t n_t = dy.size(0), out_f = dy.size(1), in_f = x.size(1), n_k = indices.numel();
+  TORCH_CHECK(staged::fits(in_f, smem_budget), op, ": ", in_f, " input features do not fit ", smem_budget,
+              " bytes of shared memory (16 bytes per feature and at least one row of dy)");
+  if (n_k == 0) return;
+  if (n_t == 0) {
+    out.zero_();
+    return;
+  }
+  auto idx = indices.contiguous();
+  auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "apet_sddmm_staged_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const staged::Plan plan =
+        staged::make_plan(n_t, out_f, in_f, n_k, sizeof(scalar_t), threads, sms, smem_budget);
+    auto partial = plan.n_groups == 1 ? out : at::empty({plan.n_groups * n_k}, out.options());
+    std::vector<scalar_t> smem(plan.smem_bytes / sizeof(scalar_t));
+    scalar_t *xs = smem.data(), *dys = smem.data() + in_f * plan.tt;
+    std::vector<staged::Lane<scalar_t, acc_t>> lanes(threads);
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "apet_sddmm_staged_cpu_idx", [&] {
+      const index_t *ix = idx.data_ptr<index_t>(), *rp = row_ptr.data_ptr<index_t>();
+      for (int64_t g = 0; g < plan.n_groups; ++g) {
+        for (int64_t y = 0; y < plan.n_bands * plan.n_sub; ++y) {
+          const staged::Block b = staged::block_of(plan, rp, out_f, n_t, g, y);
+          for (int64_t pass = b.first_pass; pass < b.hi; pass += b.pass_stride) {
+            for (int64_t tid = 0; tid < threads; ++tid) lanes[tid].load(ix, b, pass, tid, threads, in_f);
+            for (int64_t t0 = b.t_begin; t0 < b.t_end; t0 += plan.tt) {
+              for (int64_t tid = 0; tid < threads; ++tid)
+                staged::stage_tile(xs, dys, xc.data_ptr<scalar_t>(), dyc.data_ptr<scalar_t>(), xc.stride(0),
+                                   dyc.stride(0), in_f, b, t0, plan.tt, tid, threads);
+              for (int64_t tid = 0; tid < threads; ++tid) lanes[tid].accumulate(xs, dys);
+            }
+            for (int64_t tid = 0; tid < threads; ++tid)
+              lanes[tid].store(partial.data_ptr<acc_t>(), n_k, g, threads);
+          }
+        }
+      }
+    });
+    if (plan.n_groups > 1)
+      for (int64_t k = 0; k < n_k; ++k)
+        staged::reduce_groups(out.data_ptr<acc_t>(), partial.data_ptr<acc_t>(), n_k, plan.n_groups, k);
+  });
+}
+
+// The staged SDDMM's grid for these sizes (tt, band, n_bands, n_sub, n_groups, group_tokens, smem_bytes): what
+// the tests read to show that their small shapes reach many bands, passes and token groups.
+std::vector<int64_t> sddmm_staged_plan(int64_t n_t, int64_t out_f, int64_t in_f, int64_t k, int64_t elem_size,
+                                       int64_t threads, int64_t sms, int64_t smem_budget) {
+  TORCH_CHECK(elem_size > 0 && elem_size <= 16 && 16 % elem_size == 0 && threads > 0 && sms > 0 &&
+                  staged::fits(in_f, smem_budget) && out_f > 0,
+              "apet_native::sddmm_staged_plan: bad arguments");
+  const staged::Plan p = staged::make_plan(n_t, out_f, in_f, k, elem_size, threads, sms, smem_budget);
+  return {p.tt, p.band, p.n_bands, p.n_sub, p.n_groups, p.group_tokens, p.smem_bytes};
+}
+
 void group_spmm_cpu(at::Tensor& out, const at::Tensor& src, const at::Tensor& indices, const at::Tensor& values,
                     const at::Tensor& group_ptr, const at::Tensor* perm, int64_t in_f, bool groups_are_rows,
                     const char* op) {
@@ -605,6 +672,11 @@ TORCH_LIBRARY(apet_native, m) {
   m.def("spmm_t_(Tensor(a!) out, Tensor dy, Tensor indices, Tensor values, Tensor col_ptr, Tensor col_perm) -> ()");
   m.def("scatter_merge_(Tensor(a!) weight, Tensor indices, Tensor base, Tensor values) -> ()");
   m.def("fingerprint(Tensor t) -> int");
+  // the staged SDDMM (csrc/sddmm_staged.h): CUDA kernel; on the CPU its emulation (tests)
+  m.def("sddmm_staged_(Tensor(a!) out, Tensor dy, Tensor x, Tensor indices, Tensor row_ptr, int smem_budget=0, "
+        "int sms=0, int threads=0) -> ()");
+  m.def("sddmm_staged_plan(int n_t, int out_f, int in_f, int k, int elem_size, int threads, int sms, "
+        "int smem_budget) -> int[]", &apet::sddmm_staged_plan);
 }
 
 TORCH_LIBRARY_IMPL(apet_native, CPU, m) {
@@ -613,6 +685,7 @@ TORCH_LIBRARY_IMPL(apet_native, CPU, m) {
   m.impl("spmm_t_", &apet::spmm_t_cpu);
   m.impl("scatter_merge_", &apet::scatter_merge_cpu);
   m.impl("fingerprint", &apet::fingerprint_cpu);
+  m.impl("sddmm_staged_", &apet::sddmm_staged_cpu);
 }
 
 // A plain Python module: importing apet_kernels._C loads the library and runs the

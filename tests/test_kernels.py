@@ -227,102 +227,94 @@ def test_autotuning_keys_on_token_buckets_not_token_counts():
         assert "T_BUCKET" in kernel.keys and not {"T", "T_CHUNK"} & set(kernel.keys)
 
 
-# ---------------------------------------------------------------- the token-major Triton SDDMM (issue 22)
+# ---------------------------------------------------------------- the staged SDDMM (csrc/sddmm_staged.h, issue 31)
 @pytest.fixture
-def token_major(tk):
-    from apet_kernels.ops.triton import token_major
-    return token_major
+def native():
+    status = backends()["native"]
+    if not status["available"]:
+        pytest.skip(f"native unavailable: {status['reason']}")
+    from apet_kernels.ops import native
+    return native
 
 
-def _decoded_chunks(tables, k):
-    ptr = tables.chunk_ptr.long().tolist()
-    return [(ptr[i], ptr[i + 1], int(tables.chunk_row[i])) for i in range(tables.n_chunks)] if k else []
+# (smem_budget bytes, sms, threads) for the emulation: the H100 defaults (one band, one pass, groups), and
+# small budgets and thread counts that force many bands (dy rows staged per block), many passes of
+# threads * 16 deltas per band, several blocks per band (n_sub), and one or many token groups
+STAGED_GRIDS = [(0, 0, 0), (16 * 80, 3, 2), (16 * 70, 50, 1), (16 * 300, 1, 4)]
 
 
-@pytest.mark.parametrize("max_chunk", [8, 64, 2048])
-@pytest.mark.parametrize("case", CASES + [(5, 300, 40, 2000, "random")],
-                         ids=lambda c: f"{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
-def test_token_major_chunk_tables(token_major, case, max_chunk):
-    """Chunks partition the sorted deltas, each inside one block of block_r rows with at most block_j deltas,
-    and the packed entries decode to each delta's (row - chunk row, column)."""
-    _, out_f, in_f, k, pattern = case
-    idx = _pattern(pattern, (out_f, in_f), k, torch.int32)
-    layout = build_layout(idx, (out_f, in_f))
-    tables = token_major.build_chunk_tables(idx, layout.row_ptr, in_f, max_chunk=max_chunk)
-    chunks = _decoded_chunks(tables, k)
-    assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]] and (not k or chunks[-1][1] == k)
-    rows, cols = (idx.long() // in_f).cpu(), (idx.long() % in_f).cpu()
-    packed = tables.packed.long().cpu()
-    for start, end, row0 in chunks:
-        assert 0 < end - start <= tables.block_j and row0 % tables.block_r == 0
-        assert bool(((rows[start:end] >= row0) & (rows[start:end] < row0 + tables.block_r)).all())
-        assert torch.equal(packed[start:end] // tables.block_r, cols[start:end])
-        assert torch.equal(packed[start:end] % tables.block_r, rows[start:end] - row0)
-    assert tables.block_j <= max(max_chunk, 1) and not tables.counters.any()
-
-
-# (case, max_chunk): the CASES with many small chunks (8 deltas) and with one chunk per block; a longer one
-TOKEN_MAJOR_CASES = [(c, m) for c in CASES for m in (8, 2048)] + [((300, 64, 128, 900, "random"), 256)]
-
-
+@pytest.mark.parametrize("grid", STAGED_GRIDS, ids=lambda g: "smem{}-sms{}-threads{}".format(*g))
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case,max_chunk", TOKEN_MAJOR_CASES,
-                         ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}" if isinstance(c, tuple) else f"chunk{c}")
-def test_token_major_sddmm(token_major, case, dtype, index_dtype, max_chunk):
-    """Against float64, poisoned output, many chunks (max_chunk 8) and token blocks reduced by the last block;
-    deterministic (bit-equal on a second call) and the counters back at zero for the next call."""
+@pytest.mark.parametrize("case", CASES + [(300, 64, 60, 900, "random")],
+                         ids=lambda c: f"T{c[0]}-{c[1]}x{c[2]}-k{c[3]}-{c[4]}")
+def test_staged_sddmm_against_float64(native, case, dtype, index_dtype, grid):
+    """The CUDA kernel's per-thread code (emulated block by block on the CPU, or the kernel on a GPU) against
+    float64, into a poisoned output; bit-equal on a second call (the group reduction runs in a fixed order)."""
+    smem, sms, threads = grid
+    if DEVICE == "cuda" and (threads or smem):
+        pytest.skip("on CUDA the kernel runs its own block size and the device's shared memory")
     x, dy, idx, _ = _data(*case, dtype, index_dtype)
     layout = build_layout(idx, case[1:3])
-    tables = token_major.build_chunk_tables(idx, layout.row_ptr, case[2], max_chunk=max_chunk)
     out = torch.full((idx.numel(),), float("nan"), device=DEVICE)
-    got = token_major.sddmm(dy, x, idx, layout.row_ptr, out=out, tables=tables)
+    got = native.sddmm_staged(dy, x, idx, layout.row_ptr, out=out, smem_budget=smem, sms=sms, threads=threads)
     assert got.data_ptr() == out.data_ptr()
     if idx.numel():
         assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
-        again = token_major.sddmm(dy, x, idx, layout.row_ptr, out=torch.full_like(out, float("nan")), tables=tables)
+        again = native.sddmm_staged(dy, x, idx, layout.row_ptr, out=torch.full_like(out, float("nan")),
+                                    smem_budget=smem, sms=sms, threads=threads)
         assert torch.equal(again, got)
-    assert not tables.counters.any()
 
 
-def test_token_major_sddmm_strided_inputs_and_cached_tables(token_major):
-    """Views with a row stride are read in place; the tables are built once per layout and rebuilt when the
-    positions change in place or the layout is rebuilt."""
+def test_staged_grids_reach_many_bands_passes_and_groups(native):
+    """The grids above are worth running: between them they cut rows into bands, run several blocks per band
+    and several passes per block, and split the tokens into groups (the reduction), on the test cases."""
+    seen = set()
+    for t, out_f, in_f, k, pattern in CASES + [(300, 64, 60, 900, "random")]:
+        for smem, sms, threads in STAGED_GRIDS:
+            tt, band, n_bands, n_sub, n_groups, group_tokens, smem_bytes = torch.ops.apet_native.sddmm_staged_plan(
+                t, out_f, in_f, k, 2, threads or 512, sms or 132, smem or 227 * 1024)
+            assert n_bands * band >= out_f > (n_bands - 1) * band and n_groups * group_tokens >= t
+            assert group_tokens % tt == 0 and smem_bytes <= (smem or 227 * 1024)
+            rows = _pattern(pattern, (out_f, in_f), k, torch.int64).cpu() // in_f
+            per_band = torch.bincount(rows // band, minlength=n_bands)
+            passes = int(per_band.max()) // (16 * (threads or 512)) + 1 if k else 0  # the densest band's
+            seen |= {"bands"} if n_bands > 1 else set()
+            seen |= {"blocks per band"} if n_sub > 1 else set()
+            seen |= {"passes per block"} if passes > n_sub else set()
+            seen |= {"token groups"} if n_groups > 1 else set()
+    assert seen == {"bands", "blocks per band", "passes per block", "token groups"}
+
+
+def test_staged_sddmm_strided_inputs_and_what_does_not_fit(native):
     out_f, in_f, k = 30, 50, 200
     idx = random_indices((out_f, in_f), k).to(DEVICE)
     layout = build_layout(idx, (out_f, in_f))
     x = torch.randn(40, in_f + 7, device=DEVICE)[:, 3:3 + in_f]
     dy = torch.randn(40, out_f + 2, device=DEVICE)[:, :out_f]
-    got = token_major.sddmm(dy, x, idx, layout.row_ptr)
+    got = native.sddmm_staged(dy, x, idx, layout.row_ptr)
     assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
-    first = token_major.chunk_tables(idx, layout.row_ptr, in_f)
-    assert token_major.chunk_tables(idx, layout.row_ptr, in_f) is first
-    with torch.no_grad():
-        idx.copy_(random_indices((out_f, in_f), k).to(DEVICE))
-    layout2 = build_layout(idx, (out_f, in_f))
-    assert token_major.chunk_tables(idx, layout.row_ptr, in_f) is not first  # in-place change: rebuilt
-    got = token_major.sddmm(dy, x, idx, layout2.row_ptr)
-    assert_close_rel(got, ref.sddmm(dy.double(), x.double(), idx), torch.float32)
+    if DEVICE == "cpu":  # 50 features need 816 bytes with one row of dy
+        with pytest.raises(RuntimeError, match="50 input features do not fit 800 bytes of shared memory"):
+            native.sddmm_staged(dy, x, idx, layout.row_ptr, smem_budget=800)
 
 
-def test_the_triton_sddmm_takes_the_token_major_kernel_on_request(tk, token_major, monkeypatch):
+def test_the_native_sddmm_takes_the_staged_kernel_on_request(native, monkeypatch):
+    """Only on CUDA tensors (on the CPU the staged op is an emulation), by APET_NATIVE_SDDMM or `chosen`."""
     calls = []
-    monkeypatch.setattr(token_major, "sddmm", lambda *a, **kw: calls.append(a) or a[-1])
+    real = torch.ops.apet_native.sddmm_staged_
+    monkeypatch.setattr(native.torch.ops.apet_native, "sddmm_staged_", lambda *a: calls.append(a) or real(*a),
+                        raising=False)
     x, dy, idx, _ = _data(8, 12, 10, 20, "random", torch.float32, torch.int64)
     row_ptr = build_layout(idx, (12, 10)).row_ptr
-    tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
-    assert not calls
-    monkeypatch.setenv("APET_TRITON_SDDMM", "tokens")
-    tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
-    assert len(calls) == 1
-    with token_major.chosen("columns"):  # what the benchmarks use to time both walks in one process
-        tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
-    monkeypatch.delenv("APET_TRITON_SDDMM")
-    with token_major.chosen("tokens"):
-        tk.sddmm(dy, x, idx, row_ptr, out=torch.empty(20, device=DEVICE))
-    assert len(calls) == 2
-    with pytest.raises(ValueError, match="'tokens' or 'columns'"):
-        with token_major.chosen("rows"):
+    monkeypatch.setenv("APET_NATIVE_SDDMM", "staged")
+    native.sddmm(dy, x, idx, row_ptr)
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
+    with native.chosen("warps"):
+        native.sddmm(dy, x, idx, row_ptr)
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
+    with pytest.raises(ValueError, match="'warps' or 'staged'"):
+        with native.chosen("tokens"):
             pass
 
 
@@ -330,13 +322,13 @@ def test_the_triton_sddmm_takes_the_token_major_kernel_on_request(tk, token_majo
 @pytest.mark.parametrize("density", [1e-4, 1e-3, 1e-2])
 @pytest.mark.parametrize("shape", GPU_SHAPES + [(4096, 11008, 4096), (4096, 4096, 11008)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_gpu_token_major_sddmm_real_sizes(token_major, shape, density):
+def test_gpu_staged_sddmm_real_sizes(native, shape, density):
     t, out_f, in_f = shape
     k = int(density * out_f * in_f)
     idx = random_indices((out_f, in_f), k).to(DEVICE)
     x = torch.randn(t, in_f, device=DEVICE, dtype=torch.bfloat16)
     dy = torch.randn(t, out_f, device=DEVICE, dtype=torch.bfloat16)
     layout = build_layout(idx, (out_f, in_f))
-    got = token_major.sddmm(dy, x, idx, layout.row_ptr, out=torch.full((k,), float("nan"), device=DEVICE))
+    got = native.sddmm_staged(dy, x, idx, layout.row_ptr, out=torch.full((k,), float("nan"), device=DEVICE))
     assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
-    assert torch.equal(token_major.sddmm(dy, x, idx, layout.row_ptr), got)
+    assert torch.equal(native.sddmm_staged(dy, x, idx, layout.row_ptr), got)

@@ -156,8 +156,6 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
     n_k, (n_t, n_rows) = indices.numel(), dy.shape
     if out is None:
         out = torch.empty(n_k, dtype=torch.float32, device=dy.device)
-    if token_major.applies(x):
-        return token_major.sddmm(dy, x, indices, row_ptr, out)
     if n_k == 0:
         return out
     if n_t == 0:
@@ -181,6 +179,15 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
 
 
 # --------------------------------------------------------------------------- spmm / spmm_t
+def _fp32_tiles_that_fit(configs, named_args, **kwargs):
+    """fp32 activations (EXACT_F32) multiply the one-hot values with ieee FMA dots, not tensor cores: tiles with
+    BLOCK_D * BLOCK_J above 16 x 32 spilled 200-500 bytes at 255 registers on sm_90 (Triton 3.8; report in
+    bench/results/compile-cpu-2026-12-05/), so fp32 autotunes over the others only."""
+    if not kwargs.get("EXACT_F32"):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_J"] <= 16 * 32] or configs
+
+
 @triton.autotune(
     configs=_configs([dict(BLOCK_T=128, BLOCK_D=16, BLOCK_J=32, num_warps=4),
                       dict(BLOCK_T=128, BLOCK_D=32, BLOCK_J=32, num_warps=4),
@@ -188,6 +195,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, row_ptr: tor
                       dict(BLOCK_T=256, BLOCK_D=16, BLOCK_J=32, num_warps=8)],
                      dict(BLOCK_T=16, BLOCK_D=16, BLOCK_J=16)),
     key=["T_BUCKET", "N_DST", "K"],
+    prune_configs_by={"early_config_prune": _fp32_tiles_that_fit},
     restore_value=["out"])  # the kernel accumulates into out: benchmarking must not add twice
 @triton.jit
 def _group_spmm_kernel(out, src_t, group_ptr, perm, idx, vals, T, T_BUCKET, N_DST, K, in_features, s_out, s_src,
@@ -275,6 +283,3 @@ def _native_scatter(device_type: str):
 def scatter_merge_(weight: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, values: torch.Tensor) -> None:
     """weight[p] = cast(base + v): the native extension's one launch where it is built (else index_put_)."""
     (_native_scatter(weight.device.type) or reference.scatter_merge_)(weight, indices, base, values)
-
-
-from . import token_major  # noqa: E402  (imports names from this module: after them)
