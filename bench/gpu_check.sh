@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (H100/H200; no network): versions, build, GPU tests, host time per call,
-# kernel microbenchmarks (both Triton SDDMM walks side by side), eager and CUDA-graphed layer steps, the
+# kernel microbenchmarks (every SDDMM variant side by side), eager and CUDA-graphed layer steps, the
 # model-level comparison, quantized bases. Results go to $OUT (when set) or bench/results/.
 #
-# The whole run ends within BUDGET seconds (default 470, issue 22: <= 8 minutes): steps run in order of how
-# much their numbers are needed, each under its own limit, and each limit is cut to the time left, so a slow
+# The whole run ends within BUDGET seconds (default 400, issue 31: <= 7 minutes with start-up): steps run in
+# order of how much their numbers are needed (kernel rows of every SDDMM variant, then the model-level table), each under its own limit, and each limit is cut to the time left, so a slow
 # step costs the ones after it, never the deadline. A step with less than its minimum left is skipped (said).
 #   bash bench/gpu_check.sh
 # Dry run on the CPU at small sizes (checks every step's command line; times nothing useful):
@@ -23,7 +23,7 @@ TOKENS="${TOKENS:-4096}"
 DENSITIES="${DENSITIES:-1e-4 1e-3 1e-2}"
 LAYER_DENSITIES="${LAYER_DENSITIES:-1e-3 1e-2}"
 SMALL="${SMALL:-}"      # set: small shapes everywhere (the CPU dry run)
-BUDGET="${BUDGET:-470}"
+BUDGET="${BUDGET:-400}"
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; fi
 log="$OUT/gpu_check.log"
 : > "$log"
@@ -44,6 +44,7 @@ step "machine"
   "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs') if torch.cuda.is_available() else print('no CUDA device')"
 } 2>&1 | tee -a "$log"
 
+
 step "build the native extension (csrc/) for this GPU"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" APET_REQUIRE_EXT=1
 if [ "$DEVICE" = cpu ]; then echo "  (dry run: the extension already built here is used)" | tee -a "$log"
@@ -53,31 +54,14 @@ elif t=$(lim 120 60); then
 fi
 "$PY" -c "import apet_kernels, json; print(json.dumps(apet_kernels.backends(), indent=1))" 2>&1 | tee -a "$log"
 
-step "pytest -m gpu (real sizes, both Triton SDDMM walks, host sync, CUDA graphs, FSDP2 + Trainer, quantized)"
-# SIGINT, not SIGTERM: pytest then still prints what passed and failed before the limit
-if t=$(lim 110 30); then
-  timeout -s INT "$t" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -rfE 2>&1 | tail -30 | tee -a "$log"
-fi
 
-step "host time per call (does a Triton call cost what its kernel does?)"
-if t=$(lim 40 15); then
-  timeout "$t" "$PY" bench/launch_overhead.py --device "$DEVICE" --dtype "$DTYPE" $(small "--shape 96x64 --tokens 32 --reps 3 --interpreted" "") \
-    2>&1 | tee "$OUT/launch_overhead.md" | tail -40 | tee -a "$log"
-fi
-
-step "kernel microbenchmarks + layer steps: triton (columns and tokens SDDMM) and native side by side"
+step "kernel microbenchmarks + layer steps: triton and native side by side (native: warp-per-delta and staged SDDMM)"
 if t=$(lim 110 30); then
   TRITON_PRINT_AUTOTUNING=1 timeout "$t" "$PY" bench/bench_kernels.py --device "$DEVICE" --dtype "$DTYPE" --shapes $SHAPES \
     --tokens "$TOKENS" --densities $DENSITIES --layer-densities $LAYER_DENSITIES --out "$OUT" --tag llama7b \
     $([ "$DEVICE" = cuda ] && echo --profile) 2>&1 | grep -v "^Autotuning kernel" | tee -a "$log"
 fi
 
-step "one layer's step eager and CUDA-graphed (torch.compile reduce-overhead): 3072x768, T=2048, 0.1%"
-if t=$(lim 70 25); then
-  TORCH_LOGS=perf_hints timeout "$t" "$PY" bench/graphed_step.py --device "$DEVICE" --dtype "$DTYPE" \
-    $(small "--shape 96x64 --tokens 32 --rounds 2" "--rounds 5") --out "$OUT/graphed_step.md" 2>&1 \
-    | grep -v "^W[0-9]" | tail -20 | tee -a "$log"
-fi
 
 step "model-level comparison (bench/compare.py, bf16, interleaved rounds)"
 if t=$(lim 100 40); then
@@ -88,6 +72,29 @@ if t=$(lim 100 40); then
   # the device tool returns a limited number of files: pack this folder into one
   [ -d "$OUT/compare" ] && tar -C "$OUT" -czf "$OUT/compare.tgz" compare && rm -rf "$OUT/compare"
 fi
+
+
+step "pytest -m gpu (real sizes, the staged SDDMM, host sync, CUDA graphs, FSDP2 + Trainer, quantized)"
+# SIGINT, not SIGTERM: pytest then still prints what passed and failed before the limit
+if t=$(lim 110 30); then
+  timeout -s INT "$t" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -rfE 2>&1 | tail -30 | tee -a "$log"
+fi
+
+
+step "one layer's step eager and CUDA-graphed (torch.compile reduce-overhead): 3072x768, T=2048, 0.1%"
+if t=$(lim 70 25); then
+  TORCH_LOGS=perf_hints timeout "$t" "$PY" bench/graphed_step.py --device "$DEVICE" --dtype "$DTYPE" \
+    $(small "--shape 96x64 --tokens 32 --rounds 2" "--rounds 5") --out "$OUT/graphed_step.md" 2>&1 \
+    | grep -v "^W[0-9]" | tail -20 | tee -a "$log"
+fi
+
+
+step "host time per call (does a Triton call cost what its kernel does?)"
+if t=$(lim 40 15); then
+  timeout "$t" "$PY" bench/launch_overhead.py --device "$DEVICE" --dtype "$DTYPE" $(small "--shape 96x64 --tokens 32 --reps 3 --interpreted" "") \
+    2>&1 | tee "$OUT/launch_overhead.md" | tail -40 | tee -a "$log"
+fi
+
 
 step "quantized bases: both strategies over NF4, bnb int8, torchao int8/int4 (bitsandbytes / torchao when present)"
 # without network, they come from bench/wheels/ when carried:
@@ -105,11 +112,13 @@ elif t=$(lim 80 30); then
   [ -d "$OUT/compare_quant" ] && tar -C "$OUT" -czf "$OUT/compare_quant.tgz" compare_quant && rm -rf "$OUT/compare_quant"
 fi
 
+
 step "host time per layer (64x64, T=1 and 4): frozen, merged, unmerged, PEFT LoRA"
 if t=$(lim 30 15); then
   timeout "$t" "$PY" bench/forward_overhead.py $(small "--rounds 5 --model tiny" "--rounds 200") 2>&1 \
     | tee "$OUT/forward_overhead.md" | tail -24 | tee -a "$log"
 fi
+
 
 step "every kernel test on $DEVICE tensors (odd shapes, all dtypes, poisoned outputs, layer vs dense-mask)"
 if t=$(lim 90 20); then

@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_common  # noqa: E402,F401  (first: keeps libraries' import-time warnings out of the tables)
+
 from apet_kernels import ApetConfig, get_apet_model  # noqa: E402
 from apet_kernels.positions import Regrower  # noqa: E402
 

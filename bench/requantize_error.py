@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import bench_common  # noqa: E402,F401  (first: keeps libraries' import-time warnings out of the tables)
+
 
 def measure(model_name: str, kind: str, scale: float, density: float) -> dict:
     import torch

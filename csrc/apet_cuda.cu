@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(staged::kThreads)
   for (int64_t pass = b.first_pass; pass < b.hi; pass += b.pass_stride) {
     lane.load(idx, b, pass, tid, plan.threads, in_f);
     for (int64_t t0 = b.t_begin; t0 < b.t_end; t0 += plan.tt) {
-      staged::stage_tile(xs, dys, x, dy, s_x, s_dy, in_f, b, t0, plan.tt, tid, plan.threads);
+      staged::stage_tile(xs, dys, x, dy, s_x, s_dy, in_f, b, t0, tid, plan.threads);
       __syncthreads();
       lane.accumulate(xs, dys);
       __syncthreads();

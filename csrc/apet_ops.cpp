@@ -489,7 +489,7 @@ void sddmm_staged_cpu(at::Tensor out, const at::Tensor& dy, const at::Tensor& x,
             for (int64_t t0 = b.t_begin; t0 < b.t_end; t0 += plan.tt) {
               for (int64_t tid = 0; tid < threads; ++tid)
                 staged::stage_tile(xs, dys, xc.data_ptr<scalar_t>(), dyc.data_ptr<scalar_t>(), xc.stride(0),
-                                   dyc.stride(0), in_f, b, t0, plan.tt, tid, threads);
+                                   dyc.stride(0), in_f, b, t0, tid, threads);
               for (int64_t tid = 0; tid < threads; ++tid) lanes[tid].accumulate(xs, dys);
             }
             for (int64_t tid = 0; tid < threads; ++tid)

@@ -109,21 +109,39 @@ APET_HD inline Block block_of(const Plan& p, const index_t* row_ptr, int64_t out
   return b;
 }
 
-// Stage tile [t0, t0 + tt) (tokens at or past the group's end are zeros: they belong to another group):
-// xs[c * tt + t] = x[t0 + t, c], dys[(r - r0) * tt + t] = dy[t0 + t, r]. Thread `tid` of `threads` copies
-// every threads-th element, consecutive threads along features (coalesced global reads).
+// 16 bytes from `src` to `dst`, both 16-byte aligned (one vector store in shared memory on the GPU).
+template <typename scalar_t>
+APET_HD inline void copy16(scalar_t* dst, const scalar_t* src) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, kRowBytes);
+#endif
+}
+
+// Stage tile [t0, t0 + TT) (tokens at or past the group's end are zeros: they belong to another group):
+// xs[c * TT + t] = x[t0 + t, c], dys[(r - r0) * TT + t] = dy[t0 + t, r]. Thread `tid` of `threads` takes every
+// threads-th feature: its TT reads are coalesced across a warp (consecutive features) and it writes the
+// feature's TT tokens as one 16-byte store (a quarter-warp's eight stores fill 128 contiguous bytes: no bank
+// conflicts, and no division per element).
 template <typename scalar_t>
 APET_HD inline void stage_tile(scalar_t* xs, scalar_t* dys, const scalar_t* x, const scalar_t* dy, int64_t s_x,
-                               int64_t s_dy, int64_t in_f, const Block& b, int64_t t0, int64_t tt, int64_t tid,
+                               int64_t s_dy, int64_t in_f, const Block& b, int64_t t0, int64_t tid,
                                int64_t threads) {
-  const int64_t nb = b.r1 - b.r0;
-  for (int64_t e = tid; e < tt * in_f; e += threads) {
-    const int64_t t = e / in_f, c = e - t * in_f;
-    xs[c * tt + t] = t0 + t < b.t_end ? x[(t0 + t) * s_x + c] : scalar_t(0);
+  constexpr int TT = tokens_per_tile<scalar_t>();
+  const int64_t n_tok = b.t_end - t0 < TT ? b.t_end - t0 : TT;
+  alignas(16) scalar_t v[TT];
+  const scalar_t* xt = x + t0 * s_x;  // (one base pointer per tile: fewer live 64-bit addresses per thread)
+  for (int64_t c = tid; c < in_f; c += threads) {
+    APET_UNROLL
+    for (int t = 0; t < TT; ++t) v[t] = t < n_tok ? xt[t * s_x + c] : scalar_t(0);
+    copy16(xs + c * TT, v);
   }
-  for (int64_t e = tid; e < tt * nb; e += threads) {
-    const int64_t t = e / nb, r = e - t * nb;
-    dys[r * tt + t] = t0 + t < b.t_end ? dy[(t0 + t) * s_dy + b.r0 + r] : scalar_t(0);
+  const scalar_t* dyt = dy + t0 * s_dy + b.r0;
+  for (int64_t r = tid; r < b.r1 - b.r0; r += threads) {
+    APET_UNROLL
+    for (int t = 0; t < TT; ++t) v[t] = t < n_tok ? dyt[t * s_dy + r] : scalar_t(0);
+    copy16(dys + r * TT, v);
   }
 }
 
@@ -162,13 +180,8 @@ struct Lane {
       if (m >= n) continue;
       alignas(16) scalar_t a[TT];
       alignas(16) scalar_t d[TT];
-#if defined(__CUDA_ARCH__)
-      *reinterpret_cast<uint4*>(a) = *reinterpret_cast<const uint4*>(xs + x_off[m]);
-      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(dys + dy_off[m]);
-#else
-      std::memcpy(a, xs + x_off[m], sizeof(a));
-      std::memcpy(d, dys + dy_off[m], sizeof(d));
-#endif
+      copy16(a, xs + x_off[m]);
+      copy16(d, dys + dy_off[m]);
       acc_t s = acc[m];
       APET_UNROLL
       for (int t = 0; t < TT; ++t) s += static_cast<acc_t>(a[t]) * static_cast<acc_t>(d[t]);

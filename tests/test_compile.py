@@ -96,7 +96,14 @@ def test_reduce_overhead_training_step_matches_eager_on_cuda(strategy):
             opt.zero_grad()
             return loss.detach().clone()
         fn = step if mode == "eager" else torch.compile(step, mode="reduce-overhead")
-        runs[mode] = torch.stack([fn() for _ in range(6)])
+        losses = []
+        for _ in range(6):
+            # each call is a new training step: the graph's outputs are overwritten by the next replay, so the
+            # step is marked and its loss copied out before the next one (H200 run: the returned tensor was
+            # "overwritten by a subsequent run" without this)
+            torch.compiler.cudagraph_mark_step_begin()
+            losses.append(fn().clone())
+        runs[mode] = torch.stack(losses)
         if mode != "eager":
             assert counters["inductor"]["cudagraph_skips"] == 0
     torch.testing.assert_close(runs["reduce-overhead"], runs["eager"], rtol=1e-4, atol=1e-5)

@@ -11,7 +11,6 @@ import sys
 
 import torch
 import transformers
-from datasets import Dataset
 
 from apet_kernels import ApetConfig, get_apet_model, load_apet
 
@@ -28,7 +27,8 @@ def model(strategy):
 def data():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 99, (16, 12), generator=gen)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    # a list of examples, which Trainer takes as a map-style dataset: no `datasets` (the lent GPU image lacks it)
+    return [{"input_ids": row, "labels": row} for row in ids.tolist()]
 
 
 def train(out, strategy, fsdp):
