@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, runs_as_plain_gemm, stored_weight
-from .load_guard import already_checked
+from .load_guard import already_checked, check_strict_keys
 from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
@@ -205,7 +205,9 @@ class SparseDeltaLinear(nn.Module):
         self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
                                              columns=self.strategy == "unmerged", base_dtype=self.base_dtype)
         self._set_active_cache()
-        self.delta_values.requires_grad_(True)
+        # K = 0: nothing to train. An empty trainable tensor gets an empty gradient, which FSDP2's reduce-scatter
+        # refuses (_chunk_cat expects non-empty tensors; issue 33)
+        self.delta_values.requires_grad_(self._active.k > 0)
         self._merge = MergedWeight(self)
         self._merge.read_base()
         self._claim_weight()
@@ -439,7 +441,7 @@ class SparseDeltaLinear(nn.Module):
                 self.deltas[name].rebuild_layout(columns=True)
         self.active_adapters = names
         for name, delta in self.deltas.items():
-            delta.values.requires_grad_(name == new)
+            delta.values.requires_grad_(name == new and delta.k > 0)  # (K = 0: see __init__)
         note_active_values([self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
 
     @torch.no_grad()
@@ -500,6 +502,11 @@ class SparseDeltaLinear(nn.Module):
         return result
 
     # ----------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:  # missing / unexpected keys refused before anything is copied (torch reports them after)
+            check_strict_keys(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # Keys: base_layer.weight/bias and, for every adapter, deltas.<name>.values / .indices / .base / .merged. A
     # merged layer's weight is saved as W + S of its active adapter, whose ``merged`` flag says so; a load puts
     # the pure W back at that adapter's positions from the base saved with it, whatever adapter is active here.

@@ -3,7 +3,10 @@
 torch loads a state dict module by module, top-down, each module copying its own tensors as it is
 reached: a bad entry found in the last layer comes after the first layers were overwritten. So every
 ancestor of an APET layer gets a load pre-hook that checks the whole incoming state dict against its
-subtree (every APET layer's entries, every tensor's shape) before anything below it copies. The
+subtree (every APET layer's entries, every tensor's shape) before anything below it copies. With
+``strict=True`` torch reports missing and unexpected keys only after every copy, and tells hooks nothing of
+``strict``: APET layers and patched models check the key set in their own ``load_state_dict`` first
+(``check_strict_keys``). The
 outermost one checks; the others see that this load (one ``error_msgs`` list per ``load_state_dict``
 call) was checked already.
 
@@ -48,6 +51,41 @@ def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
                 raise RuntimeError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
                                    f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
                                    f"{tuple(mine.shape)} (nothing was loaded)")
+
+
+def expected_keys(module: nn.Module, prefix: str) -> set[str]:
+    """The keys ``load_state_dict`` looks for under ``module``: every path to a parameter, a persistent buffer or
+    an extra state (shared modules under each of their paths, as torch walks them)."""
+    keys = set()
+    for name, sub in module.named_modules(remove_duplicate=False):
+        sub_prefix = f"{prefix}{name}." if name else prefix
+        keys |= {sub_prefix + n for n, p in sub._parameters.items() if p is not None}
+        keys |= {sub_prefix + n for n, b in sub._buffers.items()
+                 if b is not None and n not in sub._non_persistent_buffers_set}
+        if type(sub).get_extra_state is not nn.Module.get_extra_state:
+            keys.add(sub_prefix + "_extra_state")
+    return keys
+
+
+def check_strict_keys(module: nn.Module, state_dict) -> None:
+    """What ``load_state_dict(strict=True)`` refuses only after copying everything (missing or unexpected keys),
+    refused before anything is copied. Called by the ``load_state_dict`` of APET layers and patched models: the
+    load hooks cannot do it, since torch passes them strict=True whatever the caller asked."""
+    if any(getattr(hook, "__module__", "").split(".")[0] != "apet_kernels"
+           for sub in module.modules() for hook in sub._load_state_dict_post_hooks.values()):
+        return  # another library's post-hook may clear missing or unexpected keys: torch's own strict check decides
+    upgraded = dict(state_dict)  # old keys moved to where they live now, as each layer's load pre-hook will
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if is_apet_layer(sub):
+            sub.upgrade_state_dict(upgraded, f"{name}." if name else "")
+    expected = expected_keys(module, "")
+    incoming = set(upgraded)
+    missing, unexpected = sorted(expected - incoming), sorted(incoming - expected)
+    if missing or unexpected:
+        parts = ([f"Missing key(s) in state_dict: {', '.join(map(repr, missing))}."] if missing else []) + \
+                ([f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected))}."] if unexpected else [])
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__} (strict=True; nothing was "
+                           "loaded):\n\t" + "\n\t".join(parts))
 
 
 def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

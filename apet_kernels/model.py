@@ -30,7 +30,7 @@ from . import learning_rate
 from .config import ApetConfig
 from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
 from .linear_like import is_linear_like, linear_shape, weight_oi
-from .load_guard import guard, guard_ancestors, unguard_tree
+from .load_guard import check_strict_keys, guard, guard_ancestors, unguard_tree
 from .merging import activation_dtype, merge_quantized, requantization_summary
 from .mixed_batch import BASE, MixedBatch, batch_shape
 from .positions import GradientScores
@@ -62,6 +62,11 @@ class ApetModel(nn.Module):
     # recognizes by PEFT's class or this flag; transformers' activation checkpointing then also makes the
     # embeddings' output require grad, so reentrant checkpointing reaches the deltas
     _hf_peft_config_loaded = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:  # missing / unexpected keys refused before anything is copied (torch reports them after)
+            check_strict_keys(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----------------------------------------------------------------- what is patched
     def apet_layers(self) -> dict[str, SparseDeltaLinear]:

@@ -222,3 +222,43 @@ def test_indices_moved_in_place_are_caught_by_validation(backend, monkeypatch):
     monkeypatch.setenv("APET_VALIDATE", "1")
     with pytest.raises(ValueError, match="changed in place"):
         layer(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("damage", ["one key missing", "one key unexpected", "deltas only"])
+def test_a_failed_strict_load_changes_nothing(strategy, damage):
+    """strict=True reports missing and unexpected keys only after copying everything else: the load guard
+    refuses the key set first (issue 33: 13 of 14 delta tensors were overwritten before 'Missing key(s)')."""
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
+    donor = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
+    with torch.no_grad():
+        for p in donor.parameters():
+            if p.requires_grad:
+                p.normal_()
+    incoming = dict(donor.state_dict())
+    delta_keys = [k for k in incoming if ".deltas." in k]
+    if damage == "one key missing":
+        del incoming[delta_keys[-1]]
+    elif damage == "one key unexpected":
+        incoming["model.layers.0.not_a_key"] = torch.zeros(1)
+    else:
+        incoming = {k: incoming[k] for k in delta_keys}
+    snapshot = _snapshot(model)
+    with pytest.raises(RuntimeError, match="nothing was loaded") as info:
+        model.load_state_dict(incoming, strict=True)
+    assert ("Missing key" in str(info.value)) == (damage != "one key unexpected")
+    _assert_unchanged(model, snapshot)
+    model.load_state_dict(dict(donor.state_dict()), strict=True)  # the whole one still loads
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), donor.state_dict().values()))
+
+
+def test_a_failed_strict_load_into_one_layer_changes_nothing():
+    layer = SparseDeltaLinear.from_linear(nn.Linear(8, 6), k=5, strategy="merged")
+    sd = {k: v.clone() + 1 if v.is_floating_point() else v.clone() for k, v in layer.state_dict().items()}
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    del sd["base_layer.bias"]
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        layer.load_state_dict(sd, strict=True)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    layer.load_state_dict(sd, strict=False)  # what strict=False accepts still loads
+    assert torch.equal(layer.delta_values.detach(), sd["deltas.default.values"])

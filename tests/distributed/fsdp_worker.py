@@ -42,7 +42,7 @@ class Block(nn.Module):
         return self.body(x)
 
 
-def tiny_llama(strategy):
+def tiny_llama(strategy, num_params=None):
     import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -50,13 +50,14 @@ def tiny_llama(strategy):
     base = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         base.model.layers[0].self_attn.q_proj.weight.view(-1)[::7] = -0.0  # unmerge must give these back
-    return get_apet_model(base, ApetConfig(density=0.05, strategy=strategy))
+    budget = dict(num_params=num_params) if num_params else dict(density=0.05)
+    return get_apet_model(base, ApetConfig(**budget, strategy=strategy))
 
 
 def build(cfg):
     torch.manual_seed(0)
     if cfg["model"] == "llama":
-        return tiny_llama(cfg["strategy"])
+        return tiny_llama(cfg["strategy"], cfg.get("num_params"))
     return nn.Sequential(*(Block(i, cfg["out"], cfg["strategy"], cfg.get("conv1d", False), cfg.get("ckpt", False))
                            for i in range(2)))
 
@@ -114,6 +115,8 @@ for strategy in ("merged", "unmerged"):
     CONFIGS[f"mlp10-{strategy}-checkpoint"] = dict(model="mlp", out=10, strategy=strategy, ckpt=True)
     CONFIGS[f"conv1d-{strategy}"] = dict(model="mlp", out=10, strategy=strategy, conv1d=True)
     CONFIGS[f"llama-{strategy}"] = dict(model="llama", strategy=strategy)
+    # 3 tuned scalars over 14 layers: most layers hold K = 0 (FSDP2 crashed on their empty gradients; issue 33)
+    CONFIGS[f"llama-k0-{strategy}"] = dict(model="llama", strategy=strategy, num_params=3)
 CONFIGS["mlp2-merged"] = dict(model="mlp", out=2, strategy="merged")  # 2 rows over 3 or 4 ranks: empty shards
 CONFIGS["mlp10-merged-bf16"] = dict(model="mlp", out=10, strategy="merged", bf16=True)
 
