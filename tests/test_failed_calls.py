@@ -262,3 +262,24 @@ def test_a_failed_strict_load_into_one_layer_changes_nothing():
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
     layer.load_state_dict(sd, strict=False)  # what strict=False accepts still loads
     assert torch.equal(layer.delta_values.detach(), sd["deltas.default.values"])
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(density=0.1, seed="x"), "seed must be an int, got 'x'"),
+    (dict(density=0.1, seed=True), "seed must be an int, got True"),
+    (dict(density=0.1, target_modules=3), "target_modules must be a regex string or a list of module names, got 3"),
+    (dict(density=0.1, target_modules=["q_proj", 3]), "target_modules must be a regex string"),
+    (dict(density=0.1, exclude_modules="["), r"exclude_modules '\[' is not a valid regular expression"),
+    (dict(density=0.1, pool_factor=-1), "pool_factor must be a number >= 1"),
+    (dict(density=0.1, pool_factor=float("nan")), "pool_factor must be a number >= 1"),
+    (dict(num_params=True), "num_params must be a non-negative int, got True"),
+    (dict(density="0.1"), "density must be a number in"),
+    (dict(budget_like=8), "budget_like must be a string"),
+    (dict(density=0.1, modules_to_save="lm_head"), "modules_to_save must be a list of module names"),
+])
+def test_config_fields_of_the_wrong_type_or_range_are_refused_by_name(fields, message):
+    """Issue 33: these were accepted (pool_factor=-1, num_params=True) or failed deep inside with an error that
+    named no field (seed='x': "invalid literal for int()", target_modules=3: "'int' object is not iterable",
+    exclude_modules='[': a bare re.error)."""
+    with pytest.raises(ValueError, match=message):
+        ApetConfig(**fields)
