@@ -383,6 +383,12 @@ class SparseDeltaLinear(nn.Module):
     def add_adapter(self, name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Add an inactive adapter with these positions (any K, even 0) and values (default zeros)."""
         check_adapter_name(name)
+        if is_dtensor(stored_weight(self.base_layer)):
+            # fully_shard takes the parameters it reduces when it is called: new values would train unreduced,
+            # every rank on its own (issue 33: ranks ended 0.3 apart after 3 steps, silently)
+            raise RuntimeError(f"adapter {name!r}: this layer's weight is sharded (FSDP2 fully_shard), and values "
+                               "added now would train without gradient reduction. Add or load adapters before "
+                               "fully_shard")
         if name in self.deltas:
             raise ValueError(f"this layer has an adapter named {name!r} already")
         self._checked_indices(indices, f"adapter {name!r}")

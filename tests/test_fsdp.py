@@ -100,6 +100,9 @@ def test_save_state_dict_unmerge_dcp_and_regrowth_inside_the_group(runs, ws):
     assert checks["dcp_resume_max_diff"] == 0.0  # a DCP checkpoint + resume equals the uninterrupted run
     assert checks["regrowth_moved"] > 0 and checks["regrowth_positions_moved"]
     assert checks["regrowth_same_on_every_rank"]  # positions, values and AdamW state
+    # issue 33: an adapter added after fully_shard trained without gradient reduction (ranks 0.3 apart)
+    assert "Add or load adapters before fully_shard" in checks["late_adapter"], checks["late_adapter"]
+    assert checks["late_adapter_left_nothing"]
     # every rank called save_pretrained: rank 0 wrote what one process writes for the same deltas
     from apet_kernels import load_apet
     worker = _worker()

@@ -132,6 +132,15 @@ def checks(rank, ws, out_dir):
     model = build(cfg)
     shard(model, cfg, ws)
     train(model, cfg, rank, ws)
+    # an adapter added (or loaded) after fully_shard would train unreduced: refused, and the model is unchanged
+    before = sorted(next(iter(model.apet_layers().values())).adapters)
+    try:
+        model.add_adapter("late", ApetConfig(density=0.05))
+        result["late_adapter"] = "accepted"
+    except RuntimeError as exc:
+        result["late_adapter"] = str(exc)
+    result["late_adapter_left_nothing"] = all(sorted(m.adapters) == before for m in model.apet_layers().values()) \
+        and "late" not in model.apet_configs
     # every rank saves; rank 0 writes
     model.save_pretrained(os.path.join(out_dir, f"saved-ws{ws}"), is_main_process=rank == 0)
     result["saved_deltas"] = deltas(model)
