@@ -359,6 +359,16 @@ class ApetModel(nn.Module):
         for some layers, built beforehand so that nothing here can fail half-way) and the model's class."""
         replacements = replacements or {}
         patch = _patch_of(self)
+        if not merge:  # checked before anything changes: a failure must leave the patched model whole
+            params = dict(self.named_parameters(remove_duplicate=False))
+            for name, original in patch.saved_modules.items():
+                now = params.get(name)
+                if now is None or now.shape != original.shape:
+                    raise RuntimeError(
+                        f"unload() restores modules_to_save's {name} as patched ({tuple(original.shape)}), but the "
+                        f"model now has {'none' if now is None else tuple(now.shape)} there "
+                        "(resize_token_embeddings?). Nothing was changed: resize it back first, or merge_and_unload() "
+                        "to keep the trained modules as they are")
         for name, layer in self.apet_layers().items():
             if name not in replacements:
                 if merge:

@@ -283,3 +283,23 @@ def test_config_fields_of_the_wrong_type_or_range_are_refused_by_name(fields, me
     exclude_modules='[': a bare re.error)."""
     with pytest.raises(ValueError, match=message):
         ApetConfig(**fields)
+
+
+def test_unload_after_resizing_a_module_to_save_refuses_before_changing_anything():
+    """Issue 33: unload() raised a size mismatch after swapping out every APET layer, left the class patched,
+    and every later unload() failed the same way."""
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, modules_to_save=["lm_head"]))
+    model.resize_token_embeddings(model.config.vocab_size + 11)
+    layers = model.apet_layers()
+    snapshot = _snapshot(model)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"lm_head.weight as patched .*resize_token_embeddings.*Nothing was"):
+            model.unload()
+        _assert_unchanged(model, snapshot)
+        assert model.apet_layers().keys() == layers.keys()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        merged = model.merge_and_unload()  # the way out it names
+        assert not hasattr(merged, "apet_layers")
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
