@@ -565,6 +565,13 @@ class SparseDeltaLinear(nn.Module):
         for adapter, delta in self.deltas.items():
             key = f"{prefix}deltas.{adapter}."
             idx = state_dict.get(key + "indices")
+            vals = state_dict.get(key + "values")
+            if delta.k and delta.indices.is_meta and idx is None and torch.is_tensor(vals) and not vals.is_meta:
+                # (assign=True would give real values over positions that stay on meta: a silent base forward;
+                # a copy into meta tensors loads nothing)
+                raise ValueError(f"{key}values: this layer's positions are on the meta device and the state dict "
+                                 f"carries none ({key}indices). Call model.to_empty(device=...) before loading "
+                                 "(seeded positions are drawn there), or load a state dict that holds the indices")
             if idx is not None:
                 try:
                     check_index_meta(idx, numel)

@@ -161,3 +161,22 @@ def test_a_failing_load_changes_nothing_in_any_module_tree(how):
     for key, t in net.state_dict().items():
         if key.endswith(".values"):
             assert torch.equal(t, state[key]), key
+
+
+@pytest.mark.parametrize("assign", [True, False])
+def test_values_without_positions_into_a_meta_built_model_are_refused(assign):
+    """Issue 33: PyTorch's meta-device recipe (build on meta, patch, load_state_dict(..., assign=True)) gave real
+    values over positions still on meta: the forward silently returned the base output. Refused before anything
+    is assigned, naming the way out; to_empty() first still works (the test above)."""
+    donor = get_apet_model(tiny_llama(1), ApetConfig(density=0.05))
+    with torch.no_grad():
+        for layer in donor.apet_layers().values():
+            layer.delta_values.normal_()
+    values = {k: v for k, v in donor.state_dict().items() if k.endswith(".values")}
+    base = {k.replace(".base_layer.", "."): v for k, v in donor.unload().state_dict().items()}
+    with torch.device("meta"):
+        base_on_meta = tiny_llama(0)
+    model = get_apet_model(base_on_meta, ApetConfig(density=0.05))
+    with pytest.raises(ValueError, match=r"positions are on the meta device .*to_empty"):
+        model.load_state_dict({**base, **values}, assign=assign, strict=False)
+    assert all(p.is_meta for p in model.parameters()), "something was assigned before the refusal"
