@@ -64,9 +64,37 @@ class ApetModel(nn.Module):
     _hf_peft_config_loaded = True
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = self._with_seeded_positions(state_dict)
         if strict:  # missing / unexpected keys refused before anything is copied (torch reports them after)
             check_strict_keys(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _with_seeded_positions(self, state_dict):
+        """``state_dict``, plus the seeded indices of every adapter layer whose values come without indices while
+        the layer's positions have moved since patching (regrowth). Such values were saved for the seeded
+        positions (a folder stores the seed while positions never moved): loaded alone they would land on the
+        regrown ones (issue 33: Trainer's load_best_model_at_end after a regrowth, silently)."""
+        patch, layers, added = _patch_of(self), None, {}
+        for adapter, config in patch.configs.items():
+            if config.method not in METHODS:
+                continue  # data-driven positions: folders always carry their indices
+            for lname, info in config.layers.items():
+                if delta_key(lname, adapter, VALUES) not in state_dict or \
+                        delta_key(lname, adapter, INDICES) in state_dict:
+                    continue
+                layers = layers if layers is not None else self.apet_layers()
+                delta = layers[lname].deltas[adapter] if lname in layers and adapter in layers[lname].deltas else None
+                if delta is None or not delta.k or delta.indices.is_meta or \
+                        index_checksum(delta.indices) == info.get("checksum"):
+                    continue  # the positions are the seeded ones: values alone are right
+                seeded = select_indices(tuple(info["shape"]), int(info["k"]), method=config.method, seed=config.seed,
+                                        key=lname)
+                if index_checksum(seeded) != info.get("checksum"):
+                    raise ValueError(f"{delta_key(lname, adapter, VALUES)} comes without indices and this layer's "
+                                     "positions have moved, but its seed no longer gives the positions it was "
+                                     "patched with: load a state dict that carries the indices")
+                added[delta_key(lname, adapter, INDICES)] = seeded.to(delta.indices.device, delta.indices.dtype)
+        return {**state_dict, **added} if added else state_dict
 
     # ----------------------------------------------------------------- what is patched
     def apet_layers(self) -> dict[str, SparseDeltaLinear]:

@@ -301,6 +301,37 @@ def test_regrown_adapter_stores_its_moved_positions(tmp_path):
     assert all(f"{n}.deltas.default.indices" in stored for n in moved)  # the seed no longer regenerates them
 
 
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_a_checkpoint_saved_before_regrowth_loads_onto_its_own_positions(tmp_path, strategy):
+    """Issue 33 (high): Trainer's load_best_model_at_end loads the best checkpoint with load_state_dict(strict=
+    False). A checkpoint saved before a regrowth holds values only (its positions were the seeded ones); its
+    values landed on the regrown positions, silently (logits 0.13 off load_apet's). They now come with their
+    seeded positions, and the model equals the checkpoint loaded by load_apet."""
+    from safetensors.torch import load_file
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05, strategy=strategy))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    regrower = Regrower(model, opt, interval=2, fraction=0.5, total_steps=6)
+    batches = _batches(3)
+    for i, batch in enumerate(batches):
+        with regrower.observe():
+            model(**batch).loss.backward()
+        opt.step()
+        regrower.step()
+        opt.zero_grad()
+        if i == 0:  # the "best checkpoint": before the first regrowth
+            model.save_pretrained(tmp_path / "best")
+    assert regrower.moved > 0
+    saved = load_file(str(tmp_path / "best" / "model.safetensors"))
+    assert not any(k.endswith(".indices") for k in saved)  # values only: the seed regenerates the positions
+    model.load_state_dict(saved, strict=False)  # what Trainer does with the best checkpoint
+    expected = load_apet(tiny_llama(), str(tmp_path / "best"))
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for name, layer in model.apet_layers().items():
+        assert torch.equal(layer.delta_indices, expected.apet_layers()[name].delta_indices), name
+
+
 def test_set_positions_checks_its_input():
     layer = SparseDeltaLinear.from_linear(nn.Linear(8, 6), k=5)
     with pytest.raises(ValueError, match="keeps K fixed"):
