@@ -363,6 +363,44 @@ def test_regrowth_callback_in_trainer(tmp_path):
     assert any(not torch.equal(start[n], m.delta_indices) for n, m in model.apet_layers().items())
 
 
+def test_load_best_model_at_end_after_a_regrowth_gives_the_best_checkpoint(tmp_path):
+    """Issue 33's setup: the best checkpoint (step 2) was saved before the regrowth at step 3; Trainer loads it at
+    the end into the regrown model. The model it returns must be that checkpoint, positions included."""
+    pytest.importorskip("accelerate")
+    from apet_kernels.trainer import RegrowthCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(3, 99, (9,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    evals = []
+
+    def first_eval_is_best(_):  # the step-2 evaluation scores highest whatever the losses
+        evals.append(None)
+        return {"marker": -float(len(evals))}
+
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+    callback = RegrowthCallback(interval=3, fraction=0.5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
+        metric_for_best_model="marker", greater_is_better=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(),
+                                   compute_metrics=first_eval_is_best, callbacks=[callback])
+    trainer.train()
+    assert callback.regrower.moved > 0 and trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = load_apet(tiny_llama(), trainer.state.best_model_checkpoint)
+    ids = Tokens()[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, best(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for name, layer in model.apet_layers().items():
+        assert torch.equal(layer.delta_indices, best.apet_layers()[name].delta_indices), name
+
+
 def _low_bit_optimizers():
     """(name, factory, dequantized state) for the quantized optimizers people train adapters with."""
     out = []
