@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import warnings
 import weakref
 
@@ -49,8 +50,11 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
             raise TypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
                             "(or call suggested_lr(k, method))")
         k, method = _adapter_k(config), method or config.method
-    else:
+    elif isinstance(model_or_k, numbers.Integral) and not isinstance(model_or_k, bool) and model_or_k > 0:
         k, method = int(model_or_k), method or "random"
+    else:
+        raise ValueError(f"suggested_lr takes a patched model or K, a positive int (the tuned scalars), got "
+                         f"{model_or_k!r}")
     scheme = SAME_AS.get(method, method)
     if scheme not in MEASURED:
         raise ValueError(f"no suggested learning rate for method {method!r}; known: {sorted(MEASURED) + sorted(SAME_AS)}")

@@ -10,6 +10,7 @@ import torch.nn as nn
 from _helpers import BACKENDS, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet
 from apet_kernels import layers as layers_module
+import apet_kernels as ak
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -303,3 +304,23 @@ def test_unload_after_resizing_a_module_to_save_refuses_before_changing_anything
         merged = model.merge_and_unload()  # the way out it names
         assert not hasattr(merged, "apet_layers")
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: ak.select_indices("ab", 3), r"2-D weight shape \(out, in\) of ints, got 'ab'"),
+    (lambda: ak.select_indices((4.5, 4), 3), "2-D weight shape"),
+    (lambda: ak.select_indices((4, 4), 3, seed="x"), "seed must be an int, got 'x'"),
+    (lambda: ak.select_indices((4, 4), 3, key=5), "key must be a string"),
+    (lambda: ak.split_budget([(4, 4)], num_params=3), "shapes must map names to weight shapes"),
+    (lambda: ak.split_budget({"a": "4x4"}, num_params=3), r"shapes\['a'\] must be a weight shape"),
+    (lambda: ak.split_budget({"a": (4, 4)}, density=True), "density must be a number in"),
+    (lambda: ak.suggested_lr(-5), "positive int"),
+    (lambda: ak.suggested_lr(0), "positive int"),
+    (lambda: ak.suggested_lr(True), "positive int"),
+    (lambda: ak.suggested_lr("x"), "positive int"),
+])
+def test_public_helpers_refuse_wrong_arguments_by_name(call, message):
+    """Issue 33: select_indices('ab', 3) and seed='x' said "invalid literal for int()", key=5 and
+    suggested_lr(-5) / (0) / (True) were accepted, split_budget([...]) raised an AttributeError."""
+    with pytest.raises(ValueError, match=message):
+        call()
