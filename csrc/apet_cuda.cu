@@ -251,14 +251,8 @@ void sddmm_staged_cuda(at::Tensor out, const at::Tensor& dy, const at::Tensor& x
   smem_budget = smem_budget > 0 ? std::min<int64_t>(smem_budget, prop->sharedMemPerBlockOptin)
                                 : static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   sms = sms > 0 ? sms : prop->multiProcessorCount;
+  if (!staged_sddmm_has_work(out, dy, x, indices, smem_budget, op)) return;
   const int64_t n_t = dy.size(0), out_f = dy.size(1), in_f = x.size(1), n_k = indices.numel();
-  TORCH_CHECK(staged::fits(in_f, smem_budget), op, ": ", in_f, " input features do not fit ", smem_budget,
-              " bytes of shared memory (16 bytes per feature and at least one row of dy)");
-  if (n_k == 0) return;
-  if (n_t == 0) {
-    out.zero_();
-    return;
-  }
   auto idx = indices.contiguous();
   auto xc = x.stride(1) == 1 ? x : x.contiguous();
   auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();

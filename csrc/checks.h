@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "sddmm_staged.h"
+
 namespace apet {
 
 inline void check_indices(const at::Tensor& indices, const char* op) {
@@ -105,6 +107,20 @@ inline void check_scatter_merge(const at::Tensor& weight, const at::Tensor& indi
   TORCH_CHECK(base.scalar_type() == weight.scalar_type(), op, ": base must have the weight's dtype");
   check_device(weight, indices, "weight", "indices", op);
   check_device(weight, base, "weight", "base", op);
+}
+
+// The staged SDDMM's checks, shared by its CUDA kernel and CPU emulation (after check_sddmm): x's rows must fit
+// `smem_budget`. Returns false when there is nothing to compute (K = 0; T = 0, where out is zeroed).
+inline bool staged_sddmm_has_work(at::Tensor& out, const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& indices, int64_t smem_budget, const char* op) {
+  TORCH_CHECK(staged::fits(x.size(1), smem_budget), op, ": ", x.size(1), " input features do not fit ", smem_budget,
+              " bytes of shared memory (16 bytes per feature and at least one row of dy)");
+  if (indices.numel() == 0) return false;
+  if (dy.size(0) == 0) {
+    out.zero_();
+    return false;
+  }
+  return true;
 }
 
 }  // namespace apet

@@ -340,17 +340,23 @@ def test_set_positions_checks_its_input():
         layer.set_positions(torch.tensor([5, 4, 3, 2, 1], dtype=torch.int32))
 
 
+class _Tokens(torch.utils.data.Dataset):
+    """n fixed token rows (a seed each), as causal-LM examples for Trainer."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        ids = torch.randint(3, 99, (9,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
 def test_regrowth_callback_in_trainer(tmp_path):
     pytest.importorskip("accelerate")
     from apet_kernels.trainer import RegrowthCallback
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            ids = torch.randint(3, 99, (9,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids}
 
     model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
     start = {n: m.delta_indices.clone() for n, m in model.apet_layers().items()}
@@ -358,7 +364,7 @@ def test_regrowth_callback_in_trainer(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
                                           learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
                                           disable_tqdm=True, gradient_accumulation_steps=2)
-    transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    transformers.Trainer(model=model, args=args, train_dataset=_Tokens(16), callbacks=[callback]).train()
     assert callback.regrower.moved > 0
     assert any(not torch.equal(start[n], m.delta_indices) for n, m in model.apet_layers().items())
 
@@ -368,14 +374,6 @@ def test_load_best_model_at_end_after_a_regrowth_gives_the_best_checkpoint(tmp_p
     the end into the regrown model. The model it returns must be that checkpoint, positions included."""
     pytest.importorskip("accelerate")
     from apet_kernels.trainer import RegrowthCallback
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            ids = torch.randint(3, 99, (9,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids}
 
     evals = []
 
@@ -389,12 +387,12 @@ def test_load_best_model_at_end_after_a_regrowth_gives_the_best_checkpoint(tmp_p
         output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
         use_cpu=True, eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
         metric_for_best_model="marker", greater_is_better=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(8), eval_dataset=_Tokens(8),
                                    compute_metrics=first_eval_is_best, callbacks=[callback])
     trainer.train()
     assert callback.regrower.moved > 0 and trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     best = load_apet(tiny_llama(), trainer.state.best_model_checkpoint)
-    ids = Tokens()[0]["input_ids"][None]
+    ids = _Tokens(8)[0]["input_ids"][None]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, best(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     for name, layer in model.apet_layers().items():
