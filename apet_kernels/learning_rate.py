@@ -3,9 +3,11 @@
 Measured with AdamW (no weight decay), linear warm-up over 10% of the steps and linear decay, one short epoch
 with a fresh classification head, as ``python/finetune.py`` trains (``python/results/README.md``):
 
-- random positions (and rows, which ran alike): K = 10⁴ tuned scalars were best at 3e-2 on MiniLM-L6 (22M)
-  and on Gemma 3 270M, the highest rate probed; about 3.3·10⁵ (LoRA r=8's count on MiniLM) at 1e-2.
-- data-chosen positions run colder as K grows: magnitude at 3e-2 for K = 10⁴ but 3e-3 for 3.3·10⁵; gradient
+- random positions: K = 10⁴ tuned scalars were best at 3e-2 on MiniLM-L6 (22M) and on Gemma 3 270M, the
+  highest rate probed; about 3.3·10⁵ (LoRA r=8's count on MiniLM) at 1e-2. Rows share random's suggestion,
+  though they ran alike only at 10⁴: at 10⁵ on Gemma they were best at 3e-3, 5x below it.
+- data-chosen positions run colder as K grows: magnitude at 3e-2 for K = 10⁴ on MiniLM (on Gemma 1e-2, 0.2
+  points above 3e-2) but 3e-3 for 3.3·10⁵; gradient
   at 1e-3 for 3.3·10⁵, where 1e-2 cost it 12 points (70.0% against 81.7%). Published work agrees (LoTA 0.1x,
   RoSA ~0.3x of LoRA's rate; SHiRA's random positions 2.5-3x hotter than LoRA).
 
