@@ -8,11 +8,22 @@ so they run when a module is built or loaded, for CPU tensors, or on request
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def is_int(v) -> bool:
+    """An integer argument: Python's or numpy's ints, not bools (True would pass as 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real-number argument, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def validation_from_env() -> bool:

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import re
 from dataclasses import dataclass, field
 
+from ._checks import is_int, is_real
 from .ops.dispatch import CHOICES
 from .positions import CALIBRATION_SCORES
 from .selection import DATA_METHODS, METHODS
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check_module_spec(field_name: str, spec, none_ok: bool) -> None:
@@ -78,15 +70,15 @@ class ApetConfig:
         given = [n for n in ("num_params", "density", "budget_like") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"ApetConfig needs exactly one of num_params, density, budget_like; got {given or 'none'}")
-        if self.num_params is not None and (not _is_int(self.num_params) or self.num_params < 0):
+        if self.num_params is not None and (not is_int(self.num_params) or self.num_params < 0):
             raise ValueError(f"num_params must be a non-negative int, got {self.num_params!r}")
-        if self.density is not None and not (_is_real(self.density) and 0.0 <= float(self.density) <= 1.0):
+        if self.density is not None and not (is_real(self.density) and 0.0 <= float(self.density) <= 1.0):
             raise ValueError(f"density must be a number in [0, 1], got {self.density!r}")
         if self.budget_like is not None and not isinstance(self.budget_like, str):
             raise ValueError(f"budget_like must be a string such as 'lora:r=8', got {self.budget_like!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not (_is_real(self.pool_factor) and math.isfinite(self.pool_factor) and self.pool_factor >= 1):
+        if not (is_real(self.pool_factor) and math.isfinite(self.pool_factor) and self.pool_factor >= 1):
             raise ValueError(f"pool_factor must be a number >= 1 (candidates per tuned position), got "
                              f"{self.pool_factor!r}")
         _check_module_spec("target_modules", self.target_modules, none_ok=False)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 import warnings
 import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ._checks import is_int
 
 # scheme -> ((K, best learning rate), ...) by increasing K (python/results/scaling_*.md, positions_lr_probe_sst2)
 MEASURED = {
@@ -52,7 +53,7 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
             raise TypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
                             "(or call suggested_lr(k, method))")
         k, method = _adapter_k(config), method or config.method
-    elif isinstance(model_or_k, numbers.Integral) and not isinstance(model_or_k, bool) and model_or_k > 0:
+    elif is_int(model_or_k) and model_or_k > 0:
         k, method = int(model_or_k), method or "random"
     else:
         raise ValueError(f"suggested_lr takes a patched model or K, a positive int (the tuned scalars), got "

@@ -53,12 +53,12 @@ def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
                                    f"{tuple(mine.shape)} (nothing was loaded)")
 
 
-def expected_keys(module: nn.Module, prefix: str) -> set[str]:
+def expected_keys(module: nn.Module) -> set[str]:
     """The keys ``load_state_dict`` looks for under ``module``: every path to a parameter, a persistent buffer or
     an extra state (shared modules under each of their paths, as torch walks them)."""
     keys = set()
     for name, sub in module.named_modules(remove_duplicate=False):
-        sub_prefix = f"{prefix}{name}." if name else prefix
+        sub_prefix = f"{name}." if name else ""
         keys |= {sub_prefix + n for n, p in sub._parameters.items() if p is not None}
         keys |= {sub_prefix + n for n, b in sub._buffers.items()
                  if b is not None and n not in sub._non_persistent_buffers_set}
@@ -78,7 +78,7 @@ def check_strict_keys(module: nn.Module, state_dict) -> None:
     for name, sub in module.named_modules(remove_duplicate=False):
         if is_apet_layer(sub):
             sub.upgrade_state_dict(upgraded, f"{name}." if name else "")
-    expected = expected_keys(module, "")
+    expected = expected_keys(module)
     incoming = set(upgraded)
     missing, unexpected = sorted(expected - incoming), sorted(incoming - expected)
     if missing or unexpected:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from typing import Iterable, Mapping, Sequence
 
 import torch
+
+from ._checks import is_int, is_real
 
 METHODS = ("random", "rows", "cols", "blocks")  # seeded: an adapter can store the seed instead of indices
 DATA_METHODS = ("magnitude", "gradient")  # from the weights or from data: adapters store their indices
@@ -64,18 +65,14 @@ def _sample_distinct(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
     return found[torch.randperm(found.numel(), generator=gen)[:m]]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_args(shape, k: int, method: str) -> tuple[int, int]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) and not isinstance(shape, torch.Size) or \
-            len(shape) != 2 or not all(_is_int(s) for s in shape):
+            len(shape) != 2 or not all(is_int(s) for s in shape):
         raise ValueError(f"select_indices expects a 2-D weight shape (out, in) of ints, got {shape!r}")
     rows, cols = (int(s) for s in shape)
     if rows <= 0 or cols <= 0:
         raise ValueError(f"weight shape must be positive, got {tuple(shape)}")
-    if not isinstance(k, int) or isinstance(k, bool):
+    if not is_int(k):
         raise ValueError(f"k must be an int, got {k!r}")
     if k < 0 or k > rows * cols:
         raise ValueError(f"k={k} is out of range for a weight of shape {tuple(shape)} (0 <= k <= {rows * cols})")
@@ -128,7 +125,7 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
     if method == "gradient":
         raise ValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
     rows, cols = _check_args(shape, k, method)
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(key, str):
         raise ValueError(f"key must be a string (e.g. the module's qualified name), got {key!r}")
@@ -159,16 +156,16 @@ def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | No
     if not isinstance(shapes, Mapping):
         raise ValueError(f"shapes must map names to weight shapes or element counts, got {type(shapes).__name__}")
     for name, shape in shapes.items():
-        if not (_is_int(shape) and shape >= 0 or isinstance(shape, Sequence) and not isinstance(shape, str) and
-                all(_is_int(d) and d >= 0 for d in shape)):
+        if not (is_int(shape) and shape >= 0 or isinstance(shape, Sequence) and not isinstance(shape, str) and
+                all(is_int(d) and d >= 0 for d in shape)):
             raise ValueError(f"shapes[{name!r}] must be a weight shape or an element count, got {shape!r}")
-    sizes = {name: (int(s) if _is_int(s) else math.prod(int(d) for d in s)) for name, s in shapes.items()}
+    sizes = {name: (int(s) if is_int(s) else math.prod(int(d) for d in s)) for name, s in shapes.items()}
     total = sum(sizes.values())
     if density is not None:
-        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 <= float(density) <= 1.0:
+        if not is_real(density) or not 0.0 <= float(density) <= 1.0:
             raise ValueError(f"density must be a number in [0, 1], got {density!r}")
         num_params = round(float(density) * total)
-    if not _is_int(num_params) or num_params < 0:
+    if not is_int(num_params) or num_params < 0:
         raise ValueError(f"num_params must be a non-negative int, got {num_params!r}")
     if num_params > total:
         raise ValueError(f"num_params={num_params} exceeds the {total} elements of the target weights")

@@ -56,26 +56,6 @@ def _includes() -> list[str]:
     return dirs
 
 
-_FUNCTION = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")
-_USED = re.compile(r"Used (\d+) registers.*?(?:(\d+) bytes smem)?")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def parse_ptxas(log: str) -> list[dict]:
-    """One row per (kernel, arch) from ``ptxas -v`` output: registers, stack, spills, static shared memory."""
-    rows, cur = [], None
-    for line in log.splitlines():
-        if m := _FUNCTION.search(line):
-            cur = dict(kernel=m.group(1), arch=m.group(2))
-            rows.append(cur)
-        elif cur is not None and (m := _SPILL.search(line)):
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif cur is not None and "Used" in line and (m := _USED.search(line)):
-            smem = re.search(r"(\d+) bytes smem", line)
-            cur.update(registers=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
-    return rows
-
-
 def _demangle(names: list[str]) -> dict[str, str]:
     filt = shutil.which("cu++filt") or shutil.which("c++filt")  # (kernel names are Itanium-mangled C++)
     if not filt:
@@ -104,7 +84,8 @@ def cuda_report(out: Path) -> bool:
             if proc.returncode != 0:
                 ok = False
                 print(f"nvcc failed on {src.name} for sm_{arch}:\n{proc.stderr[-4000:]}", file=sys.stderr)
-    rows = parse_ptxas("\n".join(logs))
+    from apet_kernels.ops import ptxas_log
+    rows = ptxas_log.parse("\n".join(logs))
     names = _demangle([r["kernel"] for r in rows])
     lines = [f"nvcc: {version}; torch {torch.__version__}; `nvcc -Xptxas -v` on {', '.join(s.name for s in CU_SOURCES)}"
              f" for {', '.join(f'sm_{a}' for a in ARCHS)}\n",

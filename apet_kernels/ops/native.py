@@ -8,6 +8,7 @@ the extension was not built; dispatch.backends() reports why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -51,13 +52,9 @@ def staged_fits(x: torch.Tensor) -> bool:
                                                 else torch.cuda.current_device())
 
 
-_SMEM: dict[int, int] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _smem_optin(index: int) -> int:
-    if index not in _SMEM:
-        _SMEM[index] = int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
-    return _SMEM[index]
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
 
 
 @contextlib.contextmanager

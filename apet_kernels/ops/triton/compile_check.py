@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from . import kernels  # noqa: E402
+from .. import ptxas_log  # noqa: E402
 from ..layout import build_layout  # noqa: E402
 
 # (name, SMs): the SM count the grid arithmetic sees for each target (H100 SXM, A100)
@@ -184,10 +184,6 @@ def _signature(launch: Launch, config: triton.Config):
     return signature, constexprs, attrs
 
 
-_PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
 def _compile_with_ptxas_log(src: ASTSource, target: GPUTarget, options: dict):
     """triton.compile, and the log of the ptxas run Triton itself made for the cubin (its own flags: Triton 3.8
     adds --regAllocOptLevel=2, 3.6 does not, and registers differ with it). Always compiled, never from the
@@ -205,12 +201,10 @@ def _compile_with_ptxas_log(src: ASTSource, target: GPUTarget, options: dict):
 
 
 def ptxas_usage(log: str) -> dict:
-    """Registers, stack and spills from a ``ptxas -v`` log."""
-    used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
-    return dict(registers=int(used.group(1)) if used else None,
-                stack=int(spill.group(1)) if spill else None,
-                spill_stores=int(spill.group(2)) if spill else None,
-                spill_loads=int(spill.group(3)) if spill else None)
+    """Registers, stack and spills of the one kernel in a ``ptxas -v`` log."""
+    rows = ptxas_log.parse(log)
+    row = rows[0] if rows else {}
+    return {k: row.get(k) for k in ("registers", "stack", "spill_stores", "spill_loads")}
 
 
 def compile_launches(launches: list[Launch], archs=tuple(TARGETS)) -> list[Compiled]:
