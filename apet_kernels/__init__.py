@@ -5,6 +5,8 @@ from .functional import sparse_delta_linear
 from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
 from .learning_rate import suggested_lr
 from .model import ApetModel, get_apet_model, load_apet
+from .peft_registry import register as _register_with_peft
+from .tuner import ApetTuner, get_peft_model
 from .ops.dispatch import backends
 from .positions import GradientScores, Regrower
 from .selection import magnitude_indices, select_indices, split_budget
@@ -12,6 +14,8 @@ from .targets import replace_linears
 
 __version__ = "0.3.0"
 
-__all__ = ["ApetConfig", "ApetModel", "DeltaSet", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear",
-           "backends", "get_apet_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices",
+_register_with_peft()  # get_peft_model(model, ApetConfig(...)) and PeftModel.from_pretrained find APET
+
+__all__ = ["ApetConfig", "ApetModel", "ApetTuner", "DeltaSet", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear",
+           "backends", "get_apet_model", "get_peft_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices",
            "sparse_delta_linear", "split_budget", "suggested_lr", "__version__"]

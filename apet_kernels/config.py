@@ -1,13 +1,14 @@
-"""ApetConfig: what to tune and how, saved as JSON next to an adapter (PEFT's config role; the file's format is
-apet_kernels.serialization's)."""
+"""ApetConfig: what to tune and how. A ``peft.PeftConfig`` (``peft_type="APET"``): ``get_peft_model(model,
+ApetConfig(...))`` builds APET through PEFT (apet_kernels.tuner), and ``get_apet_model`` patches in place."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass, field
+
+from peft import PeftConfig
 
 from ._checks import is_int, is_real
 from .ops.dispatch import CHOICES
@@ -29,8 +30,11 @@ def _check_module_spec(field_name: str, spec, none_ok: bool) -> None:
         raise ValueError(f"{field_name} must be a regex string or a list of module names, got {spec!r}")
 
 
+PEFT_TYPE = "APET"  # the key APET is registered under in PEFT (apet_kernels.peft_registry)
+
+
 @dataclass
-class ApetConfig:
+class ApetConfig(PeftConfig):
     """Budget (exactly one of ``num_params``, ``density``, ``budget_like``), targets and strategy.
 
     ``budget_like`` sets ``num_params`` to another PET method's parameter count on the same
@@ -67,6 +71,8 @@ class ApetConfig:
     layers: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
         given = [n for n in ("num_params", "density", "budget_like") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"ApetConfig needs exactly one of num_params, density, budget_like; got {given or 'none'}")
@@ -115,18 +121,3 @@ class ApetConfig:
         if unknown:
             raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
         return cls(**data)
-
-    def save_pretrained(self, directory: str, adapter_name: str = "default") -> None:
-        """apet_config.json holding this one adapter (what ``ApetModel.save_pretrained`` writes for several)."""
-        from .serialization import write_config_file
-        write_config_file(directory, {adapter_name: self}, [adapter_name])
-
-    @classmethod
-    def from_pretrained(cls, directory: str, adapter_name: str | None = None) -> "ApetConfig":
-        """The config of ``adapter_name`` (default: the folder's active adapter) in an APET folder."""
-        from .serialization import CONFIG_NAME, read_config_file
-        configs, active = read_config_file(directory)
-        name = adapter_name or active[0]
-        if name not in configs:
-            raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} has no adapter {name!r} (it has {sorted(configs)})")
-        return configs[name]

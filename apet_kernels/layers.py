@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, runs_as_plain_gemm, stored_weight
 from .load_guard import already_checked, check_strict_keys
@@ -141,7 +143,7 @@ _LEGACY_BASE_KEYS = ("weight", "bias")
 _LEGACY_DELTA_KEYS = {"delta_values": "values", "delta_indices": "indices", "delta_base": "base"}
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     """A linear layer with K tunable scalars at arbitrary positions of its frozen weight.
 
     ``base_layer`` is the wrapped layer itself (``nn.Linear``, GPT-2 ``Conv1D``, or any module
@@ -159,6 +161,8 @@ class SparseDeltaLinear(nn.Module):
     """
 
     _apet_layer = True  # (what apet_kernels.load_guard looks for)
+    # PEFT's tuner-layer interface (apet_kernels.tuner): every adapter's tensors live under ``deltas``
+    adapter_layer_names = ("deltas",)
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, *, strategy: str = "auto",
                  backend: str = "auto", weight_shared: bool = False, adapter_name: str = DEFAULT_ADAPTER):
@@ -197,8 +201,7 @@ class SparseDeltaLinear(nn.Module):
             "merged" if legal else "dequantized" if quantized else "unmerged")
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self.deltas = nn.ModuleDict()
-        self.active_adapter = adapter_name
-        self.active_adapters = [adapter_name]  # the active one first, then others applied with it (unmerged)
+        self._active_adapter = [adapter_name]  # the active one first, then others applied with it (unmerged)
         self._mixed = None  # a MixedBatch while a mixed-adapter batch runs (ApetModel.mixed_batch)
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
         self.base_dtype = float_dtype(base_layer) if quantized else weight.dtype
@@ -251,6 +254,16 @@ class SparseDeltaLinear(nn.Module):
         return self.weight.t() if self.weight_transposed else self.weight
 
     # ----------------------------------------------------------------- the active adapter's tensors
+    @property
+    def active_adapter(self) -> str:
+        """The adapter trained (and applied)."""
+        return self._active_adapter[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter, then others applied with it (unmerged)."""
+        return list(self._active_adapter)
+
     def _set_active_cache(self) -> None:
         # a plain attribute (not a registered submodule): the forward reads it without nn.Module lookups
         self.__dict__["_active"] = self.deltas[self.active_adapter]
@@ -314,11 +327,6 @@ class SparseDeltaLinear(nn.Module):
         """The base weight's quantization (apet_kernels.quantized.Quantization), or None."""
         return quantization_of(self.base_layer)
 
-    @property
-    def merged(self) -> bool:
-        """True while the merged strategy runs: every enabled forward writes W + S into W's storage."""
-        return self.strategy == "merged"
-
     def merge_legality(self) -> tuple[bool, str]:
         return merge_is_legal(self.base_layer, self.weight_shared)
 
@@ -336,9 +344,18 @@ class SparseDeltaLinear(nn.Module):
             yield w
 
     # ----------------------------------------------------------------- strategy
-    def merge(self) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Switch to the merged strategy and write W + S into W's storage now (over a quantized base: to the
-        dequantized strategy, S scattered into the weight each GEMM dequantizes; nothing is written)."""
+        dequantized strategy, S scattered into the weight each GEMM dequantizes; nothing is written).
+
+        PEFT's signature: ``adapter_names`` may only name the active adapter (one adapter is merged at most);
+        ``safe_merge`` checks its values are finite first. The adapter stays trainable and separable: ``unmerge``
+        restores W bit-exactly, so PEFT never sees this layer as merged (``merged_adapters`` stays empty)."""
+        if adapter_names is not None and list(adapter_names) not in ([], [self.active_adapter]):
+            raise ValueError(f"an APET layer merges its active adapter only ({self.active_adapter!r}), not "
+                             f"{list(adapter_names)}: set_adapter() the one to merge first")
+        if safe_merge:
+            check_finite(self.delta_values.detach(), f"adapter {self.active_adapter!r} values")
         if self.quantization is not None:  # (a shared quantized weight too: it is never written)
             if self.strategy == "unmerged":
                 self.strategy = "dequantized"
@@ -407,14 +424,33 @@ class SparseDeltaLinear(nn.Module):
         self.deltas[name] = delta
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.active_adapters:
-            raise ValueError(f"adapter {name!r} is active: set_adapter() another one before deleting it")
+        """As PEFT's layers: deleting an active adapter leaves the other active ones, or else activates the first
+        remaining adapter (in name order, so every layer picks the same one). The last adapter is refused: a
+        layer without one is its base layer (unload it)."""
         if name not in self.deltas:
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapters}")
+        if len(self.deltas) == 1:
+            raise ValueError(f"{name!r} is this layer's only adapter: unload() the model instead of deleting it")
+        if self._mixed is not None:
+            raise RuntimeError("delete_adapter() inside a mixed-adapter batch would change what its rows apply")
+        if name in self.active_adapters:
+            rest = [n for n in self.active_adapters if n != name] or [sorted(n for n in self.deltas if n != name)[0]]
+            self.set_adapter(rest)
         del self.deltas[name]
 
+    # ----------------------------------------------------------------- PEFT's enable / disable
+    @property
+    def disable_adapters(self) -> bool:
+        return self.apet_disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch (``PeftModel.disable_adapter()``): disabled, the layer computes as its base layer, exactly
+        (merged: around W + S, which stays in the weight); the values keep their ``requires_grad``, so a reference
+        pass between a forward and its backward leaves that backward intact."""
+        self.apet_disabled = not enabled
+
     @torch.no_grad()
-    def set_adapter(self, names: str | list[str]) -> None:
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
         """Apply and train ``names[0]``, apply the others with it (unmerged only). Merged: W is restored at
         the old positions and cast(base + v) written at the new ones right away, nothing else is touched.
         Each adapter keeps its own values Parameter: switching back gives the same Parameters."""
@@ -436,7 +472,7 @@ class SparseDeltaLinear(nn.Module):
             if merged:
                 self._merge.restore()
                 self._merge.structural_change()
-            self.active_adapter = new
+            self._active_adapter = [new, *self._active_adapter[1:]]
             self._set_active_cache()
             self._merge.stale = True
             self._merge.read_base()  # W is pure at the new positions
@@ -445,9 +481,9 @@ class SparseDeltaLinear(nn.Module):
         for name in names if self.strategy == "unmerged" else names[1:]:
             if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
                 self.deltas[name].rebuild_layout(columns=True)
-        self.active_adapters = names
+        self._active_adapter = names
         for name, delta in self.deltas.items():
-            delta.values.requires_grad_(name == new and delta.k > 0)  # (K = 0: see __init__)
+            delta.values.requires_grad_(name == new and delta.k > 0 and not inference_mode)  # (K = 0: see __init__)
         note_active_values([self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
 
     @torch.no_grad()

@@ -173,37 +173,13 @@ class ApetModel(nn.Module):
         self._check_new_name(adapter_name)
         if not isinstance(config, ApetConfig):
             raise TypeError(f"add_adapter(adapter_name, config) takes an ApetConfig, got {type(config).__name__}")
-        if config.method not in METHODS:
-            raise ValueError(f"add_adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
-                             f"load an adapter with stored positions through load_adapter()")
-        if config.modules_to_save:
-            raise ValueError("modules_to_save belong to the model, not to an added adapter")
         config = copy.deepcopy(config)
-        layers = self.apet_layers()
-        chosen = {n: m for n, m in layers.items() if targeted(n, config)}
-        if not chosen:
-            raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers")
-        shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
-        budget = layer_budget(self, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
-        indices = {n: select_indices(shapes[n], budget[n], method=config.method, seed=config.seed, key=n)
-                   for n in chosen}
-        config.layers = {n: {"shape": list(shapes[n]), "k": int(idx.numel()), "checksum": index_checksum(idx)}
-                         for n, idx in indices.items()}
+        indices = seeded_positions(self, self.apet_layers(), config)
         self._add_entries(adapter_name, config, indices, {})
 
     def _add_entries(self, name: str, config: ApetConfig, indices: dict[str, torch.Tensor],
                      values: dict[str, torch.Tensor]) -> None:
-        """Add adapter ``name`` to every APET layer (K = 0 where it tunes nothing), all or none."""
-        layers, added = self.apet_layers(), []
-        try:
-            for n, layer in layers.items():
-                idx = indices.get(n, torch.empty(0, dtype=layer.delta_indices.dtype))
-                layer.add_adapter(name, idx, values.get(n))
-                added.append(layer)
-        except BaseException:
-            for layer in added:
-                layer.delete_adapter(name)
-            raise
+        add_entries(self.apet_layers(), name, indices, values)
         _patch_of(self).configs[name] = config
         _note_lr_hint(self, name, config)
 
@@ -358,18 +334,8 @@ class ApetModel(nn.Module):
         for name in names:
             config = configs[name] = copy.deepcopy(_patch_of(self).configs[name])
             for lname, info in config.layers.items():
-                layer = layers[lname]
-                delta = layer.deltas[name]
-                base = layer.current_base() if name == layer.active_adapter else layer.base_values_at(delta.indices)
-                stored = not regenerable(config, lname, delta.indices)
-                quant = layer.quantization
-                info.update(checksum=index_checksum(delta.indices), base_fingerprint=base_fingerprint(base),
-                            base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
-                            positions="stored" if stored else "seed", k=int(delta.k))
-                wanted = [VALUES, INDICES] if stored else [VALUES]
-                for what in wanted:
+                for what, own in saved_entry(layers[lname], name, config, lname, info).items():
                     key = delta_key(lname, name, what)
-                    own = delta.values if what == VALUES else delta.indices
                     tensors[key] = state_dict[key] if state_dict is not None and key in state_dict else own
         params = dict(self.named_parameters(remove_duplicate=False))
         for pname in _patch_of(self).saved_modules:  # modules_to_save, under every name of a tied parameter
@@ -397,14 +363,7 @@ class ApetModel(nn.Module):
                         f"model now has {'none' if now is None else tuple(now.shape)} there "
                         "(resize_token_embeddings?). Nothing was changed: resize it back first, or merge_and_unload() "
                         "to keep the trained modules as they are")
-        for name, layer in self.apet_layers().items():
-            if name not in replacements:
-                if merge:
-                    layer._merge.write(layer.delta_values, layer._backend_name())  # W[p] = cast(base + v), kept
-                else:
-                    layer.unmerge()
-            layer.release_weight()
-            set_module(self, name, replacements.get(name, layer.base_layer))
+        give_back_layers(self, self.apet_layers(), merge, replacements)
         params = dict(self.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             if not merge:
@@ -432,19 +391,7 @@ class ApetModel(nn.Module):
         if len(_patch_of(self).active) > 1:
             raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to merge")
         self._refuse_in_mixed_batch("merge_and_unload()")
-        layers = self.apet_layers()
-        quantized = {n: m for n, m in layers.items() if m.quantization is not None}
-        if requantize is not False and not quantized:
-            raise ValueError("requantize needs quantized layers; this model has none (its merged weights are "
-                             "written in its own float dtype)")
-        tied = [n for n, m in layers.items() if m.weight_shared]
-        if tied:
-            warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
-        config = None if requantize is True or requantize is False else requantize
-        dtype = activation_dtype(self)
-        replacements, report = {}, {}
-        for name, layer in quantized.items():  # everything built before any layer changes
-            replacements[name], report[name] = merge_quantized(layer, requantize is not False, config, dtype)
+        replacements, report = merged_replacements(self, self.apet_layers(), requantize)
         model = self._restore(merge=True, replacements=replacements)
         if requantize is not False:
             model.requantization_report = report
@@ -602,14 +549,112 @@ def _warn_tied_modules_to_save(model: nn.Module, saved: dict[str, nn.Parameter])
                           f"and unload() restores both")
 
 
+def wrap_targets(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor],
+                 adapter_name: str) -> None:
+    """Replace each module named in ``indices`` by a SparseDeltaLinear holding adapter ``adapter_name`` at those
+    positions, all or none, and record per layer its shape, K and index checksum in ``config.layers``. Both entry
+    points patch through here: ``get_apet_model`` and PEFT's (apet_kernels.tuner)."""
+    check_adapter_name(adapter_name)
+    targets = {name: model.get_submodule(name) for name in indices}
+    _check_targets(model, targets)
+    shared = shared_parameter_ids(model)
+    replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
+        module, indices=indices[name], strategy=config.strategy, backend=config.backend,
+        weight_shared=id(module.weight) in shared, adapter_name=adapter_name), targets)
+    config.layers = {name: {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
+                            "checksum": index_checksum(indices[name])} for name, module in targets.items()}
+
+
+def seeded_positions(model: nn.Module, layers: dict[str, SparseDeltaLinear], config: ApetConfig
+                     ) -> dict[str, torch.Tensor]:
+    """Positions of a further adapter on the APET layers ``config`` targets (seeded methods only), its budget
+    split over them; fills ``config.layers``."""
+    if config.method not in METHODS:
+        raise ValueError(f"a further adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
+                         f"load an adapter with stored positions instead")
+    if config.modules_to_save:
+        raise ValueError("modules_to_save belong to the model, not to an added adapter")
+    chosen = {n: m for n, m in layers.items() if targeted(n, config)}
+    if not chosen:
+        raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers "
+                         "(a further adapter tunes a subset of the layers the first one patched)")
+    shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
+    budget = layer_budget(model, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
+    indices = {n: select_indices(shapes[n], budget[n], method=config.method, seed=config.seed, key=n)
+               for n in chosen}
+    config.layers = {n: {"shape": list(shapes[n]), "k": int(idx.numel()), "checksum": index_checksum(idx)}
+                     for n, idx in indices.items()}
+    return indices
+
+
+def add_entries(layers: dict[str, SparseDeltaLinear], name: str, indices: dict[str, torch.Tensor],
+                values: dict[str, torch.Tensor]) -> None:
+    """Add adapter ``name`` to every APET layer (K = 0 where it tunes nothing), inactive, all or none."""
+    added = []
+    try:
+        for n, layer in layers.items():
+            idx = indices.get(n, torch.empty(0, dtype=layer.delta_indices.dtype))
+            layer.add_adapter(name, idx, values.get(n))
+            added.append(layer)
+    except BaseException:
+        for layer in added:
+            layer.deltas.pop(name)
+        raise
+
+
+def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lname: str, info: dict
+                ) -> dict[str, torch.Tensor]:
+    """What a saved adapter holds of one layer: its values, and its indices unless the config's seed regenerates
+    them; ``info`` (the config's entry for the layer) gets the checksum and the base fingerprint a load checks."""
+    delta = layer.deltas[adapter]
+    base = layer.current_base() if adapter == layer.active_adapter else layer.base_values_at(delta.indices)
+    stored = not regenerable(config, lname, delta.indices)
+    quant = layer.quantization
+    info.update(checksum=index_checksum(delta.indices), base_fingerprint=base_fingerprint(base),
+                base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
+                positions="stored" if stored else "seed", k=int(delta.k))
+    return {VALUES: delta.values, INDICES: delta.indices} if stored else {VALUES: delta.values}
+
+
+def merged_replacements(model: nn.Module, layers: dict[str, SparseDeltaLinear], requantize
+                        ) -> tuple[dict[str, nn.Module], dict]:
+    """For merge_and_unload: the new module of each quantized layer (dequantized, W + S, requantized if asked)
+    and the requantization report, all built before any layer changes."""
+    quantized = {n: m for n, m in layers.items() if m.quantization is not None}
+    if requantize is not False and not quantized:
+        raise ValueError("requantize needs quantized layers; this model has none (its merged weights are "
+                         "written in its own float dtype)")
+    tied = [n for n, m in layers.items() if m.weight_shared]
+    if tied:
+        warnings.warn(f"merging into weights shared with other modules changes them too: {tied}")
+    config = None if requantize is True or requantize is False else requantize
+    dtype = activation_dtype(model)
+    replacements, report = {}, {}
+    for name, layer in quantized.items():
+        replacements[name], report[name] = merge_quantized(layer, requantize is not False, config, dtype)
+    return replacements, report
+
+
+def give_back_layers(model: nn.Module, layers: dict[str, SparseDeltaLinear], merge: bool,
+                     replacements: dict[str, nn.Module]) -> None:
+    """Put each layer's base layer back (merged: with W + S of its active adapter written into it; unmerged: W
+    restored bit-exactly), or its replacement. Nothing here fails once the callers' checks passed."""
+    for name, layer in layers.items():
+        if name not in replacements:
+            if merge:
+                layer._merge.write(layer.delta_values, layer._backend_name())  # W[p] = cast(base + v), kept
+            else:
+                layer.unmerge()
+        layer.release_weight()
+        set_module(model, name, replacements.get(name, layer.base_layer))
+
+
 def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor],
            adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Patch the targets in place; if anything fails, the model is left exactly as it was."""
     check_adapter_name(adapter_name)
-    targets = {name: model.get_submodule(name) for name in indices}
-    _check_targets(model, targets)
+    _check_targets(model, {})
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    shared = shared_parameter_ids(model)
     saved = _modules_to_save(model, config)
     _warn_tied_modules_to_save(model, saved)
     originals = {n: p.detach().clone() for n, p in saved.items()}
@@ -618,15 +663,11 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
             p.requires_grad_(False)
         for p in saved.values():
             p.requires_grad_(True)
-        replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
-            module, indices=indices[name], strategy=config.strategy, backend=config.backend,
-            weight_shared=id(module.weight) in shared, adapter_name=adapter_name), targets)
+        wrap_targets(model, config, indices, adapter_name)
     except BaseException:
         for name, p in model.named_parameters(remove_duplicate=False):
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         raise
-    config.layers = {name: {"shape": list(linear_shape(module)), "k": int(indices[name].numel()),
-                            "checksum": index_checksum(indices[name])} for name, module in targets.items()}
     model.__dict__["_apet_patch"] = _Patch(type(model), requires_grad, originals, {adapter_name: config},
                                            [adapter_name])
     model.__class__ = _apet_class(type(model))
@@ -673,6 +714,13 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
     _check_targets(model, {})
     config = copy.deepcopy(config)
     config.layers = {}
+    indices = choose_positions(model, config, calibration, loss_fn)
+    return _patch(model, config, indices, adapter_name)
+
+
+def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable | None = None,
+                     loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Each target layer's positions (see get_apet_model), the budget split over the targets."""
     targets = find_targets(model, config)
     shapes = {name: linear_shape(m) for name, m in targets.items()}
     budget = layer_budget(model, config, targets, shapes)
@@ -683,15 +731,13 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
                                 row_cap=config.row_cap, col_cap=config.col_cap, weight_of=float_weight_oi,
                                 backend=config.backend)
         scores.accumulate(calibration, loss_fn)
-        indices = scores.indices()
-    elif config.method == "magnitude":
-        indices = {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
-    else:
-        if calibration is not None:
-            raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
-        indices = {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed,
-                                        key=name) for name in targets}
-    return _patch(model, config, indices, adapter_name)
+        return scores.indices()
+    if calibration is not None:
+        raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
+    if config.method == "magnitude":
+        return {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
+    return {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
+            for name in targets}
 
 
 # ----------------------------------------------------------------------------- loading

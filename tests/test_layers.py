@@ -180,7 +180,7 @@ def test_unmerge_restores_weight_bit_exactly():
     layer.unmerge()
     assert torch.equal(layer.weight, lin.weight) and layer.strategy == "unmerged"
     layer.merge()
-    assert layer.merged and not torch.equal(layer.weight, lin.weight)
+    assert layer.strategy == "merged" and not torch.equal(layer.weight, lin.weight)
 
 
 def test_delta_weight_is_dense_delta():

@@ -1,0 +1,42 @@
+"""APET's entry in PEFT's method registry, in one place.
+
+PEFT's public ``register_peft_method`` accepts only members of its own ``PeftType`` enum, so APET enters the
+three mappings that function fills (``peft.mapping``: config, tuner, prefix) under the string key ``"APET"``,
+which is what ``ApetConfig.peft_type`` holds. These mappings are PEFT internals: tested with peft 0.17 to 0.21.2.
+``check_registration`` (run by the tests) names the cause if a PEFT release changes them.
+"""
+
+from __future__ import annotations
+
+from .config import PEFT_TYPE, ApetConfig
+from .tuner import ApetTuner
+
+_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+
+
+def register() -> None:
+    """Enter APET into PEFT's registry (idempotent)."""
+    import peft.mapping as mapping
+    missing = [name for name in _MAPPINGS if not isinstance(getattr(mapping, name, None), dict)]
+    if missing:
+        raise RuntimeError(f"this PEFT ({_peft_version()}) has no {', '.join(missing)} in peft.mapping, where "
+                           "apet_kernels registers APET as a PEFT method (tested with peft 0.17 to 0.21.2)")
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = ApetConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = ApetTuner
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = ApetTuner.prefix
+
+
+def check_registration() -> None:
+    """Raise, naming what changed, unless PEFT's own lookups find APET."""
+    import peft.mapping as mapping
+    from peft.utils.save_and_load import PEFT_TYPE_TO_TUNER_MAPPING as used_by_saving
+    found = {name: getattr(mapping, name, {}).get(PEFT_TYPE) for name in _MAPPINGS}
+    if found["PEFT_TYPE_TO_CONFIG_MAPPING"] is not ApetConfig or found["PEFT_TYPE_TO_TUNER_MAPPING"] is not ApetTuner:
+        raise RuntimeError(f"PEFT {_peft_version()} does not find APET in peft.mapping after registration: {found}")
+    if used_by_saving is not mapping.PEFT_TYPE_TO_TUNER_MAPPING:
+        raise RuntimeError(f"PEFT {_peft_version()}'s saving code reads another tuner mapping than peft.mapping's")
+
+
+def _peft_version() -> str:
+    import peft
+    return getattr(peft, "__version__", "?")

@@ -1,0 +1,263 @@
+"""APET as a PEFT method: ``ApetTuner`` is PEFT's model role for ``ApetConfig`` (as ``LoraModel`` is LoRA's).
+
+    from peft import get_peft_model, PeftModel
+    model = get_peft_model(base, ApetConfig(density=1e-3))     # a PeftModel; its tuner layers: SparseDeltaLinear
+    model.save_pretrained("out/")                                # adapter_config.json + adapter_model.safetensors
+    model = PeftModel.from_pretrained(fresh_base, "out/")
+
+PEFT does the model-level bookkeeping (adapters by name, ``set_adapter``, ``delete_adapter``,
+``disable_adapter()``, ``modules_to_save``, saving and loading); the layer is the same ``SparseDeltaLinear``
+``get_apet_model`` patches in place, and both entry points choose positions, wrap targets, save and check
+through the same functions (apet_kernels.model). APET differs from PEFT's per-layer tuners in one place: its
+budget is split over all targets, so ``inject_adapter`` chooses every target's positions at once.
+
+The saved tensors per layer: ``<layer>.deltas.values`` (fp32) and, where the config's seed does not regenerate
+them, ``<layer>.deltas.indices``; the config records per layer its shape, K, an index checksum and a base
+fingerprint, checked before a load copies anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import set_additional_trainable_modules
+
+from .config import ApetConfig
+from .layers import SparseDeltaLinear
+from .linear_like import is_linear_like, linear_shape
+from .mixed_batch import BASE, MixedBatch
+from .model import (_first_few, _resolve_positions, add_entries, choose_positions, give_back_layers,
+                    merged_replacements, saved_entry, seeded_positions, wrap_targets)
+from .selection import METHODS, select_indices
+from .serialization import INDICES, VALUES, SavedAdapter, index_checksum
+from .targets import targeted
+
+# calibration batches for method="gradient", which PEFT's get_peft_model has no argument for (get_peft_model below)
+_CALIBRATION: contextvars.ContextVar = contextvars.ContextVar("apet_calibration", default=(None, None))
+_PEFT_PREFIX = "base_model.model."
+
+
+def _apet_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+
+def _saved_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Tensor]:
+    """The positions of an adapter whose config was saved with its layers (``from_pretrained``, ``load_adapter``):
+    seeded ones drawn again and checked against their checksum; stored ones are placeholders of the right K that
+    the checkpoint's indices replace (``_remap_adapter_state_dict_for_load`` refuses a checkpoint without them)."""
+    modules = {n: m for n, m in model.named_modules() if n and is_linear_like(m)}
+    indices = {}
+    for name, info in config.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model")
+        shape = linear_shape(module)
+        if list(shape) != list(info["shape"]):
+            raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+        k = int(info["k"])
+        if config.method in METHODS and info.get("positions") != "stored":
+            idx = select_indices(shape, k, method=config.method, seed=config.seed, key=name)
+            if index_checksum(idx) != info["checksum"]:
+                raise ValueError(f"adapter layer {name!r}: the seed does not give the saved positions (other seed, "
+                                 "key or selection code?)")
+        else:
+            idx = select_indices(shape, k, method="random", seed=0, key=name)
+        indices[name] = idx
+    return indices
+
+
+class ApetTuner(BaseTuner):
+    """PEFT's tuner for APET (registered by apet_kernels.peft_registry)."""
+
+    prefix: str = "deltas"
+    tuner_layer_cls = SparseDeltaLinear
+    target_module_mapping: dict = {}
+
+    # ----------------------------------------------------------------- injection
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config  # "all-linear" and the rest are APET's own target rules (apet_kernels.targets)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config, key):
+        return targeted(key, peft_config)
+
+    def _create_and_replace(self, *args, **kwargs):
+        raise NotImplementedError("APET injects all targets at once (inject_adapter): its budget is split over them")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        """Wrap the targets (first adapter) or add the adapter to the APET layers (later ones), all or none."""
+        if state_dict is not None:
+            raise ValueError("APET adapters are injected from their config (its layers and seed), not from a "
+                             "state dict's keys")
+        config = copy.deepcopy(self.peft_config[adapter_name])  # (layers are filled in; the caller's stays as given)
+        layers = _apet_layers(model)
+        saved = copy.deepcopy(config.layers)
+        if not layers:
+            indices = _saved_positions(model, config) if saved else self._chosen_positions(model, config)
+            wrap_targets(model, config, indices, adapter_name)
+        else:
+            indices = _saved_positions(model, config) if saved else seeded_positions(model, layers, config)
+            unknown = sorted(set(indices) - set(layers))
+            if unknown:
+                raise ValueError(f"adapter layers {_first_few(unknown)} are not APET layers of this model (a further "
+                                 "adapter tunes a subset of the layers the first one wrapped)")
+            add_entries(layers, adapter_name, indices, {})
+        if saved:
+            config.layers = saved  # with the fingerprints a load checks
+        self.peft_config[adapter_name] = config
+        self.targeted_module_names.extend(n for n in indices if n not in self.targeted_module_names)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
+                                         adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters)
+
+    @staticmethod
+    def _chosen_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Tensor]:
+        calibration, loss_fn = _CALIBRATION.get()
+        if config.method == "gradient" and calibration is None:
+            raise ValueError("method='gradient' chooses positions from calibration batches, which peft's "
+                             "get_peft_model cannot take: call apet_kernels.get_peft_model(model, config, "
+                             "calibration=batches)")
+        return choose_positions(model, config, calibration, loss_fn)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for layer in _apet_layers(model).values():  # K = 0 values stay frozen (FSDP2 refuses empty gradients)
+            for delta in layer.deltas.values():
+                if not delta.k:
+                    delta.values.requires_grad_(False)
+
+    # ----------------------------------------------------------------- switching (checked before any layer changes)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        layers = _apet_layers(self.model)
+        merged = [n for n, m in layers.items() if m.strategy == "merged"]
+        if len(names) > 1 and merged:
+            raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+                             f"are merged ({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.peft_config and len(self.peft_config) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter: unload() the model instead of deleting it")
+        super().delete_adapter(adapter_name)
+
+    # ----------------------------------------------------------------- mixed-adapter batches (adapter_names=)
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names= (a mixed-adapter batch) is for inference: call model.eval() first")
+        unknown = sorted(set(names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)} (and '{BASE}')")
+        layers = _apet_layers(self.model)
+        merged = [n for n, m in layers.items() if m.strategy == "merged"]
+        if merged:
+            raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+                             f"({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
+        plan = MixedBatch(list(names), expand=True)
+        began = []
+        try:
+            for layer in layers.values():
+                layer.begin_mixed_batch(plan)
+                began.append(layer)
+            yield
+        finally:
+            for layer in began:
+                layer.end_mixed_batch()
+
+    # ----------------------------------------------------------------- giving the model back
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None, requantize=False) -> nn.Module:
+        layers = _apet_layers(self.model)
+        if merge:
+            if len(self.active_adapters) > 1:
+                raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to "
+                                 "merge")
+            for layer in layers.values():  # (checks adapter_names and safe_merge before anything changes)
+                if adapter_names is not None and list(adapter_names) not in ([], [layer.active_adapter]):
+                    raise ValueError(f"APET merges the active adapter only ({layer.active_adapter!r}), not "
+                                     f"{list(adapter_names)}")
+                if safe_merge and not torch.isfinite(layer.delta_values.detach()).all():
+                    raise ValueError(f"NaNs or infs in the values of adapter {layer.active_adapter!r}: not merged")
+            replacements, _ = merged_replacements(self.model, layers, requantize)
+        else:
+            replacements = {}
+        give_back_layers(self.model, layers, merge, replacements)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
+
+    # ----------------------------------------------------------------- saving and loading
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Per layer its values, and its indices unless the seed regenerates them; the config's layer records get
+        the checksum and base fingerprint (PEFT writes the config after the tensors)."""
+        out = {}
+        for name, layer in _apet_layers(model).items():
+            lname = name.removeprefix(_PEFT_PREFIX)
+            info = config.layers.get(lname)
+            if info is None or adapter_name not in layer.deltas:
+                continue
+            for what, own in saved_entry(layer, adapter_name, config, lname, info).items():
+                key = f"{name}.deltas.{adapter_name}.{what}"
+                out[key] = state_dict.get(key, own)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check the checkpoint against the model before anything is copied (every layer's values, its positions'
+        checksum, the base fingerprint), then give its keys the adapter name."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = _apet_layers(model)
+        prefix = _PEFT_PREFIX if any(n.startswith(_PEFT_PREFIX) for n in layers) else ""
+        saved = SavedAdapter(config)
+        for lname, info in config.layers.items():
+            key = f"{prefix}{lname}.deltas.{adapter_name}."
+            values = state_dict.get(key + VALUES)
+            if values is None or tuple(values.shape) != (int(info["k"]),) or not values.is_floating_point():
+                raise ValueError(f"the checkpoint's {lname}.deltas.{VALUES} is missing or not a float tensor of shape "
+                                 f"({int(info['k'])},)")
+            saved.values[lname] = values
+            saved.indices[lname] = state_dict.get(key + INDICES)
+        modules = {n.removeprefix(prefix): m for n, m in layers.items()}
+        positions = _resolve_positions(saved, modules, lambda m: (m.out_features, m.in_features),
+                                       lambda m, idx: m.base_values_at(idx), "the checkpoint", False,
+                                       "with APET layers")
+        # the rest of each entry, derived (positions regenerated from the seed, the base read from W; layers the
+        # adapter does not tune hold K = 0), so that PEFT finds no adapter key missing
+        for lname, layer in modules.items():
+            delta = layer.deltas[adapter_name] if adapter_name in layer.deltas else None
+            if delta is None:
+                continue
+            idx = positions.get(lname, delta.indices)
+            key = f"{prefix}{lname}.deltas.{adapter_name}."
+            state_dict.setdefault(key + VALUES, torch.zeros(idx.numel()))
+            state_dict.setdefault(key + INDICES, idx)
+            state_dict.setdefault(key + "base", layer.base_values_at(idx))
+            state_dict.setdefault(key + "merged", torch.tensor(False))
+        return state_dict
+
+
+def get_peft_model(model: nn.Module, config: ApetConfig, *args, calibration: Iterable | None = None,
+                   loss_fn: Callable | None = None, **kwargs):
+    """``peft.get_peft_model``, plus the calibration batches ``method="gradient"`` chooses positions from
+    (``model(**batch).loss``, or ``loss_fn(model, batch)``)."""
+    import peft
+    token = _CALIBRATION.set((calibration, loss_fn))
+    try:
+        return peft.get_peft_model(model, config, *args, **kwargs)
+    finally:
+        _CALIBRATION.reset(token)
