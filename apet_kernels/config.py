@@ -3,6 +3,7 @@ ApetConfig(...))`` builds APET through PEFT (apet_kernels.tuner), and ``get_apet
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -109,7 +110,16 @@ class ApetConfig(PeftConfig):
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         del data["backend"]  # where kernels run is chosen at run time, not stored with an adapter
+        saved = self.__dict__.get("layers_as_saved")
+        if saved is not None:  # the records of the tensors just saved beside this file (apet_kernels.tuner)
+            data["layers"] = copy.deepcopy(saved)
         return data
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.__dict__.pop("layers_as_saved", None)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "ApetConfig":

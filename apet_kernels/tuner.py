@@ -110,7 +110,9 @@ class ApetTuner(BaseTuner):
                                  "adapter tunes a subset of the layers the first one wrapped)")
             add_entries(layers, adapter_name, indices, {})
         if saved:
-            config.layers = saved  # with the fingerprints a load checks
+            config.layers = saved
+            config.__dict__["_records_to_check"] = copy.deepcopy(saved)  # (by the load that follows: checksums,
+            # fingerprints; _remap_adapter_state_dict_for_load)
         self.peft_config[adapter_name] = config
         self.targeted_module_names.extend(n for n in indices if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -203,28 +205,41 @@ class ApetTuner(BaseTuner):
     # ----------------------------------------------------------------- saving and loading
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Per layer its values, and its indices unless the seed regenerates them; the config's layer records get
-        the checksum and base fingerprint (PEFT writes the config after the tensors)."""
-        out = {}
+        """Per layer its values, and its indices unless the seed regenerates them. The layer records as saved
+        (checksum, base fingerprint) go to the config file PEFT writes next (``ApetConfig.layers_as_saved``); the
+        live config keeps the records of its positions as patched, as ``get_apet_model``'s does."""
+        out, records = {}, copy.deepcopy(config.layers)
         for name, layer in _apet_layers(model).items():
             lname = name.removeprefix(_PEFT_PREFIX)
-            info = config.layers.get(lname)
-            if info is None or adapter_name not in layer.deltas:
+            if lname not in records or adapter_name not in layer.deltas:
                 continue
-            for what, own in saved_entry(layer, adapter_name, config, lname, info).items():
+            for what, own in saved_entry(layer, adapter_name, config, lname, records[lname]).items():
                 key = f"{name}.deltas.{adapter_name}.{what}"
                 out[key] = state_dict.get(key, own)
+        config.layers_as_saved = records
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check the checkpoint against the model before anything is copied (every layer's values, its positions'
-        checksum, the base fingerprint), then give its keys the adapter name."""
+        """Check the checkpoint against the model before anything is copied, then give its keys the adapter name.
+
+        Every layer needs its values; values without indices are for the seeded positions. A folder loaded as a
+        new adapter (``from_pretrained``, ``load_adapter`` of a new name) is checked against its own config's
+        records: index checksums and base fingerprints. A checkpoint loaded into a live adapter (Trainer's resume
+        and best model) may hold positions regrown since: its indices are checked for range, order and K."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = _apet_layers(model)
         prefix = _PEFT_PREFIX if any(n.startswith(_PEFT_PREFIX) for n in layers) else ""
-        saved = SavedAdapter(config)
-        for lname, info in config.layers.items():
+        modules = {n.removeprefix(prefix): m for n, m in layers.items()}
+        folder = config.__dict__.pop("_records_to_check", None)
+        saved = SavedAdapter(copy.deepcopy(config))
+        if folder is None:  # the live adapter's own positions: seeded ones regenerate, stored ones come with indices
+            for info in saved.config.layers.values():
+                info.pop("base_fingerprint", None)
+                info.pop("positions", None)
+        else:
+            saved.config.layers = folder
+        for lname, info in saved.config.layers.items():
             key = f"{prefix}{lname}.deltas.{adapter_name}."
             values = state_dict.get(key + VALUES)
             if values is None or tuple(values.shape) != (int(info["k"]),) or not values.is_floating_point():
@@ -232,7 +247,8 @@ class ApetTuner(BaseTuner):
                                  f"({int(info['k'])},)")
             saved.values[lname] = values
             saved.indices[lname] = state_dict.get(key + INDICES)
-        modules = {n.removeprefix(prefix): m for n, m in layers.items()}
+            if folder is None and saved.indices[lname] is not None:
+                info["checksum"] = index_checksum(saved.indices[lname])  # (moved positions: range and K checked)
         positions = _resolve_positions(saved, modules, lambda m: (m.out_features, m.in_features),
                                        lambda m, idx: m.base_values_at(idx), "the checkpoint", False,
                                        "with APET layers")
