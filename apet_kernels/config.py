@@ -31,7 +31,16 @@ def _check_module_spec(field_name: str, spec, none_ok: bool) -> None:
         raise ValueError(f"{field_name} must be a regex string or a list of module names, got {spec!r}")
 
 
-PEFT_TYPE = "APET"  # the key APET is registered under in PEFT (apet_kernels.peft_registry)
+class _MethodName(str):
+    """A string with an enum's ``.value``: code written for PEFT's ``PeftType`` members reads ``peft_type.value``
+    (transformers' adapter integration), and PEFT's mappings and JSON files see the plain string."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+PEFT_TYPE = _MethodName("APET")  # the key APET is registered under in PEFT (apet_kernels.peft_registry)
 
 
 @dataclass

@@ -203,6 +203,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self.deltas = nn.ModuleDict()
         self._active_adapter = [adapter_name]  # the active one first, then others applied with it (unmerged)
         self._mixed = None  # a MixedBatch while a mixed-adapter batch runs (ApetModel.mixed_batch)
+        # adapter -> checksum of placeholder positions that a checkpoint's indices must replace (expect_positions)
+        self._awaited: dict[str, str] = {}
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
         self.base_dtype = float_dtype(base_layer) if quantized else weight.dtype
         self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
@@ -510,6 +512,36 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if merged:
             self._merge.write(self.delta_values, self._backend_name())
 
+    # ----------------------------------------------------------------- positions that come with a checkpoint
+    def expect_positions(self, adapter: str) -> None:
+        """``adapter``'s positions are placeholders of the right K until a checkpoint's indices replace them (an
+        adapter with stored positions, built from its saved config before its tensors are loaded). The layer
+        writes nothing into W until then, and refuses a forward on the placeholders."""
+        from .serialization import index_checksum  # (serialization imports the config, which imports this module)
+        self._awaited[adapter] = index_checksum(self.deltas[adapter].indices)
+
+    @torch.no_grad()
+    def settle_positions(self) -> None:
+        """Take up indices loaded by a loader that bypasses ``load_state_dict``'s hooks (transformers' own adapter
+        loader assigns tensors directly): rebuild the orderings and read the base at the new positions (W is pure:
+        nothing was written while they were awaited). Refuses if they never came."""
+        from .serialization import index_checksum
+        for adapter, placeholder in list(self._awaited.items()):
+            delta = self.deltas[adapter] if adapter in self.deltas else None
+            if delta is None:
+                del self._awaited[adapter]
+                continue
+            if delta.k and index_checksum(delta.indices) == placeholder:
+                raise RuntimeError(f"adapter {adapter!r} stores its positions, and none were loaded into this layer: "
+                                   "load its checkpoint (PeftModel.from_pretrained, load_adapter) before running it")
+            delta.rebuild_layout()
+            if adapter == self.active_adapter:
+                self._merge.stale = True
+                self._merge.read_base()
+            else:
+                delta.base.copy_(self.base_values_at(delta.indices))
+            del self._awaited[adapter]
+
     @torch.no_grad()
     def base_values_at(self, indices: torch.Tensor) -> torch.Tensor:
         """The base weight's values at any positions (dequantized if quantized), without unmerging: where a
@@ -638,6 +670,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def _after_load(module: "SparseDeltaLinear", incompatible_keys) -> None:
         incoming, merged = module.__dict__.pop("_incoming", (frozenset(), None))
+        for name in incoming & set(module._awaited):
+            del module._awaited[name]  # (rebuilt and read below)
         if module.delta_indices.is_meta or module.weight.is_meta:
             return
         for name in module.deltas:
@@ -663,6 +697,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._awaited:
+            self.settle_positions()
         if validation_from_env():
             self._check_buffers()
         merged = self.strategy == "merged"

@@ -110,6 +110,9 @@ class ApetTuner(BaseTuner):
                                  "adapter tunes a subset of the layers the first one wrapped)")
             add_entries(layers, adapter_name, indices, {})
         if saved:
+            for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
+                if not (config.method in METHODS and info.get("positions") != "stored"):
+                    model.get_submodule(name).expect_positions(adapter_name)
             config.layers = saved
             config.__dict__["_records_to_check"] = copy.deepcopy(saved)  # (by the load that follows: checksums,
             # fingerprints; _remap_adapter_state_dict_for_load)

@@ -216,3 +216,14 @@ def test_one_config_object_builds_several_models_unchanged():
     assert config.layers == {} and first.peft_config["default"].layers == second.peft_config["default"].layers
     for (n, a), b in zip(_layers(first).items(), _layers(second).values()):
         assert torch.equal(a.delta_indices, b.delta_indices), n
+
+
+def test_stored_positions_built_from_a_saved_config_refuse_to_run_until_their_checkpoint_loads(tmp_path):
+    model = peft.get_peft_model(tiny_llama(), ApetConfig(num_params=600, method="magnitude"))
+    model.save_pretrained(tmp_path)
+    config = peft.PeftConfig.from_pretrained(tmp_path)  # its layers say the positions are stored
+    unloaded = peft.get_peft_model(tiny_llama(), config)
+    with pytest.raises(RuntimeError, match="stores its positions, and none were loaded"):
+        unloaded(input_ids=IDS)
+    unloaded.load_adapter(tmp_path, "default")  # into the adapter just built (what Trainer's resume does)
+    assert torch.equal(_logits(unloaded), _logits(model))
