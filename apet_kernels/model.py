@@ -55,13 +55,12 @@ class _Patch:
 
 
 class ApetModel(nn.Module):
-    """The mixin a patched model's class gets (see the module docstring). Attribute and method names
-    follow PEFT's where they mean the same thing and avoid ``PreTrainedModel``'s meanings."""
-
-    # transformers' Trainer refuses to train a quantized model unless it carries trainable adapters, which it
-    # recognizes by PEFT's class or this flag; transformers' activation checkpointing then also makes the
-    # embeddings' output require grad, so reentrant checkpointing reaches the deltas
-    _hf_peft_config_loaded = True
+    """The mixin a patched model's class gets (see the module docstring). A patched model is still a transformers
+    model, so the adapter methods it shares with transformers' ``PeftAdapterMixin`` take transformers' signatures
+    and mean what they mean there (``add_adapter(adapter_config, adapter_name=None)``, ``load_adapter(path,
+    adapter_name=None)``, ``set_adapter``, ``delete_adapter(names)``, ``enable_adapters()`` / ``disable_adapters()``,
+    ``active_adapters()``, ``get_adapter_state_dict``); the rest follow PEFT's names. transformers' own PEFT flag
+    (``_hf_peft_config_loaded``) is not set: its code never runs on a patched model."""
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = self._with_seeded_positions(state_dict)
@@ -113,9 +112,9 @@ class ApetModel(nn.Module):
     def active_adapter(self) -> str:
         return _patch_of(self).active[0]
 
-    @property
     def active_adapters(self) -> list[str]:
-        """The adapter trained and applied, then others applied with it (``set_adapter`` with a list)."""
+        """The adapter trained and applied, then others applied with it (``set_adapter`` with a list). A method,
+        as transformers' ``active_adapters()``."""
         return list(_patch_of(self).active)
 
     @property
@@ -166,14 +165,21 @@ class ApetModel(nn.Module):
         if _patch_of(self).mixed is not None:
             raise RuntimeError(f"{what} inside a mixed-adapter batch would change what its rows apply")
 
-    def add_adapter(self, adapter_name: str, config: ApetConfig) -> None:
+    def add_adapter(self, adapter_config: ApetConfig, adapter_name: str | None = None) -> None:
         """Add an inactive adapter (zero values) with seeded positions on the patched layers that
-        ``config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
-        the one applied and trained. Data-driven positions come in through ``load_adapter``."""
+        ``adapter_config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
+        the one applied and trained. Data-driven positions come in through ``load_adapter``.
+
+        transformers' signature; PEFT's order (``add_adapter(adapter_name, config)``) is accepted too. Without a
+        name, ``"default"`` as in transformers (which the first adapter usually holds already)."""
+        if isinstance(adapter_config, str) and not isinstance(adapter_name, str):  # PEFT's argument order
+            adapter_config, adapter_name = adapter_name, adapter_config
+        adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
         self._check_new_name(adapter_name)
-        if not isinstance(config, ApetConfig):
-            raise TypeError(f"add_adapter(adapter_name, config) takes an ApetConfig, got {type(config).__name__}")
-        config = copy.deepcopy(config)
+        if not isinstance(adapter_config, ApetConfig):
+            raise TypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
+                            f"{type(adapter_config).__name__}")
+        config = copy.deepcopy(adapter_config)
         indices = seeded_positions(self, self.apet_layers(), config)
         self._add_entries(adapter_name, config, indices, {})
 
@@ -183,9 +189,17 @@ class ApetModel(nn.Module):
         _patch_of(self).configs[name] = config
         _note_lr_hint(self, name, config)
 
-    def load_adapter(self, directory: str, adapter_name: str, *, strict: bool = False) -> None:
-        """Add the adapter saved in ``directory`` (its active one) under ``adapter_name``, inactive. Its
-        layers must be among this model's APET layers; everything is checked before anything changes."""
+    def load_adapter(self, peft_model_id: str, adapter_name: str | None = None, *, strict: bool = False,
+                     **kwargs) -> None:
+        """Add the adapter saved in the local folder ``peft_model_id`` (its active one) under ``adapter_name``
+        (default ``"default"``, as in transformers), inactive. Its layers must be among this model's APET layers;
+        everything is checked before anything changes. transformers' further arguments (hub downloads, device
+        maps, hotswapping) do not apply to an APET folder and are refused by name."""
+        if kwargs:
+            raise TypeError(f"load_adapter of an APET-patched model reads a local APET folder; "
+                            f"{sorted(kwargs)} {'is' if len(kwargs) == 1 else 'are'} not supported")
+        directory = peft_model_id
+        adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
         self._check_new_name(adapter_name)
         saved = read_folder(directory)
         if saved.others:
@@ -220,7 +234,7 @@ class ApetModel(nn.Module):
             if merged:
                 raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
                                  f"are merged ({_first_few(merged)}): unmerge() them or use strategy='unmerged'")
-        before, switched = self.active_adapters, []
+        before, switched = self.active_adapters(), []
         try:
             for layer in layers.values():
                 layer.set_adapter(names)
@@ -231,15 +245,40 @@ class ApetModel(nn.Module):
             raise
         _patch_of(self).active = names
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in _patch_of(self).active:
-            raise ValueError(f"{adapter_name!r} is active: set_adapter() another one before deleting it")
-        if adapter_name not in _patch_of(self).configs:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has {self.adapters}")
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        """Delete one adapter or a list of them (transformers' signature); all are checked first."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name in _patch_of(self).active:
+                raise ValueError(f"{name!r} is active: set_adapter() another one before deleting it")
+            if name not in _patch_of(self).configs:
+                raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
         self._refuse_in_mixed_batch("delete_adapter()")
+        for name in names:
+            for layer in self.apet_layers().values():
+                layer.delete_adapter(name)
+            del _patch_of(self).configs[name]
+
+    def disable_adapters(self) -> None:
+        """transformers' switch: the model computes as its base until ``enable_adapters()`` (``disable_apet()``
+        is the same for one block)."""
         for layer in self.apet_layers().values():
-            layer.delete_adapter(adapter_name)
-        del _patch_of(self).configs[adapter_name]
+            layer.enable_adapters(False)
+
+    def enable_adapters(self) -> None:
+        for layer in self.apet_layers().values():
+            layer.enable_adapters(True)
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
+                               ) -> dict[str, torch.Tensor]:
+        """transformers' name for ``adapter_state_dict``: the tensors saved for one adapter (default: the active
+        one), on the CPU, taken from ``state_dict`` where given."""
+        _, _, tensors = self._folder_contents([adapter_name or self.active_adapter], state_dict)
+        return {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+
+    def enable_peft_hotswap(self, *args, **kwargs) -> None:
+        raise NotImplementedError("hotswapping is transformers' LoRA feature; an APET-patched model switches "
+                                  "adapters with add_adapter / load_adapter and set_adapter")
 
     # ----------------------------------------------------------------- mixed-adapter batches
     @contextlib.contextmanager
@@ -344,8 +383,7 @@ class ApetModel(nn.Module):
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``save_pretrained`` would write for one adapter (default: the active one), on the CPU."""
-        _, _, tensors = self._folder_contents([adapter_name or self.active_adapter], None)
-        return {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+        return self.get_adapter_state_dict(adapter_name)
 
     # ----------------------------------------------------------------- giving the model back
     def _restore(self, merge: bool, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
@@ -389,7 +427,8 @@ class ApetModel(nn.Module):
         keeping the deltas separate is stored per layer in ``model.requantization_report`` and summed
         up in a warning."""
         if len(_patch_of(self).active) > 1:
-            raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to merge")
+            raise ValueError(f"adapters {self.active_adapters()} are active together: set_adapter() the one to "
+                             "merge")
         self._refuse_in_mixed_batch("merge_and_unload()")
         replacements, report = merged_replacements(self, self.apet_layers(), requantize)
         model = self._restore(merge=True, replacements=replacements)

@@ -407,16 +407,24 @@ def test_data_driven_positions_over_a_quantized_base(saved_llama, method):
     _train(apet, steps=2)
 
 
-def test_trainer_accepts_a_patched_quantized_model(saved_llama, tmp_path):
+def test_trainer_trains_a_quantized_base_through_the_peft_entry_point(saved_llama, tmp_path):
+    """transformers' Trainer trains a quantized model only as a PeftModel (or with its own PEFT flag, which a
+    patched model no longer borrows: issue 32): get_peft_model is the way, and the in-place model is refused
+    by transformers with its own message."""
+    import peft
     from transformers import Trainer, TrainingArguments
-    model = get_apet_model(load_llama(saved_llama[0], "bnb-nf4"), CONFIG)
     ids = torch.randint(0, 99, (8, 12))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                              use_cpu=True, save_strategy="no", learning_rate=1e-2)
-    before = {n: m.delta_values.detach().clone() for n, m in model.apet_layers().items()}
+    model = peft.get_peft_model(load_llama(saved_llama[0], "bnb-nf4"), CONFIG)
+    layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+    assert layers and all(m.quantization is not None for m in layers)
+    before = [m.delta_values.detach().clone() for m in layers]
     Trainer(model=model, args=args, train_dataset=data).train()
-    assert any(not torch.equal(before[n], m.delta_values) for n, m in model.apet_layers().items())
+    assert any(not torch.equal(b, m.delta_values) for b, m in zip(before, layers))
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=get_apet_model(load_llama(saved_llama[0], "bnb-nf4"), CONFIG), args=args, train_dataset=data)
 
 
 def test_without_the_quantization_libraries_everything_else_works():
