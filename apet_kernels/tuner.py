@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -30,6 +31,7 @@ from peft.utils.other import set_additional_trainable_modules
 
 from .config import ApetConfig
 from .layers import SparseDeltaLinear
+from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
 from .mixed_batch import BASE, MixedBatch
 from .model import (_first_few, _resolve_positions, add_entries, choose_positions, give_back_layers,
@@ -186,9 +188,17 @@ class ApetTuner(BaseTuner):
                 layer.end_mixed_batch()
 
     # ----------------------------------------------------------------- giving the model back
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None, requantize=False) -> nn.Module:
+        """PEFT's ``merge_and_unload``; over a quantized base, ``requantize`` as ``ApetModel.merge_and_unload``'s
+        (the report lands in ``model.requantization_report``)."""
+        return self._unload_and_optionally_merge(progressbar=progressbar, safe_merge=safe_merge,
+                                                 adapter_names=adapter_names, requantize=requantize)
+
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: list[str] | None = None, requantize=False) -> nn.Module:
         layers = _apet_layers(self.model)
+        report = None
         if merge:
             if len(self.active_adapters) > 1:
                 raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to "
@@ -199,11 +209,15 @@ class ApetTuner(BaseTuner):
                                      f"{list(adapter_names)}")
                 if safe_merge and not torch.isfinite(layer.delta_values.detach()).all():
                     raise ValueError(f"NaNs or infs in the values of adapter {layer.active_adapter!r}: not merged")
-            replacements, _ = merged_replacements(self.model, layers, requantize)
+            replacements, report = merged_replacements(self.model, layers, requantize)
         else:
             replacements = {}
         give_back_layers(self.model, layers, merge, replacements)
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
+        if requantize is not False:
+            model.requantization_report = report
+            warnings.warn(requantization_summary(report))
+        return model
 
     # ----------------------------------------------------------------- saving and loading
     @classmethod

@@ -352,6 +352,31 @@ def test_merge_and_unload_can_requantize_and_reports_what_it_loses(saved_llama, 
     assert sum(r["delta_retained"] for r in report) / len(report) > 0.7
 
 
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_through_peft_a_quantized_base_trains_round_trips_and_merges(saved_llama, kind, tmp_path):
+    """The PEFT entry point over the same quantized bases: training, a from_pretrained round trip onto a freshly
+    quantized base (bit-exact), merge_and_unload to floats and with requantize=True."""
+    import peft
+    model = peft.get_peft_model(load_llama(saved_llama[0], kind), CONFIG)
+    losses = _train(model, steps=3)
+    assert losses[-1] < losses[0]
+    ids = torch.randint(0, 99, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(load_llama(saved_llama[0], kind), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, SparseDeltaLinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-3, atol=5e-2 if kind == "bnb-int8" else 1e-4)
+    with pytest.warns(UserWarning, match="re-quantizing"):
+        small = loaded.merge_and_unload(requantize=True)
+    assert small.requantization_report and all(quantization_of(m) is not None for m in small.modules()
+                                                if isinstance(m, nn.Linear) and m is not small.lm_head)
+
+
 def test_requantize_on_a_float_model_is_refused_and_changes_nothing(saved_llama):
     model = get_apet_model(load_llama(saved_llama[0]), CONFIG)
     with pytest.raises(ValueError, match="requantize needs quantized layers"):

@@ -42,7 +42,7 @@ class Block(nn.Module):
         return self.body(x)
 
 
-def tiny_llama(strategy, num_params=None):
+def tiny_llama(strategy, num_params=None, through_peft=False):
     import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -51,13 +51,16 @@ def tiny_llama(strategy, num_params=None):
     with torch.no_grad():
         base.model.layers[0].self_attn.q_proj.weight.view(-1)[::7] = -0.0  # unmerge must give these back
     budget = dict(num_params=num_params) if num_params else dict(density=0.05)
+    if through_peft:  # the PEFT entry point: a PeftModel over the same layers (issue 32)
+        import peft
+        return peft.get_peft_model(base, ApetConfig(**budget, strategy=strategy))
     return get_apet_model(base, ApetConfig(**budget, strategy=strategy))
 
 
 def build(cfg):
     torch.manual_seed(0)
     if cfg["model"] == "llama":
-        return tiny_llama(cfg["strategy"], cfg.get("num_params"))
+        return tiny_llama(cfg["strategy"], cfg.get("num_params"), cfg.get("peft", False))
     return nn.Sequential(*(Block(i, cfg["out"], cfg["strategy"], cfg.get("conv1d", False), cfg.get("ckpt", False))
                            for i in range(2)))
 
@@ -68,7 +71,8 @@ def shard(model, cfg, ws):
     reshard = cfg.get("reshard", True)
     reshard = reshard if not isinstance(reshard, int) or isinstance(reshard, bool) or ws % reshard == 0 and ws > reshard \
         else True  # an int reshards to a smaller group: only where it divides the world size
-    blocks = model.model.layers if cfg["model"] == "llama" else list(model)
+    inner = model.get_base_model() if cfg.get("peft") else model
+    blocks = inner.model.layers if cfg["model"] == "llama" else list(model)
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -117,6 +121,8 @@ for strategy in ("merged", "unmerged"):
     CONFIGS[f"llama-{strategy}"] = dict(model="llama", strategy=strategy)
     # 3 tuned scalars over 14 layers: most layers hold K = 0 (FSDP2 crashed on their empty gradients; issue 33)
     CONFIGS[f"llama-k0-{strategy}"] = dict(model="llama", strategy=strategy, num_params=3)
+    CONFIGS[f"llama-peft-{strategy}"] = dict(model="llama", strategy=strategy, peft=True)
+    CONFIGS[f"llama-peft-k0-{strategy}"] = dict(model="llama", strategy=strategy, num_params=3, peft=True)
 CONFIGS["mlp2-merged"] = dict(model="mlp", out=2, strategy="merged")  # 2 rows over 3 or 4 ranks: empty shards
 CONFIGS["mlp10-merged-bf16"] = dict(model="mlp", out=10, strategy="merged", bf16=True)
 
