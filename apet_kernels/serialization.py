@@ -8,6 +8,15 @@ not regenerate them) and the parameters of ``modules_to_save``. A Trainer checkp
 which is why the file has the name transformers' Trainer loads (``load_state_dict(..., strict=False)``)
 when it resumes or loads the best checkpoint.
 
+Beside them, the same adapters in PEFT's layout (``peft_layout``): ``adapter_config.json`` and
+``adapter_model.safetensors`` for the adapter named "default" (else the first active one), the others in
+subfolders named after them, under PEFT's keys (``base_model.model.<layer>.deltas.values``, ``.indices``).
+That is what ``PeftModel.save_pretrained`` writes for APET (apet_kernels.tuner), so a folder saved in place
+loads through PEFT (``PeftModel.from_pretrained``, Trainer's PeftModel paths) and a PEFT folder loads in place
+(``read_folder`` reads that layout when there is no ``apet_config.json``). The two file pairs exist because
+transformers' Trainer resumes a PreTrainedModel from ``model.safetensors`` and a PeftModel from
+``adapter_model.safetensors``; each holds a few bytes per tuned parameter.
+
 Format 1 (0.1/0.2, read only): one adapter, ``adapter_model.safetensors`` with ``<layer>.delta_values``,
 ``<layer>.delta_indices`` and modules_to_save parameters, its config's fields at the JSON's top level.
 
@@ -32,6 +41,12 @@ from .config import ApetConfig
 from .selection import METHODS
 
 CONFIG_NAME = "apet_config.json"
+# PEFT's layout of the same adapters (apet_kernels.tuner, PeftModel.save_pretrained): the adapter named "default"
+# (else the first active one) at the top, each other one in a subfolder of its name; keys base_model.model.<layer>
+# .deltas.values / .indices and base_model.model.<modules_to_save parameter>
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 # format 2 (0.3): the tensors of every adapter under the patched model's own state-dict keys, in the file
 # transformers' Trainer loads when it resumes or loads the best checkpoint of a PreTrainedModel
 WEIGHTS_NAME = "model.safetensors"
@@ -77,6 +92,67 @@ def write_config_file(directory: str, configs: dict[str, ApetConfig], active: li
             "adapters": {name: config.to_dict() for name, config in configs.items()}}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
+
+
+def peft_layout(configs: dict[str, ApetConfig], active: list[str], tensors: dict[str, torch.Tensor]
+                ) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """The same adapters in PEFT's layout: subfolder ("" for the top) -> (adapter_config.json's content, tensors
+    under PEFT's keys), so that ``PeftModel.from_pretrained`` reads a folder ``get_apet_model``'s model saved."""
+    top = "default" if "default" in configs else active[0]
+    out, claimed = {}, set()
+    for name, config in configs.items():
+        own = {}
+        for layer in config.layers:
+            for what in (VALUES, INDICES):
+                key = delta_key(layer, name, what)
+                if key in tensors:
+                    own[f"{PEFT_PREFIX}{layer}.deltas.{what}"] = tensors[key]
+                    claimed.add(key)
+        data = config.to_dict()
+        data.update(peft_type=str(config.peft_type), inference_mode=True)
+        out["" if name == top else name] = (data, own)
+    others = {k: t for k, t in tensors.items() if k not in claimed}
+    if others:  # modules_to_save: the model's, saved once, with the top adapter as PEFT saves them
+        out[""][1].update({PEFT_PREFIX + k: t for k, t in others.items()})
+        out[""][0]["modules_to_save"] = next((c.modules_to_save for c in configs.values() if c.modules_to_save), None)
+    return out
+
+
+def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str], dict[str, torch.Tensor], str]:
+    """An APET adapter in PEFT's layout (``PeftModel.save_pretrained``): its configs and tensors under the keys a
+    patched model uses (``<layer>.deltas.<adapter>.values``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    folders = {"default": directory}
+    for entry in sorted(os.listdir(directory)):
+        if os.path.isfile(os.path.join(directory, entry, PEFT_CONFIG_NAME)):
+            folders[entry] = os.path.join(directory, entry)
+    configs, tensors, path = {}, {}, os.path.join(directory, PEFT_WEIGHTS_NAME)
+    for name, folder in folders.items():
+        config_path = os.path.join(folder, PEFT_CONFIG_NAME)
+        try:
+            with open(config_path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+        if not isinstance(data, dict) or data.get("peft_type") != "APET":
+            kind = data.get("peft_type") if isinstance(data, dict) else None
+            raise ValueError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
+        configs[name] = ApetConfig.from_dict(data, config_path)
+        weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{weights} is missing")
+        try:
+            found = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{weights} is truncated or malformed: {exc}") from None
+        for key, t in found.items():
+            if not key.startswith(PEFT_PREFIX):
+                raise ValueError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
+            key = key[len(PEFT_PREFIX):]
+            layer, _, what = key.rpartition(".deltas.")
+            tensors[delta_key(layer, name, what) if layer and what in (VALUES, INDICES) else key] = t
+    return configs, ["default"], tensors, path
 
 
 def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
@@ -134,16 +210,22 @@ def read_folder(directory: str) -> SavedFolder:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    configs, active = read_config_file(str(directory))
-    legacy = not os.path.exists(os.path.join(directory, WEIGHTS_NAME)) and \
-        os.path.exists(os.path.join(directory, LEGACY_WEIGHTS_NAME))
-    path = os.path.join(directory, LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is truncated or malformed: {exc}") from None
+    directory = str(directory)
+    legacy = False
+    if not os.path.exists(os.path.join(directory, CONFIG_NAME)) and \
+            os.path.exists(os.path.join(directory, PEFT_CONFIG_NAME)):
+        configs, active, tensors, path = _read_peft_layout(directory)
+    else:
+        configs, active = read_config_file(directory)
+        legacy = not os.path.exists(os.path.join(directory, WEIGHTS_NAME)) and \
+            os.path.exists(os.path.join(directory, LEGACY_WEIGHTS_NAME))
+        path = os.path.join(directory, LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing")
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path} is truncated or malformed: {exc}") from None
     for key, t in tensors.items():
         check_finite(t, f"{path}: {key}")
     adapters, claimed = {}, set()
@@ -178,10 +260,18 @@ def write_folder(directory: str, configs: dict[str, ApetConfig], active: list[st
     try:
         write_config_file(staging, configs, active)
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "apet"})
+        written = [WEIGHTS_NAME, CONFIG_NAME]
+        for sub, (data, own) in peft_layout(configs, active, tensors).items():
+            os.makedirs(os.path.join(staging, sub), exist_ok=True)
+            save_file(own, os.path.join(staging, sub, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(staging, sub, PEFT_CONFIG_NAME), "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+            written += [os.path.join(sub, PEFT_WEIGHTS_NAME), os.path.join(sub, PEFT_CONFIG_NAME)]
         if not os.path.exists(directory):
             os.rename(staging, directory)  # one atomic step
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in written:  # into an existing folder (a Trainer checkpoint): file by file
+            os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -53,13 +53,14 @@ def _saved_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Te
     """The positions of an adapter whose config was saved with its layers (``from_pretrained``, ``load_adapter``):
     seeded ones drawn again and checked against their checksum; stored ones are placeholders of the right K that
     the checkpoint's indices replace (``_remap_adapter_state_dict_for_load`` refuses a checkpoint without them)."""
-    modules = {n: m for n, m in model.named_modules() if n and is_linear_like(m)}
+    modules = {n: m for n, m in model.named_modules() if n and (is_linear_like(m) or isinstance(m, SparseDeltaLinear))}
     indices = {}
     for name, info in config.layers.items():
         module = modules.get(name)
         if module is None:
             raise ValueError(f"adapter layer {name!r} is not a linear layer of this model")
-        shape = linear_shape(module)
+        shape = (module.out_features, module.in_features) if isinstance(module, SparseDeltaLinear) else \
+            linear_shape(module)
         if list(shape) != list(info["shape"]):
             raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
         k = int(info["k"])
