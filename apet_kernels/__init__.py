@@ -1,6 +1,8 @@
 """apet-kernels: sparse-delta fine-tuning (APET) without dense masks, deltas or weight gradients."""
 
 from .config import ApetConfig
+from .errors import (AdapterFileError, AdapterFileNotFoundError, ApetError, ApetStateError, ApetTypeError,
+                     ApetValueError, BaseMismatchError)
 from .functional import sparse_delta_linear
 from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
 from .learning_rate import suggested_lr
@@ -16,6 +18,8 @@ __version__ = "0.3.0"
 
 _register_with_peft()  # get_peft_model(model, ApetConfig(...)) and PeftModel.from_pretrained find APET
 
-__all__ = ["ApetConfig", "ApetModel", "ApetTuner", "DeltaSet", "DenseMaskLinear", "GradientScores", "Regrower", "SparseDeltaLinear",
-           "backends", "get_apet_model", "get_peft_model", "load_apet", "magnitude_indices", "replace_linears", "select_indices",
-           "sparse_delta_linear", "split_budget", "suggested_lr", "__version__"]
+__all__ = ["AdapterFileError", "AdapterFileNotFoundError", "ApetConfig", "ApetError", "ApetModel", "ApetStateError",
+           "ApetTuner", "ApetTypeError", "ApetValueError", "BaseMismatchError", "DeltaSet", "DenseMaskLinear",
+           "GradientScores", "Regrower", "SparseDeltaLinear", "backends", "get_apet_model", "get_peft_model", "load_apet",
+           "magnitude_indices", "replace_linears", "select_indices", "sparse_delta_linear", "split_budget",
+           "suggested_lr", "__version__"]

@@ -12,6 +12,7 @@ import numbers
 import os
 
 import torch
+from .errors import ApetTypeError, ApetValueError
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -41,13 +42,13 @@ def validate_requested(validate: bool | None, *tensors: torch.Tensor) -> bool:
 
 def check_index_meta(indices: torch.Tensor, numel: int) -> None:
     if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"delta indices must be a torch.Tensor, got {type(indices).__name__}")
+        raise ApetTypeError(f"delta indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"delta indices must be int32 or int64, got {indices.dtype}")
+        raise ApetTypeError(f"delta indices must be int32 or int64, got {indices.dtype}")
     if indices.dim() != 1:
-        raise ValueError(f"delta indices must be 1-D, got shape {tuple(indices.shape)}")
+        raise ApetValueError(f"delta indices must be 1-D, got shape {tuple(indices.shape)}")
     if indices.dtype == torch.int32 and numel > 2**31:
-        raise TypeError(f"int32 delta indices cannot address a weight of {numel} elements; use int64")
+        raise ApetTypeError(f"int32 delta indices cannot address a weight of {numel} elements; use int64")
 
 
 def check_index_content(indices: torch.Tensor, numel: int) -> None:
@@ -58,49 +59,49 @@ def check_index_content(indices: torch.Tensor, numel: int) -> None:
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= numel:
         bad = int(torch.nonzero((idx < 0) | (idx >= numel))[0])
-        raise ValueError(f"delta index out of range: indices[{bad}] = {int(idx[bad])}, "
+        raise ApetValueError(f"delta index out of range: indices[{bad}] = {int(idx[bad])}, "
                          f"but the weight has {numel} elements (valid: 0..{numel - 1})")
     steps = idx[1:] - idx[:-1]
     if idx.numel() > 1 and bool((steps <= 0).any()):
         bad = int(torch.nonzero(steps <= 0)[0]) + 1
         what = "duplicate" if int(steps[bad - 1]) == 0 else "unsorted"
-        raise ValueError(f"delta indices must be sorted and unique: {what} at indices[{bad}] = "
+        raise ApetValueError(f"delta indices must be sorted and unique: {what} at indices[{bad}] = "
                          f"{int(idx[bad])} after indices[{bad - 1}] = {int(idx[bad - 1])}")
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int(torch.nonzero(~torch.isfinite(t.detach().reshape(-1)))[0])
-        raise ValueError(f"{name} holds NaN or Inf (first at flat position {bad}: {t.reshape(-1)[bad].item()})")
+        raise ApetValueError(f"{name} holds NaN or Inf (first at flat position {bad}: {t.reshape(-1)[bad].item()})")
 
 
 def check_values(values: torch.Tensor, indices: torch.Tensor) -> None:
     if not isinstance(values, torch.Tensor):
-        raise TypeError(f"delta values must be a torch.Tensor, got {type(values).__name__}")
+        raise ApetTypeError(f"delta values must be a torch.Tensor, got {type(values).__name__}")
     if not values.is_floating_point():
-        raise TypeError(f"delta values must be floating point, got {values.dtype}")
+        raise ApetTypeError(f"delta values must be floating point, got {values.dtype}")
     if values.dim() != 1 or values.numel() != indices.numel():
-        raise ValueError(f"delta values have shape {tuple(values.shape)} but there are "
+        raise ApetValueError(f"delta values have shape {tuple(values.shape)} but there are "
                          f"{indices.numel()} indices; expected shape ({indices.numel()},)")
 
 
 def check_linear_inputs(x, weight, bias, values, indices) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+        raise ApetValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"x has last dimension {x.shape[-1]}, but the weight expects "
+        raise ApetValueError(f"x has last dimension {x.shape[-1]}, but the weight expects "
                          f"in_features={in_features} (weight shape {tuple(weight.shape)})")
     if not x.is_floating_point() or x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+        raise ApetTypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share one floating dtype")
     check_index_meta(indices, weight.numel())
     check_values(values, indices)
     tensors = {"x": x, "weight": weight, "values": values, "indices": indices}
     if bias is not None:
         if bias.shape != (out_features,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+            raise ApetValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
         tensors["bias"] = bias
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+        raise ApetValueError(f"all tensors must be on one device, got {listing}")

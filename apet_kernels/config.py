@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 
 from ._checks import is_int, is_real
+from .errors import ApetValueError
 from .ops.dispatch import CHOICES
 from .positions import CALIBRATION_SCORES
 from .selection import DATA_METHODS, METHODS
@@ -25,10 +26,10 @@ def _check_module_spec(field_name: str, spec, none_ok: bool) -> None:
         try:
             re.compile(spec)
         except re.error as exc:
-            raise ValueError(f"{field_name} {spec!r} is not a valid regular expression: {exc}") from None
+            raise ApetValueError(f"{field_name} {spec!r} is not a valid regular expression: {exc}") from None
         return
     if not (isinstance(spec, (list, tuple)) and all(isinstance(n, str) for n in spec)):
-        raise ValueError(f"{field_name} must be a regex string or a list of module names, got {spec!r}")
+        raise ApetValueError(f"{field_name} must be a regex string or a list of module names, got {spec!r}")
 
 
 class _MethodName(str):
@@ -85,36 +86,36 @@ class ApetConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         given = [n for n in ("num_params", "density", "budget_like") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"ApetConfig needs exactly one of num_params, density, budget_like; got {given or 'none'}")
+            raise ApetValueError(f"ApetConfig needs exactly one of num_params, density, budget_like; got {given or 'none'}")
         if self.num_params is not None and (not is_int(self.num_params) or self.num_params < 0):
-            raise ValueError(f"num_params must be a non-negative int, got {self.num_params!r}")
+            raise ApetValueError(f"num_params must be a non-negative int, got {self.num_params!r}")
         if self.density is not None and not (is_real(self.density) and 0.0 <= float(self.density) <= 1.0):
-            raise ValueError(f"density must be a number in [0, 1], got {self.density!r}")
+            raise ApetValueError(f"density must be a number in [0, 1], got {self.density!r}")
         if self.budget_like is not None and not isinstance(self.budget_like, str):
-            raise ValueError(f"budget_like must be a string such as 'lora:r=8', got {self.budget_like!r}")
+            raise ApetValueError(f"budget_like must be a string such as 'lora:r=8', got {self.budget_like!r}")
         if not is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise ApetValueError(f"seed must be an int, got {self.seed!r}")
         if not (is_real(self.pool_factor) and math.isfinite(self.pool_factor) and self.pool_factor >= 1):
-            raise ValueError(f"pool_factor must be a number >= 1 (candidates per tuned position), got "
+            raise ApetValueError(f"pool_factor must be a number >= 1 (candidates per tuned position), got "
                              f"{self.pool_factor!r}")
         _check_module_spec("target_modules", self.target_modules, none_ok=False)
         _check_module_spec("exclude_modules", self.exclude_modules, none_ok=True)
         if self.modules_to_save is not None and not (isinstance(self.modules_to_save, (list, tuple)) and
                                                      all(isinstance(n, str) for n in self.modules_to_save)):
-            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            raise ApetValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if self.method not in METHODS + DATA_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
+            raise ApetValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
         if self.gradient_score not in CALIBRATION_SCORES:
-            raise ValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
+            raise ApetValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
         for name in ("row_cap", "col_cap"):
             cap = getattr(self, name)
             if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
-                raise ValueError(f"{name} must be a positive number (positions per row or column, as a multiple of "
+                raise ApetValueError(f"{name} must be a positive number (positions per row or column, as a multiple of "
                                  f"K / out or K / in), got {cap!r}")
         if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):
-            raise ValueError(f"unknown strategy {self.strategy!r}")
+            raise ApetValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {CHOICES}")
+            raise ApetValueError(f"unknown backend {self.backend!r}; choose one of {CHOICES}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -138,5 +139,5 @@ class ApetConfig(PeftConfig):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+            raise ApetValueError(f"{where} has unknown keys {sorted(unknown)}")
         return cls(**data)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
+from .errors import ApetStateError, ApetTypeError, ApetValueError
 from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, runs_as_plain_gemm, stored_weight
 from .load_guard import already_checked, check_strict_keys
 from .merged_weight import MergedWeight
@@ -30,7 +31,7 @@ from .ops.library import add_sparse_term, linear_sparse
 from .optimizer_guard import note_active_values
 from .dequantized_linear import DequantizedLinear
 from .quantized import float_dtype, quantization_of, repacked_for_cpu, values_at
-from .selection import select_indices
+from .selection import index_checksum, select_indices
 from .sharded import assign_full, is_dtensor
 
 STRATEGIES = ("auto", "merged", "unmerged", "dequantized")
@@ -51,10 +52,10 @@ def _owner_of(weight: torch.Tensor):
 
 def _budget(numel: int, k: int | None, density: float | None) -> int:
     if (k is None) == (density is None):
-        raise ValueError("give exactly one of k or density")
+        raise ApetValueError("give exactly one of k or density")
     if k is None:
         if not 0.0 <= density <= 1.0:
-            raise ValueError(f"density must lie in [0, 1], got {density}")
+            raise ApetValueError(f"density must lie in [0, 1], got {density}")
         k = round(density * numel)
     return k
 
@@ -62,7 +63,7 @@ def _budget(numel: int, k: int | None, density: float | None) -> int:
 def check_adapter_name(name) -> None:
     """Adapter names are module names (state-dict keys hold them): non-empty, no dots."""
     if not isinstance(name, str) or not name or "." in name or name == "__base__":
-        raise ValueError(f"adapter names are non-empty strings without dots (and not '__base__'), got {name!r}")
+        raise ApetValueError(f"adapter names are non-empty strings without dots (and not '__base__'), got {name!r}")
 
 
 class DeltaSet(nn.Module):
@@ -168,26 +169,26 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                  backend: str = "auto", weight_shared: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if isinstance(base_layer, SparseDeltaLinear):
-            raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
+            raise ApetTypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
                             "delta into the same weight (unmerge or unload the first one)")
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+            raise ApetValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if backend not in CHOICES:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
+            raise ApetValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
         check_adapter_name(adapter_name)
         weight = getattr(base_layer, "weight", None)
         quantized = quantization_of(base_layer) is not None
         if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and not quantized):
-            raise TypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
+            raise ApetTypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
         self.out_features, self.in_features = linear_shape(base_layer)
         numel = self.out_features * self.in_features
         check_index_meta(indices, numel)
         check_index_content(indices, numel)
         legal, why = merge_is_legal(base_layer, weight_shared)
         if strategy == "merged" and not legal:
-            raise ValueError(f"strategy 'merged' is not legal here: {why}")
+            raise ApetValueError(f"strategy 'merged' is not legal here: {why}")
         if strategy == "dequantized" and not quantized:
-            raise ValueError("strategy 'dequantized' scatters the deltas into a quantized base's dequantized weight, "
+            raise ApetValueError("strategy 'dequantized' scatters the deltas into a quantized base's dequantized weight, "
                              "and this layer's weight is not quantized (use 'merged' or 'auto')")
         _check_not_wrapped(weight)
         # nothing above changed anything: from here on the construction cannot fail
@@ -233,14 +234,14 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         that other modules use too (tied embeddings): such a layer never merges.
         """
         if isinstance(linear, SparseDeltaLinear):
-            raise TypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
+            raise ApetTypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
                             "delta into the same weight (unmerge or unload the first one)")
         shape = linear_shape(linear)
         if indices is None:
             k = _budget(shape[0] * shape[1], k, density)
             indices = select_indices(shape, k, method=method, seed=seed, key=key or "")
         elif k is not None or density is not None:
-            raise ValueError("give either indices or a budget (k / density), not both")
+            raise ApetValueError("give either indices or a budget (k / density), not both")
         return cls(linear, indices, strategy=strategy, backend=backend, weight_shared=weight_shared,
                    adapter_name=adapter_name)
 
@@ -277,7 +278,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     @delta_values.setter
     def delta_values(self, value: nn.Parameter) -> None:
         if not isinstance(value, nn.Parameter) or tuple(value.shape) != (self._active.k,):
-            raise TypeError(f"delta_values must be an nn.Parameter of shape ({self._active.k},)")
+            raise ApetTypeError(f"delta_values must be an nn.Parameter of shape ({self._active.k},)")
         self._active.values = value
 
     def __setattr__(self, name, value):
@@ -354,7 +355,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         ``safe_merge`` checks its values are finite first. The adapter stays trainable and separable: ``unmerge``
         restores W bit-exactly, so PEFT never sees this layer as merged (``merged_adapters`` stays empty)."""
         if adapter_names is not None and list(adapter_names) not in ([], [self.active_adapter]):
-            raise ValueError(f"an APET layer merges its active adapter only ({self.active_adapter!r}), not "
+            raise ApetValueError(f"an APET layer merges its active adapter only ({self.active_adapter!r}), not "
                              f"{list(adapter_names)}: set_adapter() the one to merge first")
         if safe_merge:
             check_finite(self.delta_values.detach(), f"adapter {self.active_adapter!r} values")
@@ -365,12 +366,12 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             return
         legal, why = self.merge_legality()
         if not legal:
-            raise RuntimeError(f"cannot merge: {why}")
+            raise ApetStateError(f"cannot merge: {why}")
         if len(self.active_adapters) > 1:
-            raise RuntimeError("cannot merge: other adapters are applied together with this one (unmerged); "
+            raise ApetStateError("cannot merge: other adapters are applied together with this one (unmerged); "
                                "set_adapter() a single adapter first")
         if self._mixed is not None:
-            raise RuntimeError("cannot merge inside a mixed-adapter batch")
+            raise ApetStateError("cannot merge inside a mixed-adapter batch")
         if self.strategy != "merged":
             self._merge.structural_change()
             self._merge.write(self.delta_values, self._backend_name())
@@ -405,15 +406,15 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if is_dtensor(stored_weight(self.base_layer)):
             # fully_shard takes the parameters it reduces when it is called: new values would train unreduced,
             # every rank on its own (issue 33: ranks ended 0.3 apart after 3 steps, silently)
-            raise RuntimeError(f"adapter {name!r}: this layer's weight is sharded (FSDP2 fully_shard), and values "
+            raise ApetStateError(f"adapter {name!r}: this layer's weight is sharded (FSDP2 fully_shard), and values "
                                "added now would train without gradient reduction. Add or load adapters before "
                                "fully_shard")
         if name in self.deltas:
-            raise ValueError(f"this layer has an adapter named {name!r} already")
+            raise ApetValueError(f"this layer has an adapter named {name!r} already")
         self._checked_indices(indices, f"adapter {name!r}")
         if values is not None:
             if tuple(values.shape) != (indices.numel(),) or not values.is_floating_point():
-                raise ValueError(f"adapter {name!r}: values must be a float tensor of shape ({indices.numel()},), "
+                raise ApetValueError(f"adapter {name!r}: values must be a float tensor of shape ({indices.numel()},), "
                                  f"got {values.dtype} {tuple(values.shape)}")
             check_finite(values, f"adapter {name!r} values")
         device = self.delta_indices.device
@@ -430,11 +431,11 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         remaining adapter (in name order, so every layer picks the same one). The last adapter is refused: a
         layer without one is its base layer (unload it)."""
         if name not in self.deltas:
-            raise ValueError(f"no adapter named {name!r}; this layer has {self.adapters}")
+            raise ApetValueError(f"no adapter named {name!r}; this layer has {self.adapters}")
         if len(self.deltas) == 1:
-            raise ValueError(f"{name!r} is this layer's only adapter: unload() the model instead of deleting it")
+            raise ApetValueError(f"{name!r} is this layer's only adapter: unload() the model instead of deleting it")
         if self._mixed is not None:
-            raise RuntimeError("delete_adapter() inside a mixed-adapter batch would change what its rows apply")
+            raise ApetStateError("delete_adapter() inside a mixed-adapter batch would change what its rows apply")
         if name in self.active_adapters:
             rest = [n for n in self.active_adapters if n != name] or [sorted(n for n in self.deltas if n != name)[0]]
             self.set_adapter(rest)
@@ -458,15 +459,15 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         Each adapter keeps its own values Parameter: switching back gives the same Parameters."""
         names = [names] if isinstance(names, str) else list(names)
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {names!r}")
+            raise ApetValueError(f"set_adapter takes an adapter name or a list of distinct names, got {names!r}")
         unknown = [n for n in names if n not in self.deltas]
         if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; this layer has {self.adapters}")
+            raise ApetValueError(f"no adapter named {unknown[0]!r}; this layer has {self.adapters}")
         if len(names) > 1 and self.strategy == "merged":
-            raise ValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
+            raise ApetValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
                              "unmerge() it or use strategy='unmerged'")
         if self._mixed is not None:
-            raise RuntimeError("set_adapter() inside a mixed-adapter batch would change what its rows apply")
+            raise ApetStateError("set_adapter() inside a mixed-adapter batch would change what its rows apply")
         # checked: from here on nothing fails
         new, old = names[0], self.active_adapter
         if new != old:
@@ -496,10 +497,10 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         k = self.delta_indices.numel()
         check_index_meta(indices, self.out_features * self.in_features)
         if indices.numel() != k:
-            raise ValueError(f"set_positions keeps K fixed: got {indices.numel()} positions, the layer has {k}")
+            raise ApetValueError(f"set_positions keeps K fixed: got {indices.numel()} positions, the layer has {k}")
         self._checked_indices(indices, "set_positions")
         if values is not None and tuple(values.shape) != (k,):
-            raise ValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
+            raise ApetValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
         merged = self.strategy == "merged"
         if merged:
             self._merge.restore()
@@ -517,7 +518,6 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """``adapter``'s positions are placeholders of the right K until a checkpoint's indices replace them (an
         adapter with stored positions, built from its saved config before its tensors are loaded). The layer
         writes nothing into W until then, and refuses a forward on the placeholders."""
-        from .serialization import index_checksum  # (serialization imports the config, which imports this module)
         self._awaited[adapter] = index_checksum(self.deltas[adapter].indices)
 
     @torch.no_grad()
@@ -525,14 +525,13 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Take up indices loaded by a loader that bypasses ``load_state_dict``'s hooks (transformers' own adapter
         loader assigns tensors directly): rebuild the orderings and read the base at the new positions (W is pure:
         nothing was written while they were awaited). Refuses if they never came."""
-        from .serialization import index_checksum
         for adapter, placeholder in list(self._awaited.items()):
             delta = self.deltas[adapter] if adapter in self.deltas else None
             if delta is None:
                 del self._awaited[adapter]
                 continue
             if delta.k and index_checksum(delta.indices) == placeholder:
-                raise RuntimeError(f"adapter {adapter!r} stores its positions, and none were loaded into this layer: "
+                raise ApetStateError(f"adapter {adapter!r} stores its positions, and none were loaded into this layer: "
                                    "load its checkpoint (PeftModel.from_pretrained, load_adapter) before running it")
             delta.rebuild_layout()
             if adapter == self.active_adapter:
@@ -618,7 +617,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """The adapter whose W + S the incoming weight holds, if it comes with one."""
         found = [n for n in self.deltas if bool(state_dict.get(f"{prefix}deltas.{n}.merged", False))]
         if len(found) > 1:
-            raise ValueError(f"{prefix}deltas: several adapters ({found}) are marked merged; a weight holds one at most")
+            raise ApetValueError(f"{prefix}deltas: several adapters ({found}) are marked merged; a weight holds one at most")
         return found[0] if found else None
 
     def check_state_dict(self, state_dict, prefix: str = "") -> None:
@@ -628,7 +627,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             mine = getattr(self.base_layer, name, None)
             t = state_dict.get(f"{prefix}base_layer.{name}")
             if t is not None and mine is not None and torch.is_tensor(t) and t.shape != mine.shape:
-                raise ValueError(f"{prefix}base_layer.{name} has shape {tuple(t.shape)}, this layer's is "
+                raise ApetValueError(f"{prefix}base_layer.{name} has shape {tuple(t.shape)}, this layer's is "
                                  f"{tuple(mine.shape)}")
         for adapter, delta in self.deltas.items():
             key = f"{prefix}deltas.{adapter}."
@@ -637,14 +636,14 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             if delta.k and delta.indices.is_meta and idx is None and torch.is_tensor(vals) and not vals.is_meta:
                 # (assign=True would give real values over positions that stay on meta: a silent base forward;
                 # a copy into meta tensors loads nothing)
-                raise ValueError(f"{key}values: this layer's positions are on the meta device and the state dict "
+                raise ApetValueError(f"{key}values: this layer's positions are on the meta device and the state dict "
                                  f"carries none ({key}indices). Call model.to_empty(device=...) before loading "
                                  "(seeded positions are drawn there), or load a state dict that holds the indices")
             if idx is not None:
                 try:
                     check_index_meta(idx, numel)
                     if idx.numel() != delta.k:
-                        raise ValueError(f"it has {idx.numel()} entries, this layer has {delta.k}")
+                        raise ApetValueError(f"it has {idx.numel()} entries, this layer has {delta.k}")
                     if not idx.is_meta:
                         check_index_content(idx, numel)
                 except (TypeError, ValueError) as exc:
@@ -653,7 +652,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             _check_float_entry(state_dict.get(key + "base"), key + "base", delta.k, finite=False)
         merged = self._incoming_merged(state_dict, prefix)
         if merged is not None and f"{prefix}deltas.{merged}.base" not in state_dict:
-            raise ValueError(f"{prefix}deltas.{merged}.merged says the weight holds W + S, but its base is missing")
+            raise ApetValueError(f"{prefix}deltas.{merged}.merged says the weight holds W + S, but its base is missing")
 
     def _before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.upgrade_state_dict(state_dict, prefix)
@@ -753,7 +752,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Inference with one adapter per batch row (unmerged): the base output, plus for each adapter
         its sparse term on the tokens of its rows only."""
         if self.strategy == "merged":
-            raise RuntimeError("a mixed-adapter batch runs unmerged; this layer is merged")
+            raise ApetStateError("a mixed-adapter batch runs unmerged; this layer is merged")
         y = self.base_layer(x).clone()
         xs = x.to(y.dtype).reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
@@ -770,7 +769,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def begin_mixed_batch(self, plan) -> None:
         """Run the next forwards as a mixed-adapter batch (``plan``: an ApetModel MixedBatch)."""
         if self.strategy == "merged":
-            raise RuntimeError("a mixed-adapter batch runs unmerged; this layer is merged")
+            raise ApetStateError("a mixed-adapter batch runs unmerged; this layer is merged")
         self._mixed = plan
 
     def end_mixed_batch(self) -> None:
@@ -789,7 +788,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             check_index_content(delta.indices, numel)
             rows = build_layout(delta.indices, (self.out_features, self.in_features), columns=False).row_ptr
             if not torch.equal(rows.cpu(), delta.row_ptr.cpu()):
-                raise ValueError(f"adapter {name!r}: indices changed in place since the layer was built or loaded; "
+                raise ApetValueError(f"adapter {name!r}: indices changed in place since the layer was built or loaded; "
                                  f"change positions through load_state_dict or set_positions")
 
     def extra_repr(self) -> str:
@@ -804,14 +803,14 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 def _check_mergeable_now(w):
     """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
     if w is None:
-        raise RuntimeError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
+        raise ApetStateError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
                            "parametrized after patching, or flattened by FSDP1), so W + S cannot be written into it: "
                            "unmerge() the layer first (prune or parametrize before patching: such layers run unmerged)")
     if getattr(w, "_fsdp_flattened", False):
-        raise RuntimeError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is not "
+        raise ApetStateError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is not "
                            "supported there; use FSDP2 (torch.distributed.fsdp.fully_shard) or strategy='unmerged'")
     if hasattr(w, "ds_id"):
-        raise RuntimeError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported there; "
+        raise ApetStateError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported there; "
                            "use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")
     return w
 
@@ -825,7 +824,7 @@ def _check_float_entry(t, key: str, k: int, finite: bool) -> None:
     if t is None:
         return
     if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != (k,):
-        raise ValueError(f"{key} must be a float tensor of shape ({k},), got "
+        raise ApetValueError(f"{key} must be a float tensor of shape ({k},), got "
                          f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if finite and not t.is_meta:
         check_finite(t, key)
@@ -833,7 +832,7 @@ def _check_float_entry(t, key: str, k: int, finite: bool) -> None:
 
 def _check_not_wrapped(weight: torch.Tensor) -> None:
     if _owner_of(weight) is not None:
-        raise ValueError("this weight is already wrapped by another SparseDeltaLinear: two wrappers would write two "
+        raise ApetValueError("this weight is already wrapped by another SparseDeltaLinear: two wrappers would write two "
                          "deltas into one weight and could not restore it (unload the first one, or wrap a copy)")
 
 

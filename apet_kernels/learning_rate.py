@@ -30,6 +30,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ._checks import is_int
+from .errors import ApetTypeError, ApetValueError
 
 # scheme -> ((K, best learning rate), ...) by increasing K (python/results/scaling_*.md, positions_lr_probe_sst2)
 MEASURED = {
@@ -50,17 +51,17 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
     if isinstance(model_or_k, torch.nn.Module):
         config = getattr(model_or_k, "apet_config", None)
         if config is None:
-            raise TypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
+            raise ApetTypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
                             "(or call suggested_lr(k, method))")
         k, method = _adapter_k(config), method or config.method
     elif is_int(model_or_k) and model_or_k > 0:
         k, method = int(model_or_k), method or "random"
     else:
-        raise ValueError(f"suggested_lr takes a patched model or K, a positive int (the tuned scalars), got "
+        raise ApetValueError(f"suggested_lr takes a patched model or K, a positive int (the tuned scalars), got "
                          f"{model_or_k!r}")
     scheme = SAME_AS.get(method, method)
     if scheme not in MEASURED:
-        raise ValueError(f"no suggested learning rate for method {method!r}; known: {sorted(MEASURED) + sorted(SAME_AS)}")
+        raise ApetValueError(f"no suggested learning rate for method {method!r}; known: {sorted(MEASURED) + sorted(SAME_AS)}")
     points = MEASURED[scheme]
     log_k = math.log(max(k, 1))
     ks = [math.log(p[0]) for p in points]

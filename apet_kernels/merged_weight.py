@@ -25,6 +25,7 @@ import contextlib
 
 import torch
 
+from .errors import ApetStateError
 from .linear_like import stored_weight
 from .ops.dispatch import implementation
 from .ops.reference import accumulate_dtype
@@ -53,7 +54,7 @@ class MergedWeight:
     def _stored(self, write: bool) -> torch.Tensor:
         w = stored_weight(self.layer.base_layer)
         if write and not isinstance(w, torch.nn.Parameter):
-            raise RuntimeError("this layer's weight is now computed from several tensors (a parametrization such as "
+            raise ApetStateError("this layer's weight is now computed from several tensors (a parametrization such as "
                                "weight_norm added after merging): W + S cannot be written or restored there; remove "
                                "the parametrization (parametrize.remove_parametrizations) first")
         return w

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .errors import ApetValueError
 
 BASE = "__base__"
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
@@ -48,7 +49,7 @@ class MixedBatch:
         elif self.expand and rows % n == 0:
             row_names = [name for name in self.names for _ in range(rows // n)]
         else:
-            raise ValueError(f"adapter_names has {n} names for a batch of {rows} rows: give one name per row "
+            raise ApetValueError(f"adapter_names has {n} names for a batch of {rows} rows: give one name per row "
                              f"('{BASE}' for the base model)")
         if row_names != self.row_names or seqs != self.seqs:
             self.row_names, self.seqs, self._groups = row_names, seqs, {}
@@ -69,7 +70,7 @@ class MixedBatch:
         elif len(lead) == 1 and rows and lead[0] % rows == 0 and lead[0] // rows in self.seqs:
             per_row = lead[0] // rows  # tokens flattened row-major: (rows x seq,)
         else:
-            raise ValueError(f"a mixed-adapter batch of {rows} rows cannot tell which row each input of a layer "
+            raise ApetValueError(f"a mixed-adapter batch of {rows} rows cannot tell which row each input of a layer "
                              f"called with shape {tuple(shape)} belongs to (a layer that sees routed or regrouped "
                              f"tokens, such as a mixture-of-experts expert?): exclude it from the adapters or run "
                              f"one adapter per batch")

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from . import learning_rate
 from .config import ApetConfig
+from .errors import AdapterFileError, ApetStateError, ApetTypeError, ApetValueError, BaseMismatchError
 from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
 from .linear_like import is_linear_like, linear_shape, weight_oi
 from .load_guard import check_strict_keys, guard, guard_ancestors, unguard_tree
@@ -89,7 +90,7 @@ class ApetModel(nn.Module):
                 seeded = select_indices(tuple(info["shape"]), int(info["k"]), method=config.method, seed=config.seed,
                                         key=lname)
                 if index_checksum(seeded) != info.get("checksum"):
-                    raise ValueError(f"{delta_key(lname, adapter, VALUES)} comes without indices and this layer's "
+                    raise ApetValueError(f"{delta_key(lname, adapter, VALUES)} comes without indices and this layer's "
                                      "positions have moved, but its seed no longer gives the positions it was "
                                      "patched with: load a state dict that carries the indices")
                 added[delta_key(lname, adapter, INDICES)] = seeded.to(delta.indices.device, delta.indices.dtype)
@@ -158,12 +159,12 @@ class ApetModel(nn.Module):
         _patch_of(self)
         check_adapter_name(name)
         if name in _patch_of(self).configs:
-            raise ValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
+            raise ApetValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
         self._refuse_in_mixed_batch("adding an adapter")
 
     def _refuse_in_mixed_batch(self, what: str) -> None:
         if _patch_of(self).mixed is not None:
-            raise RuntimeError(f"{what} inside a mixed-adapter batch would change what its rows apply")
+            raise ApetStateError(f"{what} inside a mixed-adapter batch would change what its rows apply")
 
     def add_adapter(self, adapter_config: ApetConfig, adapter_name: str | None = None) -> None:
         """Add an inactive adapter (zero values) with seeded positions on the patched layers that
@@ -177,7 +178,7 @@ class ApetModel(nn.Module):
         adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
         self._check_new_name(adapter_name)
         if not isinstance(adapter_config, ApetConfig):
-            raise TypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
+            raise ApetTypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
                             f"{type(adapter_config).__name__}")
         config = copy.deepcopy(adapter_config)
         indices = seeded_positions(self, self.apet_layers(), config)
@@ -196,14 +197,14 @@ class ApetModel(nn.Module):
         everything is checked before anything changes. transformers' further arguments (hub downloads, device
         maps, hotswapping) do not apply to an APET folder and are refused by name."""
         if kwargs:
-            raise TypeError(f"load_adapter of an APET-patched model reads a local APET folder; "
+            raise ApetTypeError(f"load_adapter of an APET-patched model reads a local APET folder; "
                             f"{sorted(kwargs)} {'is' if len(kwargs) == 1 else 'are'} not supported")
         directory = peft_model_id
         adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
         self._check_new_name(adapter_name)
         saved = read_folder(directory)
         if saved.others:
-            raise ValueError(f"{saved.path} holds {sorted(saved.others)[0]!r}: modules_to_save belong to the model, "
+            raise ApetValueError(f"{saved.path} holds {sorted(saved.others)[0]!r}: modules_to_save belong to the model, "
                              f"not to an added adapter (load that folder with load_apet)")
         adapter = saved.adapters[saved.active[0]]
         layers = self.apet_layers()
@@ -223,16 +224,16 @@ class ApetModel(nn.Module):
         first is the one trained, the others are applied as they are."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
+            raise ApetValueError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
         unknown = [n for n in names if n not in _patch_of(self).configs]
         if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
+            raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
         self._refuse_in_mixed_batch("set_adapter()")
         layers = self.apet_layers()
         if len(names) > 1:
             merged = [n for n, m in layers.items() if m.strategy == "merged"]
             if merged:
-                raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+                raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
                                  f"are merged ({_first_few(merged)}): unmerge() them or use strategy='unmerged'")
         before, switched = self.active_adapters(), []
         try:
@@ -250,9 +251,9 @@ class ApetModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             if name in _patch_of(self).active:
-                raise ValueError(f"{name!r} is active: set_adapter() another one before deleting it")
+                raise ApetValueError(f"{name!r} is active: set_adapter() another one before deleting it")
             if name not in _patch_of(self).configs:
-                raise ValueError(f"no adapter named {name!r}; this model has {self.adapters}")
+                raise ApetValueError(f"no adapter named {name!r}; this model has {self.adapters}")
         self._refuse_in_mixed_batch("delete_adapter()")
         for name in names:
             for layer in self.apet_layers().values():
@@ -298,17 +299,17 @@ class ApetModel(nn.Module):
         names = list(adapter_names) if not isinstance(adapter_names, str) else [adapter_names]
         unknown = sorted(set(names) - set(self.adapters) - {BASE})
         if unknown:
-            raise ValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '{BASE}')")
+            raise ApetValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '{BASE}')")
         if not names:
-            raise ValueError("adapter_names is empty: give one name per batch row")
+            raise ApetValueError("adapter_names is empty: give one name per batch row")
         if len(_patch_of(self).active) > 1:
-            raise ValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
+            raise ApetValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
         if _patch_of(self).mixed is not None:
-            raise RuntimeError("mixed-adapter batches do not nest")
+            raise ApetStateError("mixed-adapter batches do not nest")
         layers = self.apet_layers()
         merged = [n for n, m in layers.items() if m.strategy == "merged"]
         if merged:
-            raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+            raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
                              f"({_first_few(merged)}): call unmerge() on them or use strategy='unmerged'")
         plan = MixedBatch(names, expand=expand)
         _patch_of(self).mixed = plan
@@ -332,7 +333,7 @@ class ApetModel(nn.Module):
             return generate(*args, **kwargs)
         rows, _ = batch_shape(args, kwargs)
         if rows is not None and len(adapter_names) != rows:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {rows} rows")
+            raise ApetValueError(f"adapter_names has {len(adapter_names)} names for a batch of {rows} rows")
         with self.mixed_batch(adapter_names, expand=True):
             return generate(*args, **kwargs)
 
@@ -352,7 +353,7 @@ class ApetModel(nn.Module):
         transformers' method are ignored."""
         _patch_of(self)  # (refuses on a model already unloaded)
         if push_to_hub:
-            raise ValueError("push_to_hub is not supported: save to a folder and upload it yourself")
+            raise ApetValueError("push_to_hub is not supported: save to a folder and upload it yourself")
         sharded = state_dict is None and any(is_dtensor(p) for p in self.parameters())
         if not is_main_process and not sharded:
             return
@@ -366,7 +367,7 @@ class ApetModel(nn.Module):
         names = list(_patch_of(self).configs) if selected is None else list(selected)
         unknown = [n for n in names if n not in _patch_of(self).configs]
         if unknown or not names:
-            raise ValueError(f"selected_adapters {selected} must name some of this model's adapters {self.adapters}")
+            raise ApetValueError(f"selected_adapters {selected} must name some of this model's adapters {self.adapters}")
         active = [n for n in _patch_of(self).active if n in names] or [names[0]]
         layers = self.apet_layers()
         configs, tensors = {}, {}
@@ -396,7 +397,7 @@ class ApetModel(nn.Module):
             for name, original in patch.saved_modules.items():
                 now = params.get(name)
                 if now is None or now.shape != original.shape:
-                    raise RuntimeError(
+                    raise ApetStateError(
                         f"unload() restores modules_to_save's {name} as patched ({tuple(original.shape)}), but the "
                         f"model now has {'none' if now is None else tuple(now.shape)} there "
                         "(resize_token_embeddings?). Nothing was changed: resize it back first, or merge_and_unload() "
@@ -427,7 +428,7 @@ class ApetModel(nn.Module):
         keeping the deltas separate is stored per layer in ``model.requantization_report`` and summed
         up in a warning."""
         if len(_patch_of(self).active) > 1:
-            raise ValueError(f"adapters {self.active_adapters()} are active together: set_adapter() the one to "
+            raise ApetValueError(f"adapters {self.active_adapters()} are active together: set_adapter() the one to "
                              "merge")
         self._refuse_in_mixed_batch("merge_and_unload()")
         replacements, report = merged_replacements(self, self.apet_layers(), requantize)
@@ -453,7 +454,7 @@ def _patch_of(model: nn.Module) -> _Patch:
     """What patching changed; refuses, naming why, on a model already unloaded (a method bound before)."""
     patch = model.__dict__.get("_apet_patch")
     if patch is None:
-        raise RuntimeError("this model's APET layers were removed by unload() or merge_and_unload(); patch it "
+        raise ApetStateError("this model's APET layers were removed by unload() or merge_and_unload(); patch it "
                            "again with get_apet_model or load_apet")
     return patch
 
@@ -567,13 +568,13 @@ def _modules_to_save(model: nn.Module, config: ApetConfig) -> dict[str, nn.Param
 
 def _check_targets(model: nn.Module, targets: dict[str, nn.Module]) -> None:
     if is_patched(model) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
-        raise ValueError("this model already has APET layers (unload() them first, or add_adapter() / "
+        raise ApetValueError("this model already has APET layers (unload() them first, or add_adapter() / "
                          "load_adapter() to add another adapter)")
     owners: dict[int, str] = {}
     for name, module in targets.items():
         other = owners.setdefault(id(module.weight), name)
         if other != name:
-            raise ValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
+            raise ApetValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
                              f"cannot both be applied; exclude one of them (exclude_modules)")
 
 
@@ -609,13 +610,13 @@ def seeded_positions(model: nn.Module, layers: dict[str, SparseDeltaLinear], con
     """Positions of a further adapter on the APET layers ``config`` targets (seeded methods only), its budget
     split over them; fills ``config.layers``."""
     if config.method not in METHODS:
-        raise ValueError(f"a further adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
+        raise ApetValueError(f"a further adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
                          f"load an adapter with stored positions instead")
     if config.modules_to_save:
-        raise ValueError("modules_to_save belong to the model, not to an added adapter")
+        raise ApetValueError("modules_to_save belong to the model, not to an added adapter")
     chosen = {n: m for n, m in layers.items() if targeted(n, config)}
     if not chosen:
-        raise ValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers "
+        raise ApetValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers "
                          "(a further adapter tunes a subset of the layers the first one patched)")
     shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
     budget = layer_budget(model, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
@@ -661,7 +662,7 @@ def merged_replacements(model: nn.Module, layers: dict[str, SparseDeltaLinear], 
     and the requantization report, all built before any layer changes."""
     quantized = {n: m for n, m in layers.items() if m.quantization is not None}
     if requantize is not False and not quantized:
-        raise ValueError("requantize needs quantized layers; this model has none (its merged weights are "
+        raise ApetValueError("requantize needs quantized layers; this model has none (its merged weights are "
                          "written in its own float dtype)")
     tied = [n for n, m in layers.items() if m.weight_shared]
     if tied:
@@ -765,14 +766,14 @@ def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable
     budget = layer_budget(model, config, targets, shapes)
     if config.method == "gradient":
         if calibration is None:
-            raise ValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
+            raise ApetValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
         scores = GradientScores(model, targets, budget, score=config.gradient_score, pool_factor=config.pool_factor,
                                 row_cap=config.row_cap, col_cap=config.col_cap, weight_of=float_weight_oi,
                                 backend=config.backend)
         scores.accumulate(calibration, loss_fn)
         return scores.indices()
     if calibration is not None:
-        raise ValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
+        raise ApetValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
     if config.method == "magnitude":
         return {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
     return {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
@@ -788,23 +789,23 @@ def _resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], sha
     for name, info in config.layers.items():
         module = modules.get(name)
         if module is None:
-            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model {what}")
+            raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model {what}")
         shape = shape_of(module)
         if list(shape) != list(info["shape"]):
-            raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+            raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
         idx = adapter.indices.get(name)
         if idx is None:
             if config.method not in METHODS or info.get("positions") == "stored":
-                raise ValueError(f"{path} lacks the stored positions of adapter layer {name!r}")
+                raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
             idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
         else:
             try:
                 check_index_meta(idx, shape[0] * shape[1])
                 check_index_content(idx, shape[0] * shape[1])
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: positions of {name}: {exc}") from None
+                raise AdapterFileError(f"{path}: positions of {name}: {exc}") from None
         if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
-            raise ValueError(f"adapter layer {name!r}: indices do not match the stored checksum "
+            raise AdapterFileError(f"adapter layer {name!r}: indices do not match the stored checksum "
                              f"(other seed, key or selection code?)")
         stored = info.get("base_fingerprint")
         if stored is not None and not module.weight.is_meta:
@@ -829,7 +830,7 @@ def _resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], sha
                    f"({_first_few(foreign)}): this model's weights at the tuned positions differ from those the "
                    f"adapter was trained on")
         if strict:
-            raise ValueError(message + " (strict=True)")
+            raise BaseMismatchError(message + " (strict=True)")
         warnings.warn(message)
     return indices
 
@@ -847,7 +848,7 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
     use ``model.load_adapter(directory, adapter_name)``.
     """
     if is_patched(model) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
-        raise ValueError("load_apet needs a base model without APET layers (call unload() first); "
+        raise ApetValueError("load_apet needs a base model without APET layers (call unload() first); "
                          "model.load_adapter(directory, adapter_name) adds an adapter to a patched model")
     backend = ApetConfig(num_params=0, backend=backend).backend  # validated like any config
     saved = read_folder(directory)
@@ -862,10 +863,10 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
     params = _modules_to_save(model, config)
     for key, t in saved.others.items():
         if key not in params:
-            raise ValueError(f"{saved.path} holds {key!r}, which is neither an APET layer nor a parameter of "
+            raise ApetValueError(f"{saved.path} holds {key!r}, which is neither an APET layer nor a parameter of "
                              f"modules_to_save in this model")
         if params[key].shape != t.shape:
-            raise ValueError(f"{saved.path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
+            raise ApetValueError(f"{saved.path}: {key} has shape {tuple(t.shape)}, the model's is {tuple(params[key].shape)}")
     _patch(model, config, {n: positions[first].get(n, empty[n]) for n in layers}, first)
     config.layers = {n: info for n, info in config.layers.items() if n in positions[first]}
     try:

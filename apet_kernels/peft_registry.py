@@ -9,6 +9,7 @@ which is what ``ApetConfig.peft_type`` holds. These mappings are PEFT internals:
 from __future__ import annotations
 
 from .config import PEFT_TYPE, ApetConfig
+from .errors import ApetStateError
 from .tuner import ApetTuner
 
 _MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
@@ -19,7 +20,7 @@ def register() -> None:
     import peft.mapping as mapping
     missing = [name for name in _MAPPINGS if not isinstance(getattr(mapping, name, None), dict)]
     if missing:
-        raise RuntimeError(f"this PEFT ({_peft_version()}) has no {', '.join(missing)} in peft.mapping, where "
+        raise ApetStateError(f"this PEFT ({_peft_version()}) has no {', '.join(missing)} in peft.mapping, where "
                            "apet_kernels registers APET as a PEFT method (tested with peft 0.17 to 0.21.2)")
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = ApetConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = ApetTuner
@@ -32,9 +33,9 @@ def check_registration() -> None:
     from peft.utils.save_and_load import PEFT_TYPE_TO_TUNER_MAPPING as used_by_saving
     found = {name: getattr(mapping, name, {}).get(PEFT_TYPE) for name in _MAPPINGS}
     if found["PEFT_TYPE_TO_CONFIG_MAPPING"] is not ApetConfig or found["PEFT_TYPE_TO_TUNER_MAPPING"] is not ApetTuner:
-        raise RuntimeError(f"PEFT {_peft_version()} does not find APET in peft.mapping after registration: {found}")
+        raise ApetStateError(f"PEFT {_peft_version()} does not find APET in peft.mapping after registration: {found}")
     if used_by_saving is not mapping.PEFT_TYPE_TO_TUNER_MAPPING:
-        raise RuntimeError(f"PEFT {_peft_version()}'s saving code reads another tuner mapping than peft.mapping's")
+        raise ApetStateError(f"PEFT {_peft_version()}'s saving code reads another tuner mapping than peft.mapping's")
 
 
 def _peft_version() -> str:

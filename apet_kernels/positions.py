@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .errors import ApetTypeError, ApetValueError
 from .layers import SparseDeltaLinear
 from .linear_like import linear_shape, weight_oi
 from .ops.dispatch import implementation, resolve
@@ -245,7 +246,7 @@ def _loss(model: nn.Module, batch, loss_fn: Callable | None) -> torch.Tensor:
     out = model(**batch) if isinstance(batch, Mapping) else model(*batch)  # (BatchEncoding is a Mapping)
     loss = getattr(out, "loss", None)
     if loss is None:
-        raise ValueError("the model returned no .loss for a calibration batch: include labels, or pass loss_fn")
+        raise ApetValueError("the model returned no .loss for a calibration batch: include labels, or pass loss_fn")
     return loss
 
 
@@ -257,10 +258,10 @@ class GradientScores:
                  score: str = "abs", pool_factor: float = 4.0, backend: str = "auto", row_cap: float | None = None,
                  weight_of: Callable[[nn.Module], torch.Tensor] | None = None, col_cap: float | None = None):
         if score not in CALIBRATION_SCORES:
-            raise ValueError(f"unknown gradient score {score!r}; choose one of {CALIBRATION_SCORES}")
+            raise ApetValueError(f"unknown gradient score {score!r}; choose one of {CALIBRATION_SCORES}")
         for name, cap in (("row_cap", row_cap), ("col_cap", col_cap)):
             if cap is not None and not cap > 0:
-                raise ValueError(f"{name} must be positive (a multiple of K / out or K / in), got {cap}")
+                raise ApetValueError(f"{name} must be positive (a multiple of K / out or K / in), got {cap}")
         self.model, self.targets, self.score, self.backend = model, targets, score, backend
         self.row_cap, self.col_cap = row_cap, col_cap
         weight_of = weight_of or (lambda m: weight_oi(m).detach())
@@ -279,7 +280,7 @@ class GradientScores:
         Returns the batch count."""
         batches = list(batches)
         if not batches:
-            raise ValueError("no calibration batches were given")
+            raise ApetValueError("no calibration batches were given")
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             for p, _ in flags:
@@ -313,7 +314,7 @@ def regrow_fraction(step: int, total_steps: int, fraction: float, schedule: str)
         return fraction * (1.0 - progress)
     if schedule == "cosine":
         return fraction * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
+    raise ApetValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
 
 
 # optimizer state that is not one entry per value (bitsandbytes: quantization maps, block scales, norms)
@@ -350,7 +351,7 @@ def _moved_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor
         elif t.is_floating_point() or t.is_complex():
             plan.append((t, moved(full_tensor(t))))  # (FSDP2 shards optimizer state with its parameter)
         else:
-            raise TypeError(f"cannot move {type(optimizer).__name__}'s state {key!r} ({type(t).__name__}, {t.dtype}) "
+            raise ApetTypeError(f"cannot move {type(optimizer).__name__}'s state {key!r} ({type(t).__name__}, {t.dtype}) "
                             f"with its positions: regrowth supports torch's optimizers, bitsandbytes' 8-bit and paged "
                             f"ones and torchao's low-bit ones")
     return plan
@@ -417,14 +418,14 @@ class Regrower:
                  total_steps: int, fraction: float = 0.2, schedule: str = "cosine", score: str = "abs",
                  pool_factor: float = 2.0):
         if interval < 1 or total_steps < 1 or not 0.0 <= fraction <= 1.0:
-            raise ValueError("interval and total_steps must be >= 1 and fraction within [0, 1]")
+            raise ApetValueError("interval and total_steps must be >= 1 and fraction within [0, 1]")
         if score not in SCORES:
-            raise ValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
+            raise ApetValueError(f"unknown gradient score {score!r}; choose one of {SCORES}")
         regrow_fraction(0, total_steps, fraction, schedule)  # checks the schedule's name
         self.model = model
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
         if not self.layers:
-            raise ValueError("the model has no SparseDeltaLinear layers to regrow")
+            raise ApetValueError("the model has no SparseDeltaLinear layers to regrow")
         self.optimizer, self.interval, self.total_steps = optimizer, interval, total_steps
         self.fraction, self.schedule, self.score, self.pool_factor = fraction, schedule, score, pool_factor
         self.steps = 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from .errors import ApetTypeError, ApetValueError
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     """The layer's weight as floats, (out, in), in ``float_dtype(module)``: an out x in temporary."""
     quant = quantization_of(module)
     if quant is None:
-        raise TypeError(f"{type(module).__name__}'s weight is not quantized")
+        raise ApetTypeError(f"{type(module).__name__}'s weight is not quantized")
     w = module.weight
     if quant.library == "bitsandbytes":
         import bitsandbytes.functional as bnbf
@@ -136,7 +137,7 @@ def _torchao_config(weight: torch.Tensor, in_features: int):
                "Int4PlainInt32Tensor": "plain_int32", "Int4PreshuffledTensor": "preshuffled"}.get(cls)
     if packing is not None:
         return Int4WeightOnlyConfig(group_size=group, int4_packing_format=packing)
-    raise ValueError(f"cannot tell which torchao config made a {cls} weight: pass it as "
+    raise ApetValueError(f"cannot tell which torchao config made a {cls} weight: pass it as "
                      f"merge_and_unload(requantize=<config>)")
 
 
@@ -146,7 +147,7 @@ def quantize_like(module: nn.Module, weight_oi: torch.Tensor, config=None) -> nn
     and ``module``'s bias. ``config``: a torchao config to use instead of the inferred one."""
     quant = quantization_of(module)
     if quant is None:
-        raise TypeError(f"{type(module).__name__}'s weight is not quantized")
+        raise ApetTypeError(f"{type(module).__name__}'s weight is not quantized")
     out_f, in_f = dims(module)
     w, device, has_bias = module.weight, module.weight.device, module.bias is not None
     weight_oi = weight_oi.to(float_dtype(module))

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ._checks import is_int, is_real
+from .errors import ApetValueError
 
 METHODS = ("random", "rows", "cols", "blocks")  # seeded: an adapter can store the seed instead of indices
 DATA_METHODS = ("magnitude", "gradient")  # from the weights or from data: adapters store their indices
@@ -30,6 +31,11 @@ BLOCK_SHAPE = (16, 16)  # tile of the `blocks` method: one tensor-core fragment
 
 INT32_LIMIT = 2**31
 
+
+
+def index_checksum(indices: torch.Tensor) -> str:
+    """A short hash of positions (as int64, in order): what a saved adapter records to recognize them."""
+    return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 def index_dtype(numel: int) -> torch.dtype:
     """int32 while every flat position fits, else int64 (DESIGN.md)."""
@@ -68,16 +74,16 @@ def _sample_distinct(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
 def _check_args(shape, k: int, method: str) -> tuple[int, int]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) and not isinstance(shape, torch.Size) or \
             len(shape) != 2 or not all(is_int(s) for s in shape):
-        raise ValueError(f"select_indices expects a 2-D weight shape (out, in) of ints, got {shape!r}")
+        raise ApetValueError(f"select_indices expects a 2-D weight shape (out, in) of ints, got {shape!r}")
     rows, cols = (int(s) for s in shape)
     if rows <= 0 or cols <= 0:
-        raise ValueError(f"weight shape must be positive, got {tuple(shape)}")
+        raise ApetValueError(f"weight shape must be positive, got {tuple(shape)}")
     if not is_int(k):
-        raise ValueError(f"k must be an int, got {k!r}")
+        raise ApetValueError(f"k must be an int, got {k!r}")
     if k < 0 or k > rows * cols:
-        raise ValueError(f"k={k} is out of range for a weight of shape {tuple(shape)} (0 <= k <= {rows * cols})")
+        raise ApetValueError(f"k={k} is out of range for a weight of shape {tuple(shape)} (0 <= k <= {rows * cols})")
     if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; choose one of {METHODS}")
+        raise ApetValueError(f"unknown selection method {method!r}; choose one of {METHODS}")
     return rows, cols
 
 
@@ -119,16 +125,16 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
     """
     if method == "magnitude":
         if weight is None or tuple(weight.shape) != tuple(int(s) for s in shape):
-            raise ValueError(f"method='magnitude' needs weight=, the (out, in) weight of shape {tuple(shape)}")
+            raise ApetValueError(f"method='magnitude' needs weight=, the (out, in) weight of shape {tuple(shape)}")
         _check_args(shape, k, "random")
         return magnitude_indices(weight, k)
     if method == "gradient":
-        raise ValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
+        raise ApetValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
     rows, cols = _check_args(shape, k, method)
     if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise ApetValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(key, str):
-        raise ValueError(f"key must be a string (e.g. the module's qualified name), got {key!r}")
+        raise ApetValueError(f"key must be a string (e.g. the module's qualified name), got {key!r}")
     gen = _generator(method, seed, key, (rows, cols), k)
     if method == "random":
         flat = _sample_distinct(rows * cols, k, gen)
@@ -152,23 +158,23 @@ def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | No
     than it has elements.
     """
     if (num_params is None) == (density is None):
-        raise ValueError("split_budget needs exactly one of num_params or density")
+        raise ApetValueError("split_budget needs exactly one of num_params or density")
     if not isinstance(shapes, Mapping):
-        raise ValueError(f"shapes must map names to weight shapes or element counts, got {type(shapes).__name__}")
+        raise ApetValueError(f"shapes must map names to weight shapes or element counts, got {type(shapes).__name__}")
     for name, shape in shapes.items():
         if not (is_int(shape) and shape >= 0 or isinstance(shape, Sequence) and not isinstance(shape, str) and
                 all(is_int(d) and d >= 0 for d in shape)):
-            raise ValueError(f"shapes[{name!r}] must be a weight shape or an element count, got {shape!r}")
+            raise ApetValueError(f"shapes[{name!r}] must be a weight shape or an element count, got {shape!r}")
     sizes = {name: (int(s) if is_int(s) else math.prod(int(d) for d in s)) for name, s in shapes.items()}
     total = sum(sizes.values())
     if density is not None:
         if not is_real(density) or not 0.0 <= float(density) <= 1.0:
-            raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+            raise ApetValueError(f"density must be a number in [0, 1], got {density!r}")
         num_params = round(float(density) * total)
     if not is_int(num_params) or num_params < 0:
-        raise ValueError(f"num_params must be a non-negative int, got {num_params!r}")
+        raise ApetValueError(f"num_params must be a non-negative int, got {num_params!r}")
     if num_params > total:
-        raise ValueError(f"num_params={num_params} exceeds the {total} elements of the target weights")
+        raise ApetValueError(f"num_params={num_params} exceeds the {total} elements of the target weights")
     if total == 0:
         return {name: 0 for name in sizes}
     exact = {name: num_params * n / total for name, n in sizes.items()}
@@ -235,7 +241,7 @@ def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides)."""
     out_f, in_f = weight_oi.shape
     if k < 0 or k > out_f * in_f:
-        raise ValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
+        raise ApetValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
     rows = block_rows(out_f, in_f)
     w = weight_oi.detach()
     blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))

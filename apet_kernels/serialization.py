@@ -38,7 +38,8 @@ import torch
 
 from ._checks import check_finite
 from .config import ApetConfig
-from .selection import METHODS
+from .errors import AdapterFileError, AdapterFileNotFoundError
+from .selection import METHODS, index_checksum  # noqa: F401 (index_checksum: part of this API)
 
 CONFIG_NAME = "apet_config.json"
 # PEFT's layout of the same adapters (apet_kernels.tuner, PeftModel.save_pretrained): the adapter named "default"
@@ -54,10 +55,6 @@ LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"  # format 1 (0.1/0.2): one ada
 FORMAT_VERSION = 2
 
 VALUES, INDICES = "values", "indices"
-
-
-def index_checksum(indices: torch.Tensor) -> str:
-    return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def base_fingerprint(base: torch.Tensor) -> str:
@@ -134,21 +131,21 @@ def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str],
             with open(config_path) as f:
                 data = json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+            raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged") from None
         if not isinstance(data, dict) or data.get("peft_type") != "APET":
             kind = data.get("peft_type") if isinstance(data, dict) else None
-            raise ValueError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
+            raise AdapterFileError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
         configs[name] = ApetConfig.from_dict(data, config_path)
         weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
         if not os.path.exists(weights):
-            raise FileNotFoundError(f"{weights} is missing")
+            raise AdapterFileNotFoundError(f"{weights} is missing")
         try:
             found = load_file(weights)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{weights} is truncated or malformed: {exc}") from None
+            raise AdapterFileError(f"{weights} is truncated or malformed: {exc}") from None
         for key, t in found.items():
             if not key.startswith(PEFT_PREFIX):
-                raise ValueError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
+                raise AdapterFileError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
             key = key[len(PEFT_PREFIX):]
             layer, _, what = key.rpartition(".deltas.")
             tensors[delta_key(layer, name, what) if layer and what in (VALUES, INDICES) else key] = t
@@ -162,18 +159,18 @@ def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
+        raise AdapterFileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
     version = data.get("apet_format_version") if isinstance(data, dict) else None
     if version == 1:
         return {"default": ApetConfig.from_dict(data, path)}, ["default"]
     if version != FORMAT_VERSION or not isinstance(data.get("adapters"), dict) or not data["adapters"]:
-        raise ValueError(f"{path} is not an apet-kernels config of format version 1 or {FORMAT_VERSION}")
+        raise AdapterFileError(f"{path} is not an apet-kernels config of format version 1 or {FORMAT_VERSION}")
     configs = {name: ApetConfig.from_dict(cfg, f"{path} (adapter {name!r})") for name, cfg in data["adapters"].items()}
     active = list(data.get("active_adapters") or [next(iter(configs))])
     if any(name not in configs for name in active):
-        raise ValueError(f"{path}: active_adapters {active} are not all among its adapters {sorted(configs)}")
+        raise AdapterFileError(f"{path}: active_adapters {active} are not all among its adapters {sorted(configs)}")
     return configs, active
 
 
@@ -221,11 +218,11 @@ def read_folder(directory: str) -> SavedFolder:
             os.path.exists(os.path.join(directory, LEGACY_WEIGHTS_NAME))
         path = os.path.join(directory, LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing")
+            raise AdapterFileNotFoundError(f"{path} is missing")
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is truncated or malformed: {exc}") from None
+            raise AdapterFileError(f"{path} is truncated or malformed: {exc}") from None
     for key, t in tensors.items():
         check_finite(t, f"{path}: {key}")
     adapters, claimed = {}, set()
@@ -236,7 +233,7 @@ def read_folder(directory: str) -> SavedFolder:
             ikey = f"{layer}.delta_indices" if legacy else delta_key(layer, name, INDICES)
             values = tensors.get(vkey)
             if values is None or tuple(values.shape) != (int(info["k"]),) or not values.is_floating_point():
-                raise ValueError(f"{path}: {vkey} is missing or not a float tensor of shape ({int(info['k'])},)")
+                raise AdapterFileError(f"{path}: {vkey} is missing or not a float tensor of shape ({int(info['k'])},)")
             saved.values[layer] = values
             saved.indices[layer] = tensors.get(ikey)
             claimed.update({vkey, ikey})

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch.nn as nn
 
 from .config import ApetConfig
+from .errors import ApetValueError
 from .linear_like import is_linear_like, linear_shape
 from .load_guard import guard_ancestors
 from .selection import split_budget
@@ -75,14 +76,14 @@ def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
         if (config.target_modules == "all-linear" and (module is head or name in direct)) or not targeted(name, config):
             continue
         if name in direct:
-            raise ValueError(f"{name!r} cannot take deltas: {direct[name]}, so they would never reach the output or "
+            raise ApetValueError(f"{name!r} cannot take deltas: {direct[name]}, so they would never reach the output or "
                              f"get a gradient; exclude it (target_modules='all-linear' does)")
         targets[name] = module
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D in this model")
+        raise ApetValueError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D in this model")
     fused = [name for name, m in targets.items() if m is head]
     if fused and fuses_output_layer(model):
-        raise ValueError(f"{fused[0]!r}: this model's forward is Liger-Kernel's fused linear-cross-entropy, which reads "
+        raise ApetValueError(f"{fused[0]!r}: this model's forward is Liger-Kernel's fused linear-cross-entropy, which reads "
                          f"the output layer's weight directly, so deltas there would not reach the loss; exclude it "
                          f"(target_modules='all-linear' does) or apply Liger with fused_linear_cross_entropy=False")
     return targets
@@ -94,7 +95,7 @@ def _model_dims(model: nn.Module) -> tuple[int, int]:
     layers = next((getattr(cfg, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if getattr(cfg, a, None)),
                   None)
     if hidden is None or layers is None:
-        raise ValueError("budget_like adapter/prompt needs model.config with a hidden size and a layer count")
+        raise ApetValueError("budget_like adapter/prompt needs model.config with a hidden size and a layer count")
     layers += getattr(cfg, "num_decoder_layers", 0) if getattr(cfg, "is_encoder_decoder", False) else 0
     return hidden, layers
 
@@ -117,8 +118,8 @@ def budget_like_count(model: nn.Module, spec: str, targets: dict[str, nn.Module]
             hidden, _ = _model_dims(model)
             return int(params["n"]) * hidden
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"cannot read budget_like={spec!r}: {exc}") from None
-    raise ValueError(f"unknown budget_like {spec!r}; use lora:r=R, bitfit, adapter:d=D or prompt:n=N")
+        raise ApetValueError(f"cannot read budget_like={spec!r}: {exc}") from None
+    raise ApetValueError(f"unknown budget_like {spec!r}; use lora:r=R, bitfit, adapter:d=D or prompt:n=N")
 
 
 def layer_budget(model: nn.Module, config: ApetConfig, modules: dict[str, nn.Module],

@@ -30,6 +30,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import set_additional_trainable_modules
 
 from .config import ApetConfig
+from .errors import ApetValueError, BaseMismatchError
 from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
@@ -58,16 +59,17 @@ def _saved_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Te
     for name, info in config.layers.items():
         module = modules.get(name)
         if module is None:
-            raise ValueError(f"adapter layer {name!r} is not a linear layer of this model")
+            raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model")
         shape = (module.out_features, module.in_features) if isinstance(module, SparseDeltaLinear) else \
             linear_shape(module)
         if list(shape) != list(info["shape"]):
-            raise ValueError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+            raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is "
+                                    f"{tuple(shape)}")
         k = int(info["k"])
         if config.method in METHODS and info.get("positions") != "stored":
             idx = select_indices(shape, k, method=config.method, seed=config.seed, key=name)
             if index_checksum(idx) != info["checksum"]:
-                raise ValueError(f"adapter layer {name!r}: the seed does not give the saved positions (other seed, "
+                raise ApetValueError(f"adapter layer {name!r}: the seed does not give the saved positions (other seed, "
                                  "key or selection code?)")
         else:
             idx = select_indices(shape, k, method="random", seed=0, key=name)
@@ -97,7 +99,7 @@ class ApetTuner(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Wrap the targets (first adapter) or add the adapter to the APET layers (later ones), all or none."""
         if state_dict is not None:
-            raise ValueError("APET adapters are injected from their config (its layers and seed), not from a "
+            raise ApetValueError("APET adapters are injected from their config (its layers and seed), not from a "
                              "state dict's keys")
         config = copy.deepcopy(self.peft_config[adapter_name])  # (layers are filled in; the caller's stays as given)
         layers = _apet_layers(model)
@@ -109,7 +111,7 @@ class ApetTuner(BaseTuner):
             indices = _saved_positions(model, config) if saved else seeded_positions(model, layers, config)
             unknown = sorted(set(indices) - set(layers))
             if unknown:
-                raise ValueError(f"adapter layers {_first_few(unknown)} are not APET layers of this model (a further "
+                raise ApetValueError(f"adapter layers {_first_few(unknown)} are not APET layers of this model (a further "
                                  "adapter tunes a subset of the layers the first one wrapped)")
             add_entries(layers, adapter_name, indices, {})
         if saved:
@@ -130,7 +132,7 @@ class ApetTuner(BaseTuner):
     def _chosen_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Tensor]:
         calibration, loss_fn = _CALIBRATION.get()
         if config.method == "gradient" and calibration is None:
-            raise ValueError("method='gradient' chooses positions from calibration batches, which peft's "
+            raise ApetValueError("method='gradient' chooses positions from calibration batches, which peft's "
                              "get_peft_model cannot take: call apet_kernels.get_peft_model(model, config, "
                              "calibration=batches)")
         return choose_positions(model, config, calibration, loss_fn)
@@ -148,16 +150,16 @@ class ApetTuner(BaseTuner):
         layers = _apet_layers(self.model)
         merged = [n for n, m in layers.items() if m.strategy == "merged"]
         if len(names) > 1 and merged:
-            raise ValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+            raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
                              f"are merged ({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+            raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config and len(self.peft_config) == 1:
-            raise ValueError(f"{adapter_name!r} is the only adapter: unload() the model instead of deleting it")
+            raise ApetValueError(f"{adapter_name!r} is the only adapter: unload() the model instead of deleting it")
         super().delete_adapter(adapter_name)
 
     # ----------------------------------------------------------------- mixed-adapter batches (adapter_names=)
@@ -168,14 +170,14 @@ class ApetTuner(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("adapter_names= (a mixed-adapter batch) is for inference: call model.eval() first")
+            raise ApetValueError("adapter_names= (a mixed-adapter batch) is for inference: call model.eval() first")
         unknown = sorted(set(names) - set(self.peft_config) - {BASE})
         if unknown:
-            raise ValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)} (and '{BASE}')")
+            raise ApetValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)} (and '{BASE}')")
         layers = _apet_layers(self.model)
         merged = [n for n, m in layers.items() if m.strategy == "merged"]
         if merged:
-            raise ValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+            raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
                              f"({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
         plan = MixedBatch(list(names), expand=True)
         began = []
@@ -202,14 +204,14 @@ class ApetTuner(BaseTuner):
         report = None
         if merge:
             if len(self.active_adapters) > 1:
-                raise ValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to "
+                raise ApetValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to "
                                  "merge")
             for layer in layers.values():  # (checks adapter_names and safe_merge before anything changes)
                 if adapter_names is not None and list(adapter_names) not in ([], [layer.active_adapter]):
-                    raise ValueError(f"APET merges the active adapter only ({layer.active_adapter!r}), not "
+                    raise ApetValueError(f"APET merges the active adapter only ({layer.active_adapter!r}), not "
                                      f"{list(adapter_names)}")
                 if safe_merge and not torch.isfinite(layer.delta_values.detach()).all():
-                    raise ValueError(f"NaNs or infs in the values of adapter {layer.active_adapter!r}: not merged")
+                    raise ApetValueError(f"NaNs or infs in the values of adapter {layer.active_adapter!r}: not merged")
             replacements, report = merged_replacements(self.model, layers, requantize)
         else:
             replacements = {}
@@ -261,7 +263,7 @@ class ApetTuner(BaseTuner):
             key = f"{prefix}{lname}.deltas.{adapter_name}."
             values = state_dict.get(key + VALUES)
             if values is None or tuple(values.shape) != (int(info["k"]),) or not values.is_floating_point():
-                raise ValueError(f"the checkpoint's {lname}.deltas.{VALUES} is missing or not a float tensor of shape "
+                raise ApetValueError(f"the checkpoint's {lname}.deltas.{VALUES} is missing or not a float tensor of shape "
                                  f"({int(info['k'])},)")
             saved.values[lname] = values
             saved.indices[lname] = state_dict.get(key + INDICES)

@@ -87,7 +87,8 @@ def test_architecture_end_to_end(arch, strategy, tmp_path):
     patched = logits(model, inputs)
 
     model.save_apet(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["apet_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "apet_config.json",
+                                           "model.safetensors"]
     k_total = sum(m.delta_values.numel() for m in layers.values())
     assert os.path.getsize(tmp_path / "model.safetensors") < 4 * k_total + 200 * len(layers) + 1024
     loaded = load_apet(build(arch), str(tmp_path))

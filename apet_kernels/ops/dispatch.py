@@ -13,6 +13,7 @@ import os
 from types import ModuleType, SimpleNamespace
 
 import torch
+from ..errors import ApetStateError, ApetValueError
 
 BACKENDS = ("reference", "triton", "native")
 CHOICES = ("auto",) + BACKENDS
@@ -72,11 +73,11 @@ def resolve(backend: str, device: torch.device) -> str:
 @functools.lru_cache(maxsize=None)
 def _resolve(backend: str, device_type: str, env_backend: str, interpreting: bool) -> str:
     if backend not in CHOICES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
+        raise ApetValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
     if backend == "auto":
         backend = env_backend or "auto"
         if backend not in CHOICES:
-            raise ValueError(f"APET_BACKEND={backend!r} is not one of {CHOICES}")
+            raise ApetValueError(f"APET_BACKEND={backend!r} is not one of {CHOICES}")
     status = backends()
     if backend == "auto":
         if device_type == "cuda":
@@ -87,9 +88,9 @@ def _resolve(backend: str, device_type: str, env_backend: str, interpreting: boo
             order = ("native", "reference")
         return next(name for name in order if status[name]["available"])
     if not status[backend]["available"]:
-        raise RuntimeError(f"backend {backend!r} is not available: {status[backend]['reason']}")
+        raise ApetStateError(f"backend {backend!r} is not available: {status[backend]['reason']}")
     if backend == "triton" and device_type != "cuda" and not interpreting:
-        raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+        raise ApetStateError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                            "apet_kernels is imported (that is how CI runs the kernels)")
     return backend
 
@@ -139,4 +140,4 @@ def implementation(backend: str):
     if backend == "native":
         from . import native
         return native
-    raise ValueError(f"unknown backend {backend!r}")
+    raise ApetValueError(f"unknown backend {backend!r}")

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers apet_native::*)
+from ..errors import ApetValueError
 
 OPS = ("sddmm_", "spmm_", "spmm_t_", "scatter_merge_", "sddmm_staged_")
 SDDMM_WALKS = ("warps", "staged")
@@ -62,7 +63,7 @@ def chosen(walk: str):
     """Within the block the native CUDA SDDMM walks ``"staged"`` or ``"warps"`` (one warp per delta, the
     default until a GPU measures both) whatever ``APET_NATIVE_SDDMM`` says."""
     if walk not in SDDMM_WALKS:
-        raise ValueError(f"the native SDDMM walks {' or '.join(map(repr, SDDMM_WALKS))}, not {walk!r}")
+        raise ApetValueError(f"the native SDDMM walks {' or '.join(map(repr, SDDMM_WALKS))}, not {walk!r}")
     before, _CHOICE[0] = _CHOICE[0], walk
     try:
         yield

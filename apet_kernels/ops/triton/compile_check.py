@@ -41,6 +41,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from . import kernels  # noqa: E402
 from .. import ptxas_log  # noqa: E402
+from ...errors import ApetTypeError
 from ..layout import build_layout  # noqa: E402
 
 # (name, SMs): the SM count the grid arithmetic sees for each target (H100 SXM, A100)
@@ -180,7 +181,7 @@ def _signature(launch: Launch, config: triton.Config):
         elif isinstance(v, float):
             signature[name] = "fp32"
         else:
-            raise TypeError(f"{jit.__name__}: argument {name} of type {type(v).__name__} has no Triton type here")
+            raise ApetTypeError(f"{jit.__name__}: argument {name} of type {type(v).__name__} has no Triton type here")
     return signature, constexprs, attrs
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ...errors import ApetValueError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
@@ -241,7 +242,7 @@ def _group_spmm(out, src, indices, values, group_ptr, perm, in_features: int, sr
     if indices.numel() == 0 or n_t == 0:
         return
     if out.stride(1) != 1:
-        raise ValueError("spmm output must have unit stride along its last dimension")
+        raise ApetValueError("spmm output must have unit stride along its last dimension")
     src_t = transpose(src)
     vals = values.contiguous()
     grid = lambda meta: (triton.cdiv(n_t, meta["BLOCK_T"]), triton.cdiv(n_dst, meta["BLOCK_D"]))
