@@ -2,7 +2,7 @@
 
 from .config import ApetConfig
 from .errors import (AdapterFileError, AdapterFileNotFoundError, ApetError, ApetStateError, ApetTypeError,
-                     ApetValueError, BaseMismatchError)
+                     ApetValueError, BaseMismatchError, StateDictError)
 from .functional import sparse_delta_linear
 from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
 from .learning_rate import suggested_lr
@@ -22,4 +22,4 @@ __all__ = ["AdapterFileError", "AdapterFileNotFoundError", "ApetConfig", "ApetEr
            "ApetTuner", "ApetTypeError", "ApetValueError", "BaseMismatchError", "DeltaSet", "DenseMaskLinear",
            "GradientScores", "Regrower", "SparseDeltaLinear", "backends", "get_apet_model", "get_peft_model", "load_apet",
            "magnitude_indices", "replace_linears", "select_indices", "sparse_delta_linear", "split_budget",
-           "suggested_lr", "__version__"]
+           "StateDictError", "suggested_lr", "__version__"]

@@ -20,6 +20,11 @@ class ApetStateError(ApetError, RuntimeError):
     unloaded, positions not loaded yet."""
 
 
+class StateDictError(ApetError, RuntimeError):
+    """A state dict that cannot be loaded as a whole (wrong shapes, with strict=True missing or unexpected keys),
+    refused before anything is copied; a RuntimeError, as torch's own."""
+
+
 class AdapterFileError(ApetValueError):
     """A saved adapter that cannot be loaded as it is: damaged, incomplete, of another method or another format."""
 

@@ -153,9 +153,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     start); ``delta_values`` / ``delta_indices`` are the active adapter's, the only trainable tensor.
 
     The dense part of the forward is always the base layer's own call; the sparse part is one op.
-    Strategies (DESIGN.md): ``merged`` (plain float nn.Linear / Conv1D only) keeps W + S in W's
-    storage, so the forward is exactly the base layer's and only the SDDMM in the backward is extra
-    (apet_kernels.merged_weight says what W holds when). ``unmerged`` never writes W:
+    Strategies: ``merged`` (plain float nn.Linear / Conv1D only) keeps W + S in W's storage, so the forward
+    is exactly the base layer's and only the SDDMM in the backward is extra (apet_kernels.merged_weight says
+    what W holds when). ``unmerged`` never writes W:
     ``y = base_layer(x) + x S^T``. ``auto`` merges where legal. Under autocast (or a base layer that
     computes in another dtype) the sparse term takes x in the dtype of the base layer's output, as a
     dense ``F.linear(x, W + S)`` would.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from .errors import ApetStateError
+from .errors import StateDictError
 
 _CHECKED: dict[int, tuple[list, nn.Module]] = {}  # id(error_msgs) -> (error_msgs, the checking module)
 _FLAG = "_apet_load_guard"
@@ -49,7 +49,7 @@ def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
             if mine is None or not torch.is_tensor(theirs) or nn.parameter.is_lazy(mine):
                 continue
             if theirs.shape != mine.shape and not (mine.dim() == 0 and tuple(theirs.shape) == (1,)):
-                raise ApetStateError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
+                raise StateDictError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
                                    f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
                                    f"{tuple(mine.shape)} (nothing was loaded)")
 
@@ -85,7 +85,7 @@ def check_strict_keys(module: nn.Module, state_dict) -> None:
     if missing or unexpected:
         parts = ([f"Missing key(s) in state_dict: {', '.join(map(repr, missing))}."] if missing else []) + \
                 ([f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected))}."] if unexpected else [])
-        raise ApetStateError(f"Error(s) in loading state_dict for {type(module).__name__} (strict=True; nothing was "
+        raise StateDictError(f"Error(s) in loading state_dict for {type(module).__name__} (strict=True; nothing was "
                            "loaded):\n\t" + "\n\t".join(parts))
 
 

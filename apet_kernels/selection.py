@@ -38,7 +38,7 @@ def index_checksum(indices: torch.Tensor) -> str:
     return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 def index_dtype(numel: int) -> torch.dtype:
-    """int32 while every flat position fits, else int64 (DESIGN.md)."""
+    """int32 while every flat position fits, else int64 (the int32 kernels are the fast ones)."""
     return torch.int32 if numel < INT32_LIMIT else torch.int64
 
 

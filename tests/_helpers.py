@@ -5,7 +5,8 @@ import torch
 
 from apet_kernels import backends
 
-# relative Frobenius error allowed per dtype (METHOD.md: fp32 << 1e-3, bf16 1e-3..1e-2)
+# relative Frobenius error allowed per dtype (fp32 << 1e-3, bf16 1e-3..1e-2: the tolerances the device tool's
+# METHOD.md sets for GPU checks, outside this repository)
 REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 

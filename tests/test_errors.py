@@ -12,7 +12,7 @@ import apet_kernels
 from _helpers import tiny_llama
 from apet_kernels import (AdapterFileError, AdapterFileNotFoundError, ApetConfig, ApetError, ApetStateError,
                           ApetTypeError, ApetValueError, BaseMismatchError, SparseDeltaLinear, get_apet_model,
-                          load_apet)
+                          load_apet, StateDictError)
 
 PACKAGE = Path(apet_kernels.__file__).parent
 
@@ -20,7 +20,7 @@ PACKAGE = Path(apet_kernels.__file__).parent
 @pytest.mark.parametrize("cls,builtin", [(ApetValueError, ValueError), (ApetTypeError, TypeError),
                                          (ApetStateError, RuntimeError), (AdapterFileError, ValueError),
                                          (AdapterFileNotFoundError, FileNotFoundError),
-                                         (BaseMismatchError, ValueError)])
+                                         (BaseMismatchError, ValueError), (StateDictError, RuntimeError)])
 def test_each_error_is_an_apet_error_and_its_builtin(cls, builtin):
     assert issubclass(cls, ApetError) and issubclass(cls, builtin)
 
@@ -48,6 +48,8 @@ def test_each_kind_where_it_arises(tmp_path):
     (tmp_path / "a" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterFileError, match="truncated or malformed"):
         load_apet(tiny_llama(), str(tmp_path / "a"))
+    with pytest.raises(StateDictError, match="nothing was loaded"):
+        model.load_state_dict({"lm_head.weight": torch.zeros(3, 3)}, strict=False)
     model.save_pretrained(tmp_path / "b")
     with pytest.raises(BaseMismatchError, match="shape"):
         load_apet(tiny_llama(intermediate_size=48), str(tmp_path / "b"))

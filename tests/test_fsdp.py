@@ -10,6 +10,7 @@ a DCP checkpoint resumed, and regrowth."""
 import functools
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,18 @@ def runs(tmp_path_factory):
            "OMP_NUM_THREADS": "1"}
     results = {}
     for ws in WORLD_SIZES:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(ws), "--tee", "3", str(WORKER), str(out)], cwd=out, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        # its own session: on a timeout every rank is killed with torchrun (a surviving rank spins in gloo's wait,
+        # taking a core from every test after it)
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 str(ws), "--tee", "3", str(WORKER), str(out)], cwd=out, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, err[-4000:]
         results[ws] = torch.load(out / f"ws{ws}.pt")
     return out, results
 
