@@ -11,28 +11,25 @@ or per batch row (``mixed_batch``). State-dict keys: ``deltas.<name>.values``, `
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .errors import ApetStateError, ApetTypeError, ApetValueError
-from .linear_like import is_conv1d, is_plain_linear, linear_shape, merge_is_legal, runs_as_plain_gemm, stored_weight
+from .linear_like import is_conv1d, linear_shape, merge_is_legal, stored_weight
 from .load_guard import already_checked, check_strict_keys
 from .merged_weight import MergedWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
-from .ops.library import add_sparse_term, linear_sparse
 from .optimizer_guard import note_active_values
-from .dequantized_linear import DequantizedLinear
-from .quantized import float_dtype, quantization_of, repacked_for_cpu, values_at
+from .quantized import float_dtype, quantization_of, values_at
 from .selection import index_checksum, select_indices
 from .sharded import assign_full, is_dtensor
+from .strategies import BY_NAME, DEQUANTIZED, MERGED, UNMERGED
 
 STRATEGIES = ("auto", "merged", "unmerged", "dequantized")
 DEFAULT_ADAPTER = "default"
@@ -198,8 +195,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self.weight_transposed = is_conv1d(base_layer)  # GPT-2's Conv1D: we work on the (out, in) view
         self.weight_shared = weight_shared  # a module flag: survives deepcopy and pickling
         self.backend = backend
-        self.strategy = strategy if strategy != "auto" else (
-            "merged" if legal else "dequantized" if quantized else "unmerged")
+        self._strategy = BY_NAME[strategy if strategy != "auto" else (
+            "merged" if legal else "dequantized" if quantized else "unmerged")]
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self.deltas = nn.ModuleDict()
         self._active_adapter = [adapter_name]  # the active one first, then others applied with it (unmerged)
@@ -209,7 +206,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         # a quantized base: W's values are its dequantized ones, in the dtype it was quantized from
         self.base_dtype = float_dtype(base_layer) if quantized else weight.dtype
         self.deltas[adapter_name] = DeltaSet(indices, (self.out_features, self.in_features), weight.device,
-                                             columns=self.strategy == "unmerged", base_dtype=self.base_dtype)
+                                             columns=self._strategy.columns, base_dtype=self.base_dtype)
         self._set_active_cache()
         # K = 0: nothing to train. An empty trainable tensor gets an empty gradient, which FSDP2's reduce-scatter
         # refuses (_chunk_cat expects non-empty tensors; issue 33)
@@ -340,6 +337,20 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """W's own values at the active adapter's positions (``delta_base``, read first if still unread)."""
         return self._merge.base()
 
+    @property
+    def strategy(self) -> str:
+        """The name of the strategy this layer runs (apet_kernels.strategies): merged, unmerged or dequantized."""
+        return self._strategy.name
+
+    def _become(self, strategy) -> None:
+        self._strategy = strategy
+        self._active.rebuild_layout(columns=strategy.columns)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """W[p] = cast(base + v) for good (merge_and_unload): whatever the strategy, W then holds W + S."""
+        self._merge.write(self.delta_values, self._backend_name())
+
     @contextlib.contextmanager
     def pure_weight(self):
         """Merged layers: W holds the pure weight inside the block, W + S again after it."""
@@ -360,9 +371,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if safe_merge:
             check_finite(self.delta_values.detach(), f"adapter {self.active_adapter!r} values")
         if self.quantization is not None:  # (a shared quantized weight too: it is never written)
-            if self.strategy == "unmerged":
-                self.strategy = "dequantized"
-                self._active.rebuild_layout(columns=False)
+            if self._strategy is UNMERGED:
+                self._become(DEQUANTIZED)
             return
         legal, why = self.merge_legality()
         if not legal:
@@ -372,23 +382,19 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                                "set_adapter() a single adapter first")
         if self._mixed is not None:
             raise ApetStateError("cannot merge inside a mixed-adapter batch")
-        if self.strategy != "merged":
+        if self._strategy is not MERGED:
             self._merge.structural_change()
             self._merge.write(self.delta_values, self._backend_name())
-            self.strategy = "merged"
-            self._active.rebuild_layout(columns=False)
+            self._become(MERGED)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
-        if self.strategy == "dequantized":
-            self.strategy = "unmerged"
-            self._active.rebuild_layout(columns=True)
-        if self.strategy == "merged":
+        if self._strategy is MERGED:
             self._merge.restore()
             self._merge.structural_change()
-            self.strategy = "unmerged"
-            self._active.rebuild_layout(columns=True)  # the unmerged backward walks the deltas by column too
+        if self._strategy is not UNMERGED:
+            self._become(UNMERGED)  # (the unmerged backward walks the deltas by column too)
 
     # ----------------------------------------------------------------- adapters
     def _checked_indices(self, indices: torch.Tensor, what: str) -> None:
@@ -463,7 +469,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         unknown = [n for n in names if n not in self.deltas]
         if unknown:
             raise ApetValueError(f"no adapter named {unknown[0]!r}; this layer has {self.adapters}")
-        if len(names) > 1 and self.strategy == "merged":
+        if len(names) > 1 and not self._strategy.applies_several:
             raise ApetValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
                              "unmerge() it or use strategy='unmerged'")
         if self._mixed is not None:
@@ -471,17 +477,12 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         # checked: from here on nothing fails
         new, old = names[0], self.active_adapter
         if new != old:
-            merged = self.strategy == "merged"
-            if merged:
-                self._merge.restore()
-                self._merge.structural_change()
-            self._active_adapter = [new, *self._active_adapter[1:]]
-            self._set_active_cache()
-            self._merge.stale = True
-            self._merge.read_base()  # W is pure at the new positions
-            if merged:
-                self._merge.write(self.delta_values, self._backend_name())
-        for name in names if self.strategy == "unmerged" else names[1:]:
+            with self._strategy.changing(self):  # (merged: W restored at the old positions, W + S at the new)
+                self._active_adapter = [new, *self._active_adapter[1:]]
+                self._set_active_cache()
+                self._merge.stale = True
+                self._merge.read_base()  # W is pure at the new positions
+        for name in names if self._strategy.columns else names[1:]:
             if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
                 self.deltas[name].rebuild_layout(columns=True)
         self._active_adapter = names
@@ -501,17 +502,12 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self._checked_indices(indices, "set_positions")
         if values is not None and tuple(values.shape) != (k,):
             raise ApetValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
-        merged = self.strategy == "merged"
-        if merged:
-            self._merge.restore()
-            self._merge.structural_change()
-        self.delta_indices.copy_(indices.to(self.delta_indices.device, self.delta_indices.dtype))
-        self._merge.stale = True
-        self._merge.read_base()
-        self._active.rebuild_layout()
-        assign_full(self.delta_values, torch.zeros(k) if values is None else values)  # (FSDP2: each rank its block)
-        if merged:
-            self._merge.write(self.delta_values, self._backend_name())
+        with self._strategy.changing(self):
+            self.delta_indices.copy_(indices.to(self.delta_indices.device, self.delta_indices.dtype))
+            self._merge.stale = True
+            self._merge.read_base()
+            self._active.rebuild_layout()
+            assign_full(self.delta_values, torch.zeros(k) if values is None else values)  # (FSDP2: each rank its own)
 
     # ----------------------------------------------------------------- positions that come with a checkpoint
     def expect_positions(self, adapter: str) -> None:
@@ -549,7 +545,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             return values_at(self.base_layer, indices)
         idx = indices.long().to(self.delta_indices.device)
         values = self._merge._get(idx).clone()
-        if self.strategy == "merged" and self.delta_indices.numel():
+        if self._strategy.holds_sum and self.delta_indices.numel():
             mine = self.delta_indices.long()
             overlap = torch.isin(idx, mine)
             if overlap.any():
@@ -585,14 +581,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     # the pure W back at that adapter's positions from the base saved with it, whatever adapter is active here.
     @staticmethod
     def _before_state_dict(module: "SparseDeltaLinear", prefix, keep_vars) -> None:
-        # a merged W written before the last optimizer step holds older values than delta_values: write the
-        # current ones, so the state dict's weight is W + S for the values saved with it. FSDP2's shards are never
-        # written (W + S lives only in the weight it gathers for a forward or a backward): a sharded state dict
-        # holds the pure weight.
-        merged = module.strategy == "merged" and not module._merge.stale and not module.weight.is_meta and \
-            not is_dtensor(stored_weight(module.base_layer))
-        if merged:
-            module._merge.sync(module.delta_values, module._backend_name())
+        merged = module._strategy.sum_in_state_dict(module)  # (merged: W + S synced for the values saved with it)
         with torch.no_grad():
             for name, delta in module.deltas.items():
                 if not delta.merged.is_meta:
@@ -662,8 +651,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         incoming |= {n for n in self.deltas if f"{prefix}deltas.{n}.indices" in state_dict}
         self._incoming = (frozenset(incoming), self._incoming_merged(state_dict, prefix) if incoming else None)
         # the positions may move and the weight may be replaced: start from the pure W
-        if self.strategy == "merged":
-            self._merge.restore()
+        self._strategy.before_load(self)
 
     @staticmethod
     @torch.no_grad()
@@ -690,8 +678,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         for name, delta in module.deltas.items():
             if name != module.active_adapter and delta.k:
                 delta.base.copy_(module.base_values_at(delta.indices))
-        if module.strategy == "merged":
-            merge.structural_change()
+        module._strategy.after_load(module)
         module._claim_weight()  # assign=True may have brought a new weight
 
     # ----------------------------------------------------------------- forward
@@ -700,58 +687,17 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             self.settle_positions()
         if validation_from_env():
             self._check_buffers()
-        merged = self.strategy == "merged"
         if self.apet_disabled:
-            return self._forward_base(x) if merged else self.base_layer(x)
+            return self._strategy.forward_disabled(self, x)
         if self._mixed is not None:
             return self._forward_mixed(x)
-        backend_name, active = self._backend_name(), self._active
-        values = active.values
-        regathered = False
-        if merged:
-            w = self.base_layer._parameters.get("weight")
-            regathered = _check_mergeable_now(w) is not self.__dict__.get("_own_weight")
-            if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
-                self._merge.write(values, backend_name)
-            else:
-                self._merge.sync(values, backend_name)
-            if not (values.requires_grad and torch.is_grad_enabled()):
-                return self.base_layer(x)  # no SDDMM to prepare for
-        if not merged and len(self.active_adapters) == 1 and not torch.compiler.is_compiling() and \
-                runs_as_plain_gemm(self.base_layer, x):
-            # one node for the GEMM and the sparse term: dx = dy W and dx += dy S in one buffer
-            return linear_sparse(x, self.weight_oi(), self.base_layer.bias, values, active.indices, active.layout,
-                                 backend_name)
-        if self.strategy == "dequantized" and not repacked_for_cpu(self.base_layer):
-            y = DequantizedLinear.apply(x, self.base_layer.bias, values, active.indices, self.base_layer)
-            merged = True  # the sparse term below only attaches the SDDMM
-        else:
-            if self.strategy == "dequantized" and active.col_perm is None:  # (a base that cannot dequantize per call
-                active.rebuild_layout(columns=True)                       # runs this forward unmerged)
-            y = self.base_layer(x)
-        if regathered and y.requires_grad:  # (no input gradient wanted: the backward never reads W)
-            # FSDP2 gathers W from its shards for this forward and again for the backward (reshard_after_forward):
-            # the backward's W is written again just before the base layer's dx reads it (the shards stay pure)
-            y.register_hook(functools.partial(_write_before_dx, self, values, backend_name))
-        if not merged and not is_plain_linear(self.base_layer) and y._is_view():  # (plain first: compiles)
-            # the sparse term is added in place; a library's custom Function may return a view of its own
-            # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
-            y = y.clone()
-        if x.dtype != y.dtype:  # autocast, or a base computing in another dtype: x as the GEMM took it
-            x = x.to(y.dtype)
-        y = add_sparse_term(y, x, values, active.indices, active.layout, merged, backend_name)
-        if len(self.active_adapters) > 1:
-            for name in self.active_adapters[1:]:
-                extra = self.deltas[name]
-                if extra.k:
-                    y = add_sparse_term(y, x, extra.values, extra.indices, extra.layout, False, backend_name)
-        return y
+        return self._strategy.forward(self, x)
 
     @torch.no_grad()
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """Inference with one adapter per batch row (unmerged): the base output, plus for each adapter
         its sparse term on the tokens of its rows only."""
-        if self.strategy == "merged":
+        if not self._strategy.applies_several:
             raise ApetStateError("a mixed-adapter batch runs unmerged; this layer is merged")
         y = self.base_layer(x).clone()
         xs = x.to(y.dtype).reshape(-1, self.in_features)
@@ -768,7 +714,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def begin_mixed_batch(self, plan) -> None:
         """Run the next forwards as a mixed-adapter batch (``plan``: an ApetModel MixedBatch)."""
-        if self.strategy == "merged":
+        if not self._strategy.applies_several:
             raise ApetStateError("a mixed-adapter batch runs unmerged; this layer is merged")
         self._mixed = plan
 
@@ -798,26 +744,6 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                 f"bias={self.bias is not None}, k={k} ({100.0 * k / max(numel, 1):.3g}%), "
                 f"strategy={self.strategy}, backend={self.backend}{adapters}"
                 + (f", quantized={self.quantization}" if self.quantization is not None else ""))
-
-
-def _check_mergeable_now(w):
-    """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
-    if w is None:
-        raise ApetStateError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
-                           "parametrized after patching, or flattened by FSDP1), so W + S cannot be written into it: "
-                           "unmerge() the layer first (prune or parametrize before patching: such layers run unmerged)")
-    if getattr(w, "_fsdp_flattened", False):
-        raise ApetStateError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is not "
-                           "supported there; use FSDP2 (torch.distributed.fsdp.fully_shard) or strategy='unmerged'")
-    if hasattr(w, "ds_id"):
-        raise ApetStateError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported there; "
-                           "use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")
-    return w
-
-
-def _write_before_dx(layer: "SparseDeltaLinear", values: torch.Tensor, backend: str, grad: torch.Tensor) -> None:
-    """(A gradient hook on a merged layer's base output: W as the engine re-gathered it gets W + S again.)"""
-    layer._merge.write(values, backend)
 
 
 def _check_float_entry(t, key: str, k: int, finite: bool) -> None:

@@ -682,7 +682,7 @@ def give_back_layers(model: nn.Module, layers: dict[str, SparseDeltaLinear], mer
     for name, layer in layers.items():
         if name not in replacements:
             if merge:
-                layer._merge.write(layer.delta_values, layer._backend_name())  # W[p] = cast(base + v), kept
+                layer.bake()  # W[p] = cast(base + v), kept
             else:
                 layer.unmerge()
         layer.release_weight()

@@ -1,0 +1,191 @@
+"""How a SparseDeltaLinear runs its active adapter: one object per strategy, each owning its forward, what it does
+around a change of the active positions (an adapter switch, moved positions, a load), whether a state dict's
+weight holds W + S, and whether it can apply several adapters at once.
+
+- ``Merged`` (plain float nn.Linear / GPT-2 Conv1D whose weight is its own): W + S lives in W's storage
+  (apet_kernels.merged_weight), so the forward and dx are the base layer's own GEMMs and only the SDDMM is extra.
+- ``Unmerged``: W is never written; ``y = base_layer(x) + x S^T`` (a plain float layer as one autograd node).
+- ``Dequantized`` (a quantized base): S is scattered into the weight each GEMM dequantizes; the quantized
+  storage is never written.
+
+The layer holds one of them (``layer.strategy`` is its name) and switches with ``merge()`` / ``unmerge()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .dequantized_linear import DequantizedLinear
+from .errors import ApetStateError
+from .linear_like import is_plain_linear, runs_as_plain_gemm
+from .ops.library import add_sparse_term, linear_sparse
+from .quantized import repacked_for_cpu
+
+
+class Strategy:
+    name = ""
+    columns = True  # the active adapter's deltas are also walked by column (an unmerged backward's dx += dy S)
+    holds_sum = False  # between calls W's storage holds cast(W + S) of the active adapter
+    applies_several = True  # several active adapters (their terms added) and mixed-adapter batches
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_disabled(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return layer.base_layer(x)
+
+    @contextlib.contextmanager
+    def changing(self, layer):
+        """Around a change of the active adapter's positions or of the adapter itself: W is pure inside."""
+        yield
+
+    def sum_in_state_dict(self, layer) -> bool:
+        """Whether the weight a state dict takes now holds W + S (synced first where it does)."""
+        return False
+
+    def before_load(self, layer) -> None:
+        """A load may move the positions or replace the weight: make W pure first."""
+
+    def after_load(self, layer) -> None:
+        """The positions or the weight changed under a load (W pure, base read again)."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+    # one object per strategy, kept by copies and pickles (layers compare them by identity)
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _by_name, (self.name,)
+
+
+def _with_sparse_terms(layer, x, y, values, backend: str, merged: bool) -> torch.Tensor:
+    """y (the base output) + the active adapter's sparse term (merged: only its SDDMM backward) + the terms of the
+    adapters applied with it."""
+    active = layer._active
+    if not merged and not is_plain_linear(layer.base_layer) and y._is_view():  # (plain first: compiles)
+        # the sparse term is added in place; a library's custom Function may return a view of its own
+        # output, which autograd forbids writing in place (bitsandbytes int8): add to a copy instead
+        y = y.clone()
+    if x.dtype != y.dtype:  # autocast, or a base computing in another dtype: x as the GEMM took it
+        x = x.to(y.dtype)
+    y = add_sparse_term(y, x, values, active.indices, active.layout, merged, backend)
+    for name in layer.active_adapters[1:]:
+        extra = layer.deltas[name]
+        if extra.k:
+            y = add_sparse_term(y, x, extra.values, extra.indices, extra.layout, False, backend)
+    return y
+
+
+class Unmerged(Strategy):
+    name = "unmerged"
+
+    def forward(self, layer, x):
+        backend, active = layer._backend_name(), layer._active
+        if len(layer.active_adapters) == 1 and not torch.compiler.is_compiling() and \
+                runs_as_plain_gemm(layer.base_layer, x):
+            # one node for the GEMM and the sparse term: dx = dy W and dx += dy S in one buffer
+            return linear_sparse(x, layer.weight_oi(), layer.base_layer.bias, active.values, active.indices,
+                                 active.layout, backend)
+        return _with_sparse_terms(layer, x, layer.base_layer(x), active.values, backend, merged=False)
+
+
+class Dequantized(Strategy):
+    name = "dequantized"
+    columns = False
+
+    def forward(self, layer, x):
+        backend, active = layer._backend_name(), layer._active
+        if repacked_for_cpu(layer.base_layer):  # a base that cannot dequantize per call runs this forward unmerged
+            if active.col_perm is None:
+                active.rebuild_layout(columns=True)
+            return _with_sparse_terms(layer, x, layer.base_layer(x), active.values, backend, merged=False)
+        y = DequantizedLinear.apply(x, layer.base_layer.bias, active.values, active.indices, layer.base_layer)
+        return _with_sparse_terms(layer, x, y, active.values, backend, merged=True)  # (the SDDMM only)
+
+
+class Merged(Strategy):
+    name = "merged"
+    columns = False
+    holds_sum = True
+    applies_several = False
+
+    def forward(self, layer, x):
+        backend, values, merge = layer._backend_name(), layer._active.values, layer._merge
+        w = layer.base_layer._parameters.get("weight")
+        regathered = _check_mergeable_now(w) is not layer.__dict__.get("_own_weight")
+        if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
+            merge.write(values, backend)
+        else:
+            merge.sync(values, backend)
+        if not (values.requires_grad and torch.is_grad_enabled()):
+            return layer.base_layer(x)  # no SDDMM to prepare for
+        y = layer.base_layer(x)
+        if regathered and y.requires_grad:  # (no input gradient wanted: the backward never reads W)
+            # FSDP2 gathers W from its shards for this forward and again for the backward (reshard_after_forward):
+            # the backward's W is written again just before the base layer's dx reads it (the shards stay pure)
+            y.register_hook(functools.partial(_write_before_dx, layer, values, backend))
+        return _with_sparse_terms(layer, x, y, values, backend, merged=True)
+
+    def forward_disabled(self, layer, x):
+        return layer._forward_base(x)
+
+    @contextlib.contextmanager
+    def changing(self, layer):
+        layer._merge.restore()
+        layer._merge.structural_change()
+        yield
+        layer._merge.write(layer.delta_values, layer._backend_name())
+
+    def sum_in_state_dict(self, layer) -> bool:
+        from .linear_like import stored_weight
+        from .sharded import is_dtensor
+        # a merged W written before the last optimizer step holds older values than delta_values: write the
+        # current ones, so the state dict's weight is W + S for the values saved with it. FSDP2's shards are never
+        # written (W + S lives only in the weight it gathers for a forward or a backward): a sharded state dict
+        # holds the pure weight.
+        holds = not layer._merge.stale and not layer.weight.is_meta and \
+            not is_dtensor(stored_weight(layer.base_layer))
+        if holds:
+            layer._merge.sync(layer.delta_values, layer._backend_name())
+        return holds
+
+    def before_load(self, layer) -> None:
+        layer._merge.restore()
+
+    def after_load(self, layer) -> None:
+        layer._merge.structural_change()
+
+
+def _check_mergeable_now(w):
+    """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
+    if w is None:
+        raise ApetStateError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
+                             "parametrized after patching, or flattened by FSDP1), so W + S cannot be written into "
+                             "it: unmerge() the layer first (prune or parametrize before patching: such layers run "
+                             "unmerged)")
+    if getattr(w, "_fsdp_flattened", False):
+        raise ApetStateError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is "
+                             "not supported there; use FSDP2 (torch.distributed.fsdp.fully_shard) or "
+                             "strategy='unmerged'")
+    if hasattr(w, "ds_id"):
+        raise ApetStateError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported "
+                             "there; use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")
+    return w
+
+
+def _write_before_dx(layer, values: torch.Tensor, backend: str, grad: torch.Tensor) -> None:
+    """(A gradient hook on a merged layer's base output: W as the engine re-gathered it gets W + S again.)"""
+    layer._merge.write(values, backend)
+
+
+MERGED, UNMERGED, DEQUANTIZED = Merged(), Unmerged(), Dequantized()
+BY_NAME = {s.name: s for s in (MERGED, UNMERGED, DEQUANTIZED)}
+
+
+def _by_name(name: str) -> Strategy:
+    return BY_NAME[name]
