@@ -342,6 +342,11 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """The name of the strategy this layer runs (apet_kernels.strategies): merged, unmerged or dequantized."""
         return self._strategy.name
 
+    @property
+    def applies_several(self) -> bool:
+        """Whether this layer can apply several adapters at once (their terms added) or one per batch row."""
+        return self._strategy.applies_several
+
     def _become(self, strategy) -> None:
         self._strategy = strategy
         self._active.rebuild_layout(columns=strategy.columns)

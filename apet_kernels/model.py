@@ -230,11 +230,7 @@ class ApetModel(nn.Module):
             raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
         self._refuse_in_mixed_batch("set_adapter()")
         layers = self.apet_layers()
-        if len(names) > 1:
-            merged = [n for n, m in layers.items() if m.strategy == "merged"]
-            if merged:
-                raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
-                                 f"are merged ({_first_few(merged)}): unmerge() them or use strategy='unmerged'")
+        refuse_several_where_merged(layers, names, "unmerge() them or use strategy='unmerged'")
         before, switched = self.active_adapters(), []
         try:
             for layer in layers.values():
@@ -306,19 +302,9 @@ class ApetModel(nn.Module):
             raise ApetValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
         if _patch_of(self).mixed is not None:
             raise ApetStateError("mixed-adapter batches do not nest")
-        layers = self.apet_layers()
-        merged = [n for n, m in layers.items() if m.strategy == "merged"]
-        if merged:
-            raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
-                             f"({_first_few(merged)}): call unmerge() on them or use strategy='unmerged'")
         plan = MixedBatch(names, expand=expand)
+        begin_mixed_batch(self.apet_layers(), plan, "call unmerge() on them or use strategy='unmerged'")
         _patch_of(self).mixed = plan
-        try:
-            for layer in layers.values():
-                layer.begin_mixed_batch(plan)
-        except BaseException:
-            self._end_mixed_batch()  # (a plan that fails half-way is cleared too)
-            raise
 
     def _end_mixed_batch(self) -> None:
         for layer in self.apet_layers().values():
@@ -654,6 +640,32 @@ def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lnam
                 base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
                 positions="stored" if stored else "seed", k=int(delta.k))
     return {VALUES: delta.values, INDICES: delta.indices} if stored else {VALUES: delta.values}
+
+
+def refuse_several_where_merged(layers: dict[str, SparseDeltaLinear], names: list[str], way_out: str) -> None:
+    """Adapters active together add their sparse terms unmerged: refused, before any layer changes, where a layer
+    runs merged."""
+    merged = [n for n, m in layers.items() if not m.applies_several]
+    if len(names) > 1 and merged:
+        raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
+                             f"are merged ({_first_few(merged)}): {way_out}")
+
+
+def begin_mixed_batch(layers: dict[str, SparseDeltaLinear], plan: MixedBatch, way_out: str) -> None:
+    """Every layer runs the next forwards as ``plan`` says (one adapter per batch row), all or none."""
+    merged = [n for n, m in layers.items() if not m.applies_several]
+    if merged:
+        raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
+                             f"({_first_few(merged)}): {way_out}")
+    begun = []
+    try:
+        for layer in layers.values():
+            layer.begin_mixed_batch(plan)
+            begun.append(layer)
+    except BaseException:
+        for layer in begun:
+            layer.end_mixed_batch()
+        raise
 
 
 def merged_replacements(model: nn.Module, layers: dict[str, SparseDeltaLinear], requantize

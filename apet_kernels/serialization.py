@@ -115,11 +115,21 @@ def peft_layout(configs: dict[str, ApetConfig], active: list[str], tensors: dict
     return out
 
 
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or damaged file raises naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise AdapterFileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path} is truncated or malformed: {exc}") from None
+
+
 def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str], dict[str, torch.Tensor], str]:
     """An APET adapter in PEFT's layout (``PeftModel.save_pretrained``): its configs and tensors under the keys a
     patched model uses (``<layer>.deltas.<adapter>.values``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     folders = {"default": directory}
     for entry in sorted(os.listdir(directory)):
         if os.path.isfile(os.path.join(directory, entry, PEFT_CONFIG_NAME)):
@@ -137,13 +147,7 @@ def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str],
             raise AdapterFileError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
         configs[name] = ApetConfig.from_dict(data, config_path)
         weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
-        if not os.path.exists(weights):
-            raise AdapterFileNotFoundError(f"{weights} is missing")
-        try:
-            found = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterFileError(f"{weights} is truncated or malformed: {exc}") from None
-        for key, t in found.items():
+        for key, t in _load_tensors(weights).items():
             if not key.startswith(PEFT_PREFIX):
                 raise AdapterFileError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
             key = key[len(PEFT_PREFIX):]
@@ -204,8 +208,6 @@ class SavedFolder:
 def read_folder(directory: str) -> SavedFolder:
     """Everything an APET folder of format 1 or 2 holds, checked for damage and completeness (not yet
     against a model): every adapter layer has float values of its K and, where stored, indices."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     directory = str(directory)
     legacy = False
@@ -217,12 +219,7 @@ def read_folder(directory: str) -> SavedFolder:
         legacy = not os.path.exists(os.path.join(directory, WEIGHTS_NAME)) and \
             os.path.exists(os.path.join(directory, LEGACY_WEIGHTS_NAME))
         path = os.path.join(directory, LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
-        if not os.path.exists(path):
-            raise AdapterFileNotFoundError(f"{path} is missing")
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterFileError(f"{path} is truncated or malformed: {exc}") from None
+        tensors = _load_tensors(path)
     for key, t in tensors.items():
         check_finite(t, f"{path}: {key}")
     adapters, claimed = {}, set()

@@ -35,8 +35,9 @@ from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
 from .mixed_batch import BASE, MixedBatch
-from .model import (_first_few, _resolve_positions, add_entries, choose_positions, give_back_layers,
-                    merged_replacements, saved_entry, seeded_positions, wrap_targets)
+from .model import (_first_few, _resolve_positions, add_entries, begin_mixed_batch, choose_positions,
+                    give_back_layers, merged_replacements, refuse_several_where_merged, saved_entry, seeded_positions,
+                    wrap_targets)
 from .selection import METHODS, select_indices
 from .serialization import INDICES, VALUES, SavedAdapter, index_checksum
 from .targets import targeted
@@ -147,11 +148,8 @@ class ApetTuner(BaseTuner):
     # ----------------------------------------------------------------- switching (checked before any layer changes)
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        layers = _apet_layers(self.model)
-        merged = [n for n, m in layers.items() if m.strategy == "merged"]
-        if len(names) > 1 and merged:
-            raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
-                             f"are merged ({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
+        refuse_several_where_merged(_apet_layers(self.model), names,
+                                    "unmerge_adapter() first or use strategy='unmerged'")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
@@ -175,19 +173,12 @@ class ApetTuner(BaseTuner):
         if unknown:
             raise ApetValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)} (and '{BASE}')")
         layers = _apet_layers(self.model)
-        merged = [n for n, m in layers.items() if m.strategy == "merged"]
-        if merged:
-            raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
-                             f"({_first_few(merged)}): unmerge_adapter() first or use strategy='unmerged'")
-        plan = MixedBatch(list(names), expand=True)
-        began = []
+        begin_mixed_batch(layers, MixedBatch(list(names), expand=True),
+                          "unmerge_adapter() first or use strategy='unmerged'")
         try:
-            for layer in layers.values():
-                layer.begin_mixed_batch(plan)
-                began.append(layer)
             yield
         finally:
-            for layer in began:
+            for layer in layers.values():
                 layer.end_mixed_batch()
 
     # ----------------------------------------------------------------- giving the model back

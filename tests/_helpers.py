@@ -74,3 +74,28 @@ def tiny_tokenizer(vocab_size: int = 99):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+class PhaseTokens(torch.utils.data.Dataset):
+    """Causal-LM rows of a repeating pattern of four tokens, one of two phases per row: learnable in a few steps
+    (the Trainer tests' dataset)."""
+
+    def __init__(self, n=32, seq=12):
+        phase = torch.arange(n)[:, None] % 2
+        self.ids = 10 + (torch.arange(seq) + phase) % 4
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def sequence_logps(model, tokenizer, prompt, completion):
+    """The summed log-probability ``model`` gives ``completion`` after ``prompt`` (DPO's quantity)."""
+    ids = tokenizer(prompt + completion, return_tensors="pt")["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    logps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    return float(logps[n_prompt - 1:].sum())

@@ -12,23 +12,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _helpers import tiny_llama, tiny_tokenizer  # noqa: E402
+from _helpers import PhaseTokens as _Tokens, sequence_logps as _sequence_logps, tiny_llama, tiny_tokenizer  # noqa: E402,E501
 from apet_kernels import ApetConfig, SparseDeltaLinear  # noqa: E402
 from apet_kernels.trainer import RegrowthCallback  # noqa: E402
-
-
-class _Tokens(torch.utils.data.Dataset):
-    """A repeating pattern of four tokens, one of two phases per row: learnable in a few steps."""
-
-    def __init__(self, n=32, seq=12):
-        phase = torch.arange(n)[:, None] % 2
-        self.ids = 10 + (torch.arange(seq) + phase) % 4
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _layers(model):
@@ -144,15 +130,6 @@ def test_sft_trainer_with_peft_config(tmp_path, strategy):
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.1, losses
     _assert_adapter_only(tmp_path / "checkpoint-10", trainer.model)
-
-
-def _sequence_logps(model, tokenizer, prompt, completion):
-    ids = tokenizer(prompt + completion, return_tensors="pt")["input_ids"]
-    n_prompt = len(tokenizer(prompt)["input_ids"])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    logps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
-    return float(logps[n_prompt - 1:].sum())
 
 
 def test_dpo_trainer_with_peft_config_takes_its_reference_from_the_disabled_adapter(tmp_path):

@@ -11,22 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _helpers import tiny_llama  # noqa: E402
+from _helpers import PhaseTokens as _Tokens, tiny_llama  # noqa: E402
 from apet_kernels import ApetConfig, get_apet_model, load_apet  # noqa: E402
-
-
-class _Tokens(torch.utils.data.Dataset):
-    """A repeating pattern of four tokens, one of two phases per row: learnable in a few steps."""
-
-    def __init__(self, n=32, seq=12):
-        phase = torch.arange(n)[:, None] % 2
-        self.ids = 10 + (torch.arange(seq) + phase) % 4
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _model(strategy="merged", seed=0):

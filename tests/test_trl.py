@@ -10,7 +10,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from _helpers import tiny_llama, tiny_tokenizer  # noqa: E402
+from _helpers import sequence_logps as _sequence_logps, tiny_llama, tiny_tokenizer  # noqa: E402
 from apet_kernels import ApetConfig, get_apet_model, load_apet  # noqa: E402
 
 
@@ -49,15 +49,6 @@ def test_sft_with_its_default_config(tmp_path, strategy):
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.1, losses
     _assert_adapter_checkpoint(tmp_path / "checkpoint-10", model)
-
-
-def _sequence_logps(model, tokenizer, prompt, completion):
-    ids = tokenizer(prompt + completion, return_tensors="pt")["input_ids"]
-    n_prompt = len(tokenizer(prompt)["input_ids"])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    logps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
-    return float(logps[n_prompt - 1:].sum())
 
 
 def test_dpo_reference_from_the_base_with_apet_disabled(tmp_path):
