@@ -112,6 +112,8 @@ def test_save_state_dict_unmerge_dcp_and_regrowth_inside_the_group(runs, ws):
     # issue 33: an adapter added after fully_shard trained without gradient reduction (ranks 0.3 apart)
     assert "Add or load adapters before fully_shard" in checks["late_adapter"], checks["late_adapter"]
     assert checks["late_adapter_left_nothing"]
+    assert "Add or load adapters before fully_shard" in checks["late_adapter_peft"], checks["late_adapter_peft"]
+    assert checks["late_adapter_peft_left_nothing"]
     # every rank called save_pretrained: rank 0 wrote what one process writes for the same deltas
     from apet_kernels import load_apet
     worker = _worker()

@@ -227,3 +227,16 @@ def test_stored_positions_built_from_a_saved_config_refuse_to_run_until_their_ch
         unloaded(input_ids=IDS)
     unloaded.load_adapter(tmp_path, "default")  # into the adapter just built (what Trainer's resume does)
     assert torch.equal(_logits(unloaded), _logits(model))
+
+
+def test_meta_device_recipe_with_assign_refuses_values_without_positions_instead_of_running_the_base():
+    """Issue 33's meta-device case through the PEFT entry point: values loaded with assign=True onto positions
+    still on the meta device are refused with the way out, never a silent base forward."""
+    with torch.device("meta"):
+        base = tiny_llama()
+    model = peft.get_peft_model(base, ApetConfig(num_params=600))
+    weights = {"base_model.model." + k.replace("_proj.", "_proj.base_layer."): v
+               for k, v in tiny_llama().state_dict().items()}
+    values = {k: torch.ones(v.shape) for k, v in model.state_dict().items() if k.endswith(".values")}
+    with pytest.raises(ValueError, match="to_empty"):
+        model.load_state_dict({**weights, **values}, assign=True, strict=False)

@@ -149,6 +149,16 @@ def checks(rank, ws, out_dir):
         result["late_adapter"] = str(exc)
     result["late_adapter_left_nothing"] = all(sorted(m.adapters) == before for m in model.apet_layers().values()) \
         and "late" not in model.apet_configs
+    # the same through the PEFT entry point (issue 32): PeftModel.add_adapter after fully_shard is refused too
+    wrapped = tiny_llama("merged", through_peft=True)
+    shard(wrapped, dict(model="llama", peft=True), ws)
+    try:
+        wrapped.add_adapter("late", ApetConfig(density=0.05))
+        result["late_adapter_peft"] = "accepted"
+    except RuntimeError as exc:
+        result["late_adapter_peft"] = str(exc)
+    result["late_adapter_peft_left_nothing"] = "late" not in wrapped.peft_config and all(
+        "late" not in m.deltas for m in wrapped.modules() if isinstance(m, SparseDeltaLinear))
     # every rank saves; rank 0 writes
     model.save_pretrained(os.path.join(out_dir, f"saved-ws{ws}"), is_main_process=rank == 0)
     result["saved_deltas"] = deltas(model)
