@@ -119,7 +119,10 @@ def _requirements(has_extension: bool) -> list[str]:
         major, minor = torch.__version__.split("+")[0].split(".")[:2]
         torch_req = f"torch>={major}.{minor},<{major}.{int(minor) + 1}"
         _log(f"pinning {torch_req} in the wheel metadata")
-    return [torch_req, "numpy"]
+    # peft: ApetConfig is a peft.PeftConfig and APET registers itself as a PEFT method on import (issue 32);
+    # 0.21 is the first PEFT whose state-dict code asks the method's tuner (apet_kernels.peft_registry); it
+    # brings transformers, accelerate and safetensors
+    return [torch_req, "numpy", "peft>=0.21"]
 
 
 ext_modules, cmdclass = _extensions()
