@@ -137,11 +137,27 @@ def unguard_tree(root: nn.Module) -> None:
         unguard(module)
 
 
+class _StrictFirst:
+    """An instance's ``load_state_dict`` that refuses a wrong key set before copying anything when strict (what
+    ApetModel and SparseDeltaLinear do in their own class), for a module whose class is another library's: the
+    PeftModel over an ApetTuner. A callable object, not a closure, so the module still pickles."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:
+            check_strict_keys(self.module, state_dict)
+        return type(self.module).load_state_dict(self.module, state_dict, strict=strict, assign=assign)
+
+
 def _on_registration(parent: nn.Module, name: str, child):
     if torch.compiler.is_compiling():  # (modules registered inside a traced forward: nothing to load there)
         return None
     if child is not None and (is_apet_layer(child) or child.__dict__.get(_FLAG)):
         guard(parent)
+    if child is not None and getattr(type(child), "_apet_tuner", False) and "load_state_dict" not in parent.__dict__:
+        parent.__dict__["load_state_dict"] = _StrictFirst(parent)  # (PeftModel.base_model = ApetTuner(...))
     return None
 
 

@@ -83,6 +83,7 @@ class ApetTuner(BaseTuner):
 
     prefix: str = "deltas"
     tuner_layer_cls = SparseDeltaLinear
+    _apet_tuner = True  # (the module holding it checks a strict load's key set first: apet_kernels.load_guard)
     target_module_mapping: dict = {}
 
     # ----------------------------------------------------------------- injection

@@ -240,3 +240,22 @@ def test_meta_device_recipe_with_assign_refuses_values_without_positions_instead
     values = {k: torch.ones(v.shape) for k, v in model.state_dict().items() if k.endswith(".values")}
     with pytest.raises(ValueError, match="to_empty"):
         model.load_state_dict({**weights, **values}, assign=True, strict=False)
+
+
+def test_a_failed_strict_load_into_the_peft_model_changes_nothing():
+    """Issue 33's strict-load defect through the PEFT entry point: torch reports missing keys only after copying
+    everything else; the PeftModel over APET checks the key set first."""
+    model = _peft()
+    values = {k: v + 1 for k, v in model.state_dict().items() if k.endswith(".values")}
+    full = {**model.state_dict(), **values}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for broken in ({k: v for k, v in full.items() if k != next(iter(values))}, {**full, "nonsense.weight": IDS}):
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            model.load_state_dict(broken)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.load_state_dict(full)  # the whole state dict loads
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in values.items())
+    import copy
+    import pickle
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert torch.equal(_logits(clone), _logits(model))
