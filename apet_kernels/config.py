@@ -109,7 +109,7 @@ class ApetConfig(PeftConfig):
             raise ApetValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
         for name in ("row_cap", "col_cap"):
             cap = getattr(self, name)
-            if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+            if cap is not None and not (is_real(cap) and math.isfinite(cap) and cap > 0):
                 raise ApetValueError(f"{name} must be a positive number (positions per row or column, as a multiple of "
                                  f"K / out or K / in), got {cap!r}")
         if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):

@@ -29,6 +29,8 @@ def runs_as_plain_gemm(module: nn.Module, x: torch.Tensor) -> bool:
     """True when calling ``module(x)`` is exactly ``F.linear(x, W, b)`` on its own frozen, unsharded Parameter
     in x's dtype: no hooks (FSDP's gathers, users' hooks), no autocast, no computed or trainable weight."""
     w = module._parameters.get("weight")
+    if x.device.type == "meta":  # (torch has no autocast state for meta tensors)
+        return False
     return (is_plain_linear(module) and w is not None and type(w.data) is torch.Tensor and not w.requires_grad
             and w.dtype == x.dtype and w.device == x.device and not torch.is_autocast_enabled(x.device.type)
             and "forward" not in module.__dict__  # (accelerate's offloading hooks replace the instance's forward)

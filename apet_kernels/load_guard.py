@@ -137,7 +137,7 @@ def unguard_tree(root: nn.Module) -> None:
         unguard(module)
 
 
-class _StrictFirst:
+class StrictFirst:
     """An instance's ``load_state_dict`` that refuses a wrong key set before copying anything when strict (what
     ApetModel and SparseDeltaLinear do in their own class), for a module whose class is another library's: the
     PeftModel over an ApetTuner. A callable object, not a closure, so the module still pickles."""
@@ -156,8 +156,9 @@ def _on_registration(parent: nn.Module, name: str, child):
         return None
     if child is not None and (is_apet_layer(child) or child.__dict__.get(_FLAG)):
         guard(parent)
-    if child is not None and getattr(type(child), "_apet_tuner", False) and "load_state_dict" not in parent.__dict__:
-        parent.__dict__["load_state_dict"] = _StrictFirst(parent)  # (PeftModel.base_model = ApetTuner(...))
+    adopted = getattr(type(child), "_apet_adopted_by", None) if child is not None else None
+    if adopted is not None:  # (PeftModel.base_model = ApetTuner(...): apet_kernels.tuner)
+        adopted(child, parent)
     return None
 
 

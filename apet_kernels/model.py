@@ -53,6 +53,7 @@ class _Patch:
     active: list[str] = field(default_factory=list)
     mixed: MixedBatch | None = None  # while a mixed-adapter batch runs
     call_owns_mixed: bool = False  # the current call started it (model(..., adapter_names=))
+    originals_in_use: bool = False  # modules_to_save hold their weights as patched (disabled; saved_modules: trained)
 
 
 class ApetModel(nn.Module):
@@ -144,6 +145,7 @@ class ApetModel(nn.Module):
         compute the base output exactly around it, so a reference pass between a forward and its
         backward (KL terms, DPO reference log-probabilities) leaves that backward intact."""
         before = [(layer, layer.apet_disabled) for layer in self.apet_layers().values()]
+        swapped = self._use_original_modules(True)
         for layer, _ in before:
             layer.apet_disabled = True
         try:
@@ -151,6 +153,28 @@ class ApetModel(nn.Module):
         finally:
             for layer, was in before:
                 layer.apet_disabled = was
+            if swapped:
+                self._use_original_modules(False)
+
+    def _use_original_modules(self, original: bool) -> bool:
+        """modules_to_save compute with their weights as patched (``original``) or as trained: the two sets of
+        tensors swap places (``.data``: no copy, and a graph built before the swap reads the same tensors again
+        once they are swapped back). Returns whether anything changed."""
+        patch = _patch_of(self)
+        if patch.originals_in_use == original or not patch.saved_modules:
+            return False
+        params, seen = dict(self.named_parameters(remove_duplicate=False)), set()
+        with torch.no_grad():
+            for name, other in patch.saved_modules.items():
+                p = params.get(name)
+                if p is None or id(p) in seen or p.shape != other.shape:
+                    continue  # (a tied parameter swaps once; a resized one is left alone)
+                seen.add(id(p))
+                current = p.data
+                p.data = other
+                patch.saved_modules[name] = current
+        patch.originals_in_use = original
+        return True
 
     disable_adapter = disable_apet  # PEFT's name
 
@@ -180,6 +204,9 @@ class ApetModel(nn.Module):
         if not isinstance(adapter_config, ApetConfig):
             raise ApetTypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
                             f"{type(adapter_config).__name__}")
+        if adapter_config.modules_to_save:  # (through PEFT each adapter has its own copies: ModulesToSaveWrapper)
+            raise ApetValueError("modules_to_save of a model patched in place belong to the model, not to an added "
+                                 "adapter")
         config = copy.deepcopy(adapter_config)
         indices = seeded_positions(self, self.apet_layers(), config)
         self._add_entries(adapter_name, config, indices, {})
@@ -257,14 +284,16 @@ class ApetModel(nn.Module):
             del _patch_of(self).configs[name]
 
     def disable_adapters(self) -> None:
-        """transformers' switch: the model computes as its base until ``enable_adapters()`` (``disable_apet()``
-        is the same for one block)."""
+        """transformers' switch: the model computes as its base (modules_to_save included) until
+        ``enable_adapters()`` (``disable_apet()`` is the same for one block)."""
         for layer in self.apet_layers().values():
             layer.enable_adapters(False)
+        self._use_original_modules(True)
 
     def enable_adapters(self) -> None:
         for layer in self.apet_layers().values():
             layer.enable_adapters(True)
+        self._use_original_modules(False)
 
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None
                                ) -> dict[str, torch.Tensor]:
@@ -343,7 +372,12 @@ class ApetModel(nn.Module):
         sharded = state_dict is None and any(is_dtensor(p) for p in self.parameters())
         if not is_main_process and not sharded:
             return
-        configs, active, tensors = self._folder_contents(selected_adapters, state_dict)
+        disabled = self._use_original_modules(False)  # (saved inside a disabled block: the trained modules)
+        try:
+            configs, active, tensors = self._folder_contents(selected_adapters, state_dict)
+        finally:
+            if disabled:
+                self._use_original_modules(True)
         if is_main_process:
             write_folder(save_directory, configs, active, tensors)
 
@@ -378,6 +412,7 @@ class ApetModel(nn.Module):
         for some layers, built beforehand so that nothing here can fail half-way) and the model's class."""
         replacements = replacements or {}
         patch = _patch_of(self)
+        self._use_original_modules(False)  # (unloaded while disabled: saved_modules hold the originals again)
         if not merge:  # checked before anything changes: a failure must leave the patched model whole
             params = dict(self.named_parameters(remove_duplicate=False))
             for name, original in patch.saved_modules.items():
@@ -598,8 +633,6 @@ def seeded_positions(model: nn.Module, layers: dict[str, SparseDeltaLinear], con
     if config.method not in METHODS:
         raise ApetValueError(f"a further adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
                          f"load an adapter with stored positions instead")
-    if config.modules_to_save:
-        raise ApetValueError("modules_to_save belong to the model, not to an added adapter")
     chosen = {n: m for n, m in layers.items() if targeted(n, config)}
     if not chosen:
         raise ApetValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers "

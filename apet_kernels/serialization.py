@@ -147,6 +147,10 @@ def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str],
             raise AdapterFileError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
         configs[name] = ApetConfig.from_dict(data, config_path)
         weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
+        if not os.path.exists(weights) and os.path.exists(os.path.join(folder, "adapter_model.bin")):
+            raise AdapterFileError(f"{folder} holds adapter_model.bin (PEFT's save_pretrained(safe_serialization=False)): "
+                                   "apet_kernels reads safetensors only (nothing is unpickled); load it with "
+                                   "PeftModel.from_pretrained, or save it again with safe_serialization=True")
         for key, t in _load_tensors(weights).items():
             if not key.startswith(PEFT_PREFIX):
                 raise AdapterFileError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")

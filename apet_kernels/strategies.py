@@ -163,6 +163,11 @@ class Merged(Strategy):
 
 def _check_mergeable_now(w):
     """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
+    if w is not None and not isinstance(w, torch.nn.Parameter):
+        raise ApetStateError("this merged layer's weight was swapped for a plain tensor (torch.func.functional_call, "
+                             "torch.func.grad): W + S is written into the layer's own weight, never into a tensor "
+                             "passed in. Run such calls with strategy='unmerged' (or unmerge() the layers first), or "
+                             "pass nn.Parameter copies")
     if w is None:
         raise ApetStateError("this merged layer's base weight is no longer a Parameter of its layer (pruned or "
                              "parametrized after patching, or flattened by FSDP1), so W + S cannot be written into "

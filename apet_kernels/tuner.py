@@ -30,10 +30,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import set_additional_trainable_modules
 
 from .config import ApetConfig
-from .errors import ApetValueError, BaseMismatchError
+from .errors import AdapterFileError, ApetStateError, ApetValueError, BaseMismatchError
 from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
+from .load_guard import StrictFirst
 from .mixed_batch import BASE, MixedBatch
 from .model import (_first_few, _resolve_positions, add_entries, begin_mixed_batch, choose_positions,
                     give_back_layers, merged_replacements, refuse_several_where_merged, saved_entry, seeded_positions,
@@ -83,7 +84,14 @@ class ApetTuner(BaseTuner):
 
     prefix: str = "deltas"
     tuner_layer_cls = SparseDeltaLinear
-    _apet_tuner = True  # (the module holding it checks a strict load's key set first: apet_kernels.load_guard)
+
+    def _apet_adopted_by(self, parent: nn.Module) -> None:
+        """Registered under ``parent`` (the PeftModel): its strict loads check the key set before copying, and a
+        ``load_adapter`` that fails takes back what it added (apet_kernels.load_guard calls this)."""
+        if "load_state_dict" not in parent.__dict__:
+            parent.__dict__["load_state_dict"] = StrictFirst(parent)
+        if callable(getattr(type(parent), "load_adapter", None)) and "load_adapter" not in parent.__dict__:
+            parent.__dict__["load_adapter"] = _AllOrNothingLoadAdapter(parent)
     target_module_mapping: dict = {}
 
     # ----------------------------------------------------------------- injection
@@ -105,6 +113,10 @@ class ApetTuner(BaseTuner):
                              "state dict's keys")
         config = copy.deepcopy(self.peft_config[adapter_name])  # (layers are filled in; the caller's stays as given)
         layers = _apet_layers(model)
+        if any(adapter_name in m.deltas for m in layers.values()):
+            raise ApetStateError(f"this model already holds APET layers with an adapter named {adapter_name!r} (it "
+                                 "was wrapped before, by get_peft_model or PeftModel.from_pretrained): use that "
+                                 "PeftModel, unload() it first, or choose another adapter_name")
         saved = copy.deepcopy(config.layers)
         if not layers:
             indices = _saved_positions(model, config) if saved else self._chosen_positions(model, config)
@@ -117,6 +129,7 @@ class ApetTuner(BaseTuner):
                                  "adapter tunes a subset of the layers the first one wrapped)")
             add_entries(layers, adapter_name, indices, {})
         if saved:
+            self.__dict__.setdefault("_never_loaded", set()).add(adapter_name)  # (built from a folder's config)
             for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
                 if not (config.method in METHODS and info.get("positions") != "stored"):
                     model.get_submodule(name).expect_positions(adapter_name)
@@ -244,6 +257,12 @@ class ApetTuner(BaseTuner):
         prefix = _PEFT_PREFIX if any(n.startswith(_PEFT_PREFIX) for n in layers) else ""
         modules = {n.removeprefix(prefix): m for n, m in layers.items()}
         folder = config.__dict__.pop("_records_to_check", None)
+        listed = {f"{prefix}{lname}.deltas." for lname in config.layers}
+        strays = sorted(k for k in state_dict if ".deltas." in k and k.rsplit(".", 1)[-1] in (VALUES, INDICES)
+                        and not any(k.startswith(p) for p in listed))
+        if strays:  # (PEFT would leave them out silently: trained values lost)
+            raise AdapterFileError(f"the checkpoint holds {strays[0]!r}, a layer its config does not list (a damaged or "
+                                   "edited adapter_config.json?): nothing was loaded")
         saved = SavedAdapter(copy.deepcopy(config))
         if folder is None:  # the live adapter's own positions: seeded ones regenerate, stored ones come with indices
             for info in saved.config.layers.values():
@@ -264,6 +283,9 @@ class ApetTuner(BaseTuner):
         positions = _resolve_positions(saved, modules, lambda m: (m.out_features, m.in_features),
                                        lambda m, idx: m.base_values_at(idx), "the checkpoint", False,
                                        "with APET layers")
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, ApetTuner):
+            tuner.__dict__.get("_never_loaded", set()).discard(adapter_name)
         # the rest of each entry, derived (positions regenerated from the seed, the base read from W; layers the
         # adapter does not tune hold K = 0), so that PEFT finds no adapter key missing
         for lname, layer in modules.items():
@@ -277,6 +299,30 @@ class ApetTuner(BaseTuner):
             state_dict.setdefault(key + "base", layer.base_values_at(idx))
             state_dict.setdefault(key + "merged", torch.tensor(False))
         return state_dict
+
+
+class _AllOrNothingLoadAdapter:
+    """A PeftModel's ``load_adapter`` that leaves the model as it was when it fails (PEFT's adds the adapter, then
+    loads its tensors, and keeps the adapter if that fails: a model that could no longer run when its positions
+    are stored). A new name is deleted again; the adapter ``PeftModel.from_pretrained`` built for the folder it
+    failed to load is unloaded, so the caller's base model gets its own layers back. A callable object, not a
+    closure, so the model still pickles."""
+
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model = peft_model
+
+    def __call__(self, model_id, adapter_name, *args, **kwargs):
+        model = self.peft_model
+        new = adapter_name not in model.peft_config
+        try:
+            return type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            tuner = model.base_model
+            if new and adapter_name in model.peft_config:
+                model.delete_adapter(adapter_name)
+            elif adapter_name in tuner.__dict__.get("_never_loaded", ()) and list(model.peft_config) == [adapter_name]:
+                tuner._unload_and_optionally_merge(merge=False)
+            raise
 
 
 def get_peft_model(model: nn.Module, config: ApetConfig, *args, calibration: Iterable | None = None,

@@ -73,3 +73,39 @@ def test_reference_pass_between_forward_and_backward(backend, strategy, referenc
         plain = model.unload()
         plain(inputs_embeds=emb_plain).logits.square().sum().backward()
         torch.testing.assert_close(emb.grad, emb_plain.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_disabling_a_model_patched_in_place_also_gives_back_its_modules_to_save():
+    """A fuzz finding (issue 32): disable_apet() / disable_adapters() left trained modules_to_save in the
+    'base' output; PEFT's disable_adapter() does not. Inside the block the modules compute with their weights as
+    patched, a pending backward still reads the trained ones, and saving inside the block saves the trained."""
+    import transformers
+    from apet_kernels import ApetConfig, get_apet_model, load_apet
+
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
+            num_labels=3)).eval()
+
+    ids = torch.randint(4, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = bert()(input_ids=ids).logits
+    model = get_apet_model(bert(), ApetConfig(num_params=600, modules_to_save=["classifier"]))
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+        trained = model(input_ids=ids).logits
+    loss = model(input_ids=ids).logits.square().sum()
+    with model.disable_apet():
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, base)
+        model.save_pretrained(tmp := __import__("tempfile").mkdtemp())
+    loss.backward()  # the graph built before the block reads the trained classifier again
+    assert model.classifier.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, trained)
+        assert torch.equal(load_apet(bert(), tmp)(input_ids=ids).logits, trained)
+        model.disable_adapters()
+        assert torch.equal(model(input_ids=ids).logits, base)
+        model.enable_adapters()
+        assert torch.equal(model(input_ids=ids).logits, trained)

@@ -259,3 +259,82 @@ def test_a_failed_strict_load_into_the_peft_model_changes_nothing():
     import pickle
     clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
     assert torch.equal(_logits(clone), _logits(model))
+
+
+# ----------------------------------------------------------------------------- the fuzz round's findings (issue 33)
+def _truncate(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def test_a_failed_load_adapter_or_from_pretrained_leaves_the_model_as_it_was(tmp_path):
+    source = peft.get_peft_model(tiny_llama(), ApetConfig(num_params=600, method="magnitude"))
+    _randomize(source)
+    source.save_pretrained(tmp_path / "good")
+    source.save_pretrained(tmp_path / "bad")
+    _truncate(tmp_path / "bad")
+    model = _peft()
+    before, keys = _logits(model), set(model.state_dict())
+    with pytest.raises(Exception, match="(?i)header|truncated|incomplete"):
+        model.load_adapter(tmp_path / "bad", "mag")
+    assert list(model.peft_config) == ["default"] and set(model.state_dict()) == keys
+    assert torch.equal(_logits(model), before)  # (the half-added adapter awaited positions: the forward refused)
+    base = tiny_llama()
+    with pytest.raises(Exception, match="(?i)header|truncated|incomplete"):
+        peft.PeftModel.from_pretrained(base, tmp_path / "bad")
+    assert not _layers(base) and not hasattr(base, "peft_config")  # the caller's model has its own layers back
+    assert torch.equal(_logits(peft.PeftModel.from_pretrained(base, tmp_path / "good")), _logits(source))
+
+
+def test_wrapping_a_wrapped_model_again_names_the_cause():
+    model = _peft()
+    with pytest.raises(RuntimeError, match="already holds APET layers with an adapter named 'default'"):
+        peft.get_peft_model(model.base_model.model, ApetConfig(num_params=600))
+
+
+def test_functional_call_runs_unmerged_and_names_the_way_out_when_merged():
+    params = lambda m: {k: v.detach().clone() for k, v in m.named_parameters()}  # noqa: E731
+    unmerged = _peft("unmerged")
+    _randomize(unmerged)
+    assert torch.equal(torch.func.functional_call(unmerged, params(unmerged), (IDS,)).logits, _logits(unmerged))
+    merged = _peft("merged")
+    with pytest.raises(RuntimeError, match="functional_call.*strategy='unmerged'"):
+        torch.func.functional_call(merged, params(merged), (IDS,))
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_a_forward_on_the_meta_device_gives_meta_outputs(strategy):
+    model = _peft(strategy).to("meta")
+    assert model(input_ids=IDS.to("meta")).logits.is_meta
+
+
+def test_folders_apet_kernels_cannot_read_or_that_were_edited_are_refused_by_name(tmp_path):
+    import json
+    model = _peft()
+    _randomize(model)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(ValueError, match="adapter_model.bin.*safe_serialization=True"):
+        apet_kernels.load_apet(tiny_llama(), str(tmp_path / "bin"))
+    model.save_pretrained(tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "adapter_config.json").read_text())
+    del config["layers"]["model.layers.0.mlp.down_proj"]
+    (tmp_path / "edited" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="down_proj.deltas.values', a layer its config does not list"):
+        peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "edited")
+
+
+def test_a_sequence_classifier_adds_a_second_adapter_with_its_own_head_copy():
+    import transformers
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99, num_labels=3))
+    model = peft.get_peft_model(bert, ApetConfig(num_params=600, task_type="SEQ_CLS"))
+    model.add_adapter("b", ApetConfig(num_params=300, seed=1, task_type="SEQ_CLS"))
+    assert set(model.peft_config) == {"default", "b"}
+    assert "b" in model.base_model.model.classifier.modules_to_save
+
+
+@pytest.mark.parametrize("cap", [True, float("inf"), float("nan"), 0, -1])
+def test_caps_must_be_positive_finite_numbers(cap):
+    with pytest.raises(ValueError, match="row_cap must be a positive number"):
+        ApetConfig(num_params=5, row_cap=cap)

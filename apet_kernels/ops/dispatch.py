@@ -79,6 +79,8 @@ def _resolve(backend: str, device_type: str, env_backend: str, interpreting: boo
         if backend not in CHOICES:
             raise ApetValueError(f"APET_BACKEND={backend!r} is not one of {CHOICES}")
     status = backends()
+    if device_type == "meta":  # shapes only: plain torch ops compute them, whatever backend was asked for
+        return "reference"
     if backend == "auto":
         if device_type == "cuda":
             if status["triton"]["available"] and status["native"]["available"]:
