@@ -242,11 +242,30 @@ def read_folder(directory: str) -> SavedFolder:
     return SavedFolder(adapters, active, others, path)
 
 
+def _refuse_overwriting_a_model(directory: str) -> None:
+    """A folder holding a model's own model.safetensors (a base model saved there, not an APET adapter) is not
+    written into: the adapter's file of that name would replace the model's weights."""
+    from safetensors import SafetensorError, safe_open
+    path = os.path.join(str(directory), WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with safe_open(path, framework="pt") as f:
+            mark = (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError):
+        return  # a damaged file of ours (or anything unreadable): replaced, as a failed save's would be
+    if mark != "apet":
+        raise AdapterFileError(f"{path} holds a model's weights (not an APET adapter, whose file says format=apet): "
+                               "saving the adapter there would overwrite them. Save it to another folder; nothing "
+                               "was written")
+
+
 def write_folder(directory: str, configs: dict[str, ApetConfig], active: list[str],
                  tensors: dict[str, torch.Tensor]) -> None:
     """Both files appear together or not at all: written to a temporary folder beside ``directory`` and moved
     into place (into an existing folder, such as a Trainer checkpoint, file by file). Never pickles."""
     from safetensors.torch import save_file
+    _refuse_overwriting_a_model(directory)
     for key, t in tensors.items():
         check_finite(t, f"adapter tensor {key}")
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}

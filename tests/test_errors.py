@@ -53,3 +53,18 @@ def test_each_kind_where_it_arises(tmp_path):
     model.save_pretrained(tmp_path / "b")
     with pytest.raises(BaseMismatchError, match="shape"):
         load_apet(tiny_llama(intermediate_size=48), str(tmp_path / "b"))
+
+
+def test_saving_an_adapter_into_a_folder_that_holds_a_model_refuses_and_writes_nothing(tmp_path):
+    """Issue 33's area 'saving into a folder that already holds a model': model.safetensors is also the file name
+    a base model saves its weights to."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    model = get_apet_model(tiny_llama(), ApetConfig(density=0.05))
+    with pytest.raises(AdapterFileError, match="holds a model's weights"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / "apet_config.json").exists()
+    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "adapter")  # over its own earlier save: fine
