@@ -241,6 +241,9 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-train", type=int, default=None, help="use the first N training examples (after shuffling)")
     ap.add_argument("--max-eval", type=int, default=None)
+    ap.add_argument("--holdout", type=int, default=None,
+                    help="evaluate on the last N sentences of the training split instead of the dev set, and never "
+                         "train on them (choosing rates without touching the reported dev set: PROTOCOL.md)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=None, help="default: APET/dense-mask apet_kernels.suggested_lr (by --position and K), "
@@ -283,10 +286,16 @@ def prepare(args):
     torch.manual_seed(args.seed)
     task = glue.TASKS[args.task] if args.task else glue.task_for_folder(args.data_dir)
     data = glue.load_hub(task) if args.hub else glue.load_local(task, args.data_dir)
-    train = data["train"].shuffle(seed=args.seed)
+    train, dev = data["train"], data["validation"]
+    if args.holdout:  # the same slice for every run: the last N sentences of the file, out of every training subset
+        if not 0 < args.holdout < len(train):
+            raise SystemExit(f"--holdout {args.holdout} must leave training sentences (the split has {len(train)})")
+        train, dev = train.select(range(len(train) - args.holdout)), train.select(range(len(train) - args.holdout,
+                                                                                       len(train)))
+    train = train.shuffle(seed=args.seed)
     if args.max_train:
         train = train.select(range(min(args.max_train, len(train))))
-    dev = data["validation"].select(range(min(args.max_eval or len(data["validation"]), len(data["validation"]))))
+    dev = dev.select(range(min(args.max_eval or len(dev), len(dev))))
     model, tokenizer = build_model(args.model, task.num_labels, args.seed)
     train, dev = encode(train, tokenizer, args.max_len), encode(dev, tokenizer, args.max_len)
     calibration = None
@@ -337,6 +346,7 @@ def run(args) -> dict:
                   trainable=trainable, tuned_scalars=getattr(args, "tuned_scalars", None), num_params=args.num_params, density=args.density if args.num_params is None else None,
                   seed=args.seed, max_train=args.max_train, train_examples=len(train), steps=steps, epochs=args.epochs, lr=lr,
                   dev_examples=len(dev), dev_accuracy=acc, dev_loss=dev_loss, final_train_loss=losses[-1],
+                  evaluated_on=f"train[-{args.holdout}:]" if args.holdout else "validation",
                   optimizer_steps=trainer.state.global_step, trainer="transformers.Trainer",
                   train_seconds=train_s, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   torch=torch.__version__)

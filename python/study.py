@@ -126,6 +126,8 @@ def run_args(args, model: str, task: str, seed: int, budget: str, method: str, l
             "--batch-size", str(args.batch_size)]
     if setting(args, "max_train", task):
         argv += ["--max-train", str(setting(args, "max_train", task))]
+    if getattr(args, "holdout", None):  # rates chosen on the training split's last N sentences (PROTOCOL.md)
+        argv += ["--holdout", str(args.holdout)]
     lr = lr if lr is not None else lr_of(args, method)
     if lr:
         argv += ["--lr", str(lr)]
@@ -162,6 +164,33 @@ def scheme_spread(acc_by_scheme: dict[str, list[float]], rounds: int = 2000, see
     return point, draws[int(0.025 * rounds)], draws[int(0.975 * rounds) - 1]
 
 
+def spread_permutation_p(acc_by_scheme_seed: dict[str, dict[int, float]], rounds: int = 10000, seed: int = 0) -> float:
+    """p for "no scheme effect" (PROTOCOL.md): the share of within-seed permutations of the scheme labels whose
+    spread of scheme means is at least the observed one. Only seeds every scheme ran are used."""
+    import random
+    seeds = sorted(set.intersection(*(set(v) for v in acc_by_scheme_seed.values())))
+    schemes = list(acc_by_scheme_seed)
+    table = [[acc_by_scheme_seed[s][k] for s in schemes] for k in seeds]  # one row per seed
+
+    def spread(rows):
+        means = [statistics.mean(col) for col in zip(*rows)]
+        return max(means) - min(means)
+
+    observed, rng, hits = spread(table), random.Random(seed), 0
+    for _ in range(rounds):
+        hits += spread([rng.sample(row, len(row)) for row in table]) >= observed - 1e-12
+    return (hits + 1) / (rounds + 1)
+
+
+def smallest_detectable_difference(acc_by_scheme: dict[str, list[float]]) -> float:
+    """(z_0.975 + z_0.8) * sqrt(2) * sigma / sqrt(n): the difference of two scheme means that n seeds detect at
+    alpha 0.05 with power 0.8, sigma the pooled per-seed standard deviation (PROTOCOL.md)."""
+    groups = [v for v in acc_by_scheme.values() if len(v) > 1]
+    n = min(len(v) for v in groups)
+    pooled = (sum(statistics.variance(v) * (len(v) - 1) for v in groups) / sum(len(v) - 1 for v in groups)) ** 0.5
+    return (1.959964 + 0.841621) * 2 ** 0.5 * pooled / n ** 0.5
+
+
 def summarize(rows: list[dict], majority: dict[str, float]) -> str:
     lines = ["Majority class of each dev set: " + ", ".join(f"{t} {100 * m:.1f}%" for t, m in sorted(majority.items())),
              "", "| model | task | budget | method | lr | runs | dev accuracy, mean ± std (%) | trainable | epochs |",
@@ -172,6 +201,7 @@ def summarize(rows: list[dict], majority: dict[str, float]) -> str:
         budgets = sorted({r["study_budget"] for r in mine}, key=lambda b: (b == "—", b))
         for budget in budgets:  # "—" (full fine-tuning) last
             best = {}  # per method: the accuracies at its best learning rate (the probe's choice)
+            by_seed = {}  # per method: seed -> accuracy at that rate
             present = {r["study_method"] for r in mine if r["study_budget"] == budget}
             for method in [m for m in METHODS if m in present] + sorted(present - set(METHODS)):  # variants last
                 for lr in sorted({r["lr"] for r in mine if r["study_method"] == method and r["study_budget"] == budget}):
@@ -179,6 +209,7 @@ def summarize(rows: list[dict], majority: dict[str, float]) -> str:
                     acc = [100 * r["dev_accuracy"] for r in at]
                     if method not in best or statistics.mean(acc) > statistics.mean(best[method]):
                         best[method] = acc
+                        by_seed[method] = {r["seed"]: 100 * r["dev_accuracy"] for r in at}
                     sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else " (one run)"
                     lines.append(f"| {model} | {task} | {budget} | {method} | {lr:g} | {len(acc)} | "
                                  f"{statistics.mean(acc):.1f}{sd} | {at[0]['trainable']:,d} | {at[0]['epochs']:g} |")
@@ -187,8 +218,13 @@ def summarize(rows: list[dict], majority: dict[str, float]) -> str:
                 point, lo, hi = scheme_spread(schemes)
                 lora = statistics.mean(best["lora"]) if "lora" in best else None
                 relative = f"; / (LoRA - 50) = {point / (lora - 50):.2f}" if lora and lora > 50 else ""
+                tests = ""
+                if min(len(a) for a in schemes.values()) > 1:
+                    p = spread_permutation_p({m: by_seed[m] for m in schemes})
+                    tests = (f"; permutation p {p:.2f}; smallest detectable difference at these seeds "
+                             f"{smallest_detectable_difference(schemes):.1f} points")
                 spreads.append(f"- {model}, {task}, {budget}: spread of {len(schemes)} scheme means (each at its best "
-                               f"rate) {point:.1f} points (95% seed bootstrap {lo:.1f}–{hi:.1f}){relative}")
+                               f"rate) {point:.1f} points (95% seed bootstrap {lo:.1f}–{hi:.1f}){relative}{tests}")
     return "\n".join(lines + ([""] + spreads if spreads else []))
 
 
@@ -206,6 +242,8 @@ def main(argv=None) -> None:
                          "runs on each")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--holdout", type=int, default=None,
+                    help="evaluate on the last N training sentences, not the dev set (probes that choose rates)")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--per-task", nargs="+", default=[], metavar="TASK:SETTING=VALUE",
                     help="override epochs, max_len, max_train or budgets (comma-separated) for one task, "

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,28 @@ def test_finetune_smoke(tmp_path, tiny_model_dir, sst2_dir, method):
     assert abs(correct - round(correct)) < 1e-6, result["dev_accuracy"]
     if method == "apet":
         assert (tmp_path / "adapter" / "model.safetensors").exists()
+
+
+def test_holdout_evaluates_on_the_last_training_sentences_and_never_trains_on_them(tmp_path, tiny_model_dir,
+                                                                                   sst2_dir):
+    """PROTOCOL.md (issue 34): rates are chosen on a held-out slice of the training split, not the dev set."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import finetune
+    args = finetune.parse_args(["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir), "--method", "apet",
+                                "--density", "0.05", "--max-len", "16", "--holdout", "6"])
+    setup = finetune.prepare(args)
+    lines = (sst2_dir / "train.tsv").read_text().splitlines()[1:]
+    from collections import Counter
+    rows = lambda ds: Counter(tuple(int(t) for t in row["input_ids"]) for row in ds)  # noqa: E731
+    tokens = lambda texts: Counter(tuple(setup.tokenizer(line.split("\t")[0], truncation=True,  # noqa: E731
+                                                         max_length=16)["input_ids"]) for line in texts)
+    assert rows(setup.dev) == tokens(lines[-6:])  # the last six sentences of the file...
+    assert rows(setup.train) == tokens(lines[:-6])  # ...and the training rows are exactly the others
+    results = tmp_path / "r.jsonl"
+    finetune.main(["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir), "--method", "apet", "--density",
+                   "0.05", "--batch-size", "8", "--max-len", "16", "--holdout", "6", "--results", str(results)])
+    result = json.loads(results.read_text().splitlines()[-1])
+    assert result["evaluated_on"] == "train[-6:]" and result["dev_examples"] == 6 and result["train_examples"] == 26
 
 
 def test_local_glue_loaders_read_every_shared_task():
@@ -321,3 +344,15 @@ def test_gemma_conversion_is_safe_when_two_processes_convert_at_once(tmp_path, m
     assert by == ("the other process" if other_finishes_first else "this process")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # no staging folder left behind
     assert model.hf_quantizer is None and model.is_quantized is False
+
+
+def test_summary_tests_the_spread_by_permutation_and_states_the_smallest_detectable_difference():
+    """PROTOCOL.md's statistics: identical schemes give a large p; schemes far apart a small one."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import study
+    same = {s: {k: 80.0 + (k % 3) for k in range(8)} for s in ("random", "rows", "magnitude")}
+    assert study.spread_permutation_p(same, rounds=500) == 1.0
+    apart = {"random": {k: 80.0 + 0.1 * k for k in range(8)}, "rows": {k: 90.0 + 0.1 * k for k in range(8)}}
+    assert study.spread_permutation_p(apart, rounds=2000) < 0.01
+    sd = study.smallest_detectable_difference({"a": [79.0, 81.0] * 4, "b": [80.0, 82.0] * 4})
+    assert abs(sd - (1.959964 + 0.841621) * 2 ** 0.5 * statistics.stdev([79.0, 81.0] * 4) / 8 ** 0.5) < 1e-9
