@@ -1,9 +1,11 @@
-"""Patching a model in place, PEFT-style API: adapters, saving, disabling, merging, unloading.
+"""Patching a model in place (``get_apet_model``, ``load_apet``, ``ApetModel``), and what both entry points share
+with APET's PEFT tuner (apet_kernels.tuner): choosing positions, wrapping targets, adding adapters, the saved
+entry of a layer, checking a load, unloading.
 
     model = get_apet_model(AutoModelForCausalLM.from_pretrained(...), ApetConfig(density=1e-3))
     model.print_trainable_parameters()
     ...train (your loop, transformers' Trainer, TRL's trainers)...
-    model.save_pretrained("out/")             # apet_config.json + model.safetensors (the deltas only)
+    model.save_pretrained("out/")             # the deltas only, in the folder format both entry points read
     model = load_apet(fresh_base_model, "out/")
 
 ``get_apet_model`` returns the model it was given, patched: the target linears become SparseDeltaLinear
