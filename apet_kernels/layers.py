@@ -167,7 +167,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         super().__init__()
         if isinstance(base_layer, SparseDeltaLinear):
             raise ApetTypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
-                            "delta into the same weight (unmerge or unload the first one)")
+                                "delta into the same weight (unmerge or unload the first one)")
         if strategy not in STRATEGIES:
             raise ApetValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if backend not in CHOICES:
@@ -232,7 +232,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """
         if isinstance(linear, SparseDeltaLinear):
             raise ApetTypeError("this module is already a SparseDeltaLinear: wrapping it again would merge a second "
-                            "delta into the same weight (unmerge or unload the first one)")
+                                "delta into the same weight (unmerge or unload the first one)")
         shape = linear_shape(linear)
         if indices is None:
             k = _budget(shape[0] * shape[1], k, density)
@@ -384,7 +384,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             raise ApetStateError(f"cannot merge: {why}")
         if len(self.active_adapters) > 1:
             raise ApetStateError("cannot merge: other adapters are applied together with this one (unmerged); "
-                               "set_adapter() a single adapter first")
+                                 "set_adapter() a single adapter first")
         if self._mixed is not None:
             raise ApetStateError("cannot merge inside a mixed-adapter batch")
         if self._strategy is not MERGED:
@@ -418,8 +418,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             # fully_shard takes the parameters it reduces when it is called: new values would train unreduced,
             # every rank on its own (issue 33: ranks ended 0.3 apart after 3 steps, silently)
             raise ApetStateError(f"adapter {name!r}: this layer's weight is sharded (FSDP2 fully_shard), and values "
-                               "added now would train without gradient reduction. Add or load adapters before "
-                               "fully_shard")
+                                 "added now would train without gradient reduction. Add or load adapters before "
+                                 "fully_shard")
         if name in self.deltas:
             raise ApetValueError(f"this layer has an adapter named {name!r} already")
         self._checked_indices(indices, f"adapter {name!r}")
@@ -533,7 +533,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                 continue
             if delta.k and index_checksum(delta.indices) == placeholder:
                 raise ApetStateError(f"adapter {adapter!r} stores its positions, and none were loaded into this layer: "
-                                   "load its checkpoint (PeftModel.from_pretrained, load_adapter) before running it")
+                                     "load its checkpoint (PeftModel.from_pretrained, load_adapter) before running it")
             delta.rebuild_layout()
             if adapter == self.active_adapter:
                 self._merge.stale = True

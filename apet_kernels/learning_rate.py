@@ -52,7 +52,7 @@ def suggested_lr(model_or_k, method: str | None = None) -> float:
         config = getattr(model_or_k, "apet_config", None)
         if config is None:
             raise ApetTypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
-                            "(or call suggested_lr(k, method))")
+                                "(or call suggested_lr(k, method))")
         k, method = _adapter_k(config), method or config.method
     elif is_int(model_or_k) and model_or_k > 0:
         k, method = int(model_or_k), method or "random"

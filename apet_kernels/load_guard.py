@@ -50,8 +50,8 @@ def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
                 continue
             if theirs.shape != mine.shape and not (mine.dim() == 0 and tuple(theirs.shape) == (1,)):
                 raise StateDictError(f"size mismatch for {sub_prefix}{pname}: copying a param with shape "
-                                   f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
-                                   f"{tuple(mine.shape)} (nothing was loaded)")
+                                     f"{tuple(theirs.shape)} from checkpoint, the shape in current model is "
+                                     f"{tuple(mine.shape)} (nothing was loaded)")
 
 
 def expected_keys(module: nn.Module) -> set[str]:
@@ -86,7 +86,7 @@ def check_strict_keys(module: nn.Module, state_dict) -> None:
         parts = ([f"Missing key(s) in state_dict: {', '.join(map(repr, missing))}."] if missing else []) + \
                 ([f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected))}."] if unexpected else [])
         raise StateDictError(f"Error(s) in loading state_dict for {type(module).__name__} (strict=True; nothing was "
-                           "loaded):\n\t" + "\n\t".join(parts))
+                             "loaded):\n\t" + "\n\t".join(parts))
 
 
 def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -55,8 +55,8 @@ class MergedWeight:
         w = stored_weight(self.layer.base_layer)
         if write and not isinstance(w, torch.nn.Parameter):
             raise ApetStateError("this layer's weight is now computed from several tensors (a parametrization such as "
-                               "weight_norm added after merging): W + S cannot be written or restored there; remove "
-                               "the parametrization (parametrize.remove_parametrizations) first")
+                                 "weight_norm added after merging): W + S cannot be written or restored there; remove "
+                                 "the parametrization (parametrize.remove_parametrizations) first")
         return w
 
     def storage(self, write: bool = False) -> torch.Tensor:

@@ -205,7 +205,7 @@ class ApetModel(nn.Module):
         self._check_new_name(adapter_name)
         if not isinstance(adapter_config, ApetConfig):
             raise ApetTypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
-                            f"{type(adapter_config).__name__}")
+                                f"{type(adapter_config).__name__}")
         if adapter_config.modules_to_save:  # (through PEFT each adapter has its own copies: ModulesToSaveWrapper)
             raise ApetValueError("modules_to_save of a model patched in place belong to the model, not to an added "
                                  "adapter")
@@ -227,7 +227,7 @@ class ApetModel(nn.Module):
         maps, hotswapping) do not apply to an APET folder and are refused by name."""
         if kwargs:
             raise ApetTypeError(f"load_adapter of an APET-patched model reads a local APET folder; "
-                            f"{sorted(kwargs)} {'is' if len(kwargs) == 1 else 'are'} not supported")
+                                f"{sorted(kwargs)} {'is' if len(kwargs) == 1 else 'are'} not supported")
         directory = peft_model_id
         adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
         self._check_new_name(adapter_name)
@@ -478,7 +478,7 @@ def _patch_of(model: nn.Module) -> _Patch:
     patch = model.__dict__.get("_apet_patch")
     if patch is None:
         raise ApetStateError("this model's APET layers were removed by unload() or merge_and_unload(); patch it "
-                           "again with get_apet_model or load_apet")
+                             "again with get_apet_model or load_apet")
     return patch
 
 

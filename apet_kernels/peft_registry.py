@@ -28,7 +28,7 @@ def register() -> None:
     missing = [name for name in _MAPPINGS if not isinstance(getattr(mapping, name, None), dict)]
     if missing:
         raise ApetStateError(f"this PEFT ({_peft_version()}) has no {', '.join(missing)} in peft.mapping, where "
-                           "apet_kernels registers APET as a PEFT method (tested with peft 0.21.0 and 0.21.2)")
+                             "apet_kernels registers APET as a PEFT method (tested with peft 0.21.0 and 0.21.2)")
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = ApetConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = ApetTuner
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = ApetTuner.prefix

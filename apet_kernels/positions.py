@@ -352,8 +352,8 @@ def _moved_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor
             plan.append((t, moved(full_tensor(t))))  # (FSDP2 shards optimizer state with its parameter)
         else:
             raise ApetTypeError(f"cannot move {type(optimizer).__name__}'s state {key!r} ({type(t).__name__}, {t.dtype}) "
-                            f"with its positions: regrowth supports torch's optimizers, bitsandbytes' 8-bit and paged "
-                            f"ones and torchao's low-bit ones")
+                                f"with its positions: regrowth supports torch's optimizers, bitsandbytes' 8-bit and paged "
+                                f"ones and torchao's low-bit ones")
     return plan
 
 

@@ -84,6 +84,7 @@ class ApetTuner(BaseTuner):
 
     prefix: str = "deltas"
     tuner_layer_cls = SparseDeltaLinear
+    target_module_mapping: dict = {}
 
     def _apet_adopted_by(self, parent: nn.Module) -> None:
         """Registered under ``parent`` (the PeftModel): its strict loads check the key set before copying, and a
@@ -92,7 +93,6 @@ class ApetTuner(BaseTuner):
             parent.__dict__["load_state_dict"] = StrictFirst(parent)
         if callable(getattr(type(parent), "load_adapter", None)) and "load_adapter" not in parent.__dict__:
             parent.__dict__["load_adapter"] = _AllOrNothingLoadAdapter(parent)
-    target_module_mapping: dict = {}
 
     # ----------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config, model_config):

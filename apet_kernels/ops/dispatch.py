@@ -93,7 +93,7 @@ def _resolve(backend: str, device_type: str, env_backend: str, interpreting: boo
         raise ApetStateError(f"backend {backend!r} is not available: {status[backend]['reason']}")
     if backend == "triton" and device_type != "cuda" and not interpreting:
         raise ApetStateError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                           "apet_kernels is imported (that is how CI runs the kernels)")
+                             "apet_kernels is imported (that is how CI runs the kernels)")
     return backend
 
 
