@@ -192,8 +192,10 @@ def smallest_detectable_difference(acc_by_scheme: dict[str, list[float]]) -> flo
 
 
 def summarize(rows: list[dict], majority: dict[str, float]) -> str:
+    evaluated = sorted({r.get("evaluated_on", "validation") for r in rows})
+    on = "dev" if evaluated == ["validation"] else " and ".join(evaluated)  # (--holdout probes: PROTOCOL.md)
     lines = ["Majority class of each dev set: " + ", ".join(f"{t} {100 * m:.1f}%" for t, m in sorted(majority.items())),
-             "", "| model | task | budget | method | lr | runs | dev accuracy, mean ± std (%) | trainable | epochs |",
+             "", f"| model | task | budget | method | lr | runs | {on} accuracy, mean ± std (%) | trainable | epochs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     spreads = []
     for model, task in sorted({(r["model"], r["task"]) for r in rows}):
