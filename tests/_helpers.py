@@ -99,3 +99,8 @@ def sequence_logps(model, tokenizer, prompt, completion):
         logits = model(input_ids=ids).logits.float()
     logps = torch.log_softmax(logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
     return float(logps[n_prompt - 1:].sum())
+
+
+def small_word_reward(completions, **kwargs):
+    """A GRPO reward: the share of w1..w5 among each completion's words."""
+    return [sum(w in {"w1", "w2", "w3", "w4", "w5"} for w in c.split()) / max(1, len(c.split())) for c in completions]

@@ -12,7 +12,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _helpers import PhaseTokens as _Tokens, sequence_logps as _sequence_logps, tiny_llama, tiny_tokenizer  # noqa: E402,E501
+from _helpers import PhaseTokens as _Tokens, sequence_logps as _sequence_logps, small_word_reward as reward  # noqa: E402,E501
+from _helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 from apet_kernels import ApetConfig, SparseDeltaLinear  # noqa: E402
 from apet_kernels.trainer import RegrowthCallback  # noqa: E402
 
@@ -158,10 +159,6 @@ def test_dpo_trainer_with_peft_config_takes_its_reference_from_the_disabled_adap
 
 def test_grpo_trainer_with_peft_config(tmp_path):
     prompts = [" ".join(f"w{(3 * i + j) % 20}" for j in range(6)) for i in range(16)]
-
-    def reward(completions, **kwargs):  # the share of w1..w5 among the completion's words
-        return [sum(w in {"w1", "w2", "w3", "w4", "w5"} for w in c.split()) / max(1, len(c.split()))
-                for c in completions]
 
     config = trl.GRPOConfig(**_trl_args(tmp_path, 6, learning_rate=1e-1, num_generations=4, max_completion_length=6))
     assert config.gradient_checkpointing and config.bf16

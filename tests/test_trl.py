@@ -10,7 +10,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from _helpers import sequence_logps as _sequence_logps, tiny_llama, tiny_tokenizer  # noqa: E402
+from _helpers import sequence_logps as _sequence_logps, small_word_reward as reward, tiny_llama, tiny_tokenizer  # noqa: E402,E501
 from apet_kernels import ApetConfig, get_apet_model, load_apet  # noqa: E402
 
 
@@ -78,10 +78,6 @@ def test_dpo_reference_from_the_base_with_apet_disabled(tmp_path):
 
 def test_grpo_with_its_default_config(tmp_path):
     prompts = [" ".join(f"w{(3 * i + j) % 20}" for j in range(6)) for i in range(16)]
-
-    def reward(completions, **kwargs):  # the share of w1..w5 among the completion's words
-        return [sum(w in {"w1", "w2", "w3", "w4", "w5"} for w in c.split()) / max(1, len(c.split()))
-                for c in completions]
 
     model = _model()
     before = {n: m.delta_values.detach().clone() for n, m in model.apet_layers().items()}
