@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glue_tasks as glue  # noqa: E402
 
-METHODS = ("apet", "dense-mask", "lora", "full")
+METHODS = ("apet", "dense-mask", "lora", "full", "head")
 
 
 def head_name(model) -> str:
@@ -119,6 +119,11 @@ def apply_method(model, args, calibration=None):
     from apet_kernels import ApetConfig, DenseMaskLinear, get_apet_model, replace_linears
     if args.method == "full":
         return model, "all parameters trainable"
+    if args.method == "head":  # the floor: what the new classifier alone reaches on a frozen encoder
+        head = head_name(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head))
+        return model, "classifier head only"
     if args.method == "lora":
         import peft
         if args.lora_params:  # the rank whose parameter count on all linears is closest to the budget
@@ -244,6 +249,9 @@ def parse_args(argv=None):
     ap.add_argument("--holdout", type=int, default=None,
                     help="evaluate on the last N sentences of the training split instead of the dev set, and never "
                          "train on them (choosing rates without touching the reported dev set: PROTOCOL.md)")
+    ap.add_argument("--reserve", type=int, default=None,
+                    help="never train on the last N sentences of the training split, evaluate on the dev set as usual "
+                         "(the reported runs of a protocol whose rates --holdout N chose)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=None, help="default: APET/dense-mask apet_kernels.suggested_lr (by --position and K), "
@@ -271,11 +279,11 @@ def warm_up_head(model, train, tokenizer, args) -> None:
 
 def default_lr(args) -> float:
     """APET (and dense-mask APET, the same scalars): the library's suggestion for the scheme and K (the study's
-    rates); LoRA 1e-3 and full fine-tuning 5e-5, the usual starting points."""
+    rates); LoRA 1e-3 and full fine-tuning 5e-5, the usual starting points; the head alone 1e-3."""
     if args.method in ("apet", "dense-mask"):
         from apet_kernels import suggested_lr
         return suggested_lr(args.tuned_scalars, args.position)
-    return {"lora": 1e-3, "full": 5e-5}[args.method]
+    return {"lora": 1e-3, "full": 5e-5, "head": 1e-3}[args.method]
 
 
 def prepare(args):
@@ -287,11 +295,15 @@ def prepare(args):
     task = glue.TASKS[args.task] if args.task else glue.task_for_folder(args.data_dir)
     data = glue.load_hub(task) if args.hub else glue.load_local(task, args.data_dir)
     train, dev = data["train"], data["validation"]
-    if args.holdout:  # the same slice for every run: the last N sentences of the file, out of every training subset
-        if not 0 < args.holdout < len(train):
-            raise SystemExit(f"--holdout {args.holdout} must leave training sentences (the split has {len(train)})")
-        train, dev = train.select(range(len(train) - args.holdout)), train.select(range(len(train) - args.holdout,
-                                                                                       len(train)))
+    tail = args.holdout or args.reserve  # the same slice for every run: the file's last N, out of every training subset
+    if tail:
+        if args.holdout and args.reserve:
+            raise SystemExit("--holdout evaluates on the reserved slice and --reserve on the dev set: give one")
+        if not 0 < tail < len(train):
+            raise SystemExit(f"--{'holdout' if args.holdout else 'reserve'} {tail} must leave training sentences "
+                             f"(the split has {len(train)})")
+        train, held = train.select(range(len(train) - tail)), train.select(range(len(train) - tail, len(train)))
+        dev = held if args.holdout else dev
     train = train.shuffle(seed=args.seed)
     if args.max_train:
         train = train.select(range(min(args.max_train, len(train))))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune  # noqa: E402
 
 SCHEMES = ("random", "rows", "cols", "blocks", "magnitude", "gradient", "gradient+regrow")
-METHODS = SCHEMES + ("lora", "full")
+METHODS = SCHEMES + ("lora", "full", "head")
 # gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | xnorm | corr | squared (the score), capN (at
 # most N x K/out positions per row), ccapN (per column, N x K/in), warmN (train the head N steps before calibrating)
 GRADIENT_OPTIONS = {"signed": ["--gradient-score", "signed"], "snip": ["--gradient-score", "snip"],
@@ -128,11 +128,13 @@ def run_args(args, model: str, task: str, seed: int, budget: str, method: str, l
         argv += ["--max-train", str(setting(args, "max_train", task))]
     if getattr(args, "holdout", None):  # rates chosen on the training split's last N sentences (PROTOCOL.md)
         argv += ["--holdout", str(args.holdout)]
+    if getattr(args, "reserve", None):  # the reported runs of that protocol: never trained on that slice either
+        argv += ["--reserve", str(args.reserve)]
     lr = lr if lr is not None else lr_of(args, method)
     if lr:
         argv += ["--lr", str(lr)]
-    if method == "full":
-        return argv + ["--method", "full"]
+    if method in ("full", "head"):
+        return argv + ["--method", method]
     if method == "lora":
         return argv + ["--method", "lora"] + budget_args(budget, method)
     position = method.split("+")[0].split(":")[0]
@@ -246,6 +248,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-train", type=int, default=None)
     ap.add_argument("--holdout", type=int, default=None,
                     help="evaluate on the last N training sentences, not the dev set (probes that choose rates)")
+    ap.add_argument("--reserve", type=int, default=None,
+                    help="never train on the last N training sentences, evaluate on the dev set (the reported runs "
+                         "of rates chosen with --holdout N)")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--per-task", nargs="+", default=[], metavar="TASK:SETTING=VALUE",
                     help="override epochs, max_len, max_train or budgets (comma-separated) for one task, "
@@ -279,7 +284,7 @@ def main(argv=None) -> None:
     seen = {identity(r) for r in done}
     # seeds outermost: a study cut short still has every task and method at the seeds it reached
     plan = [(mo, t, s, b, m, lr) for s in args.seeds for mo in args.models for t in args.tasks for m in args.methods
-            for b in (args.budgets_by.get(t, args.budgets) if m != "full" else ["—"]) for lr in (args.lrs or [None])]
+            for b in (args.budgets_by.get(t, args.budgets) if m not in ("full", "head") else ["—"]) for lr in (args.lrs or [None])]
     current = []
     if args.summarize:
         plan, current = [], done
