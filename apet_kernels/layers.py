@@ -10,7 +10,6 @@ or per batch row (``mixed_batch``). State-dict keys: ``deltas.<name>.values``, `
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -22,7 +21,7 @@ from ._checks import check_finite, check_index_content, check_index_meta, valida
 from .errors import ApetStateError, ApetTypeError, ApetValueError
 from .linear_like import is_conv1d, linear_shape, merge_is_legal, stored_weight
 from .load_guard import already_checked, check_strict_keys
-from .merged_weight import MergedWeight
+from .base_weight import BaseWeight
 from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .optimizer_guard import note_active_values
@@ -115,27 +114,6 @@ class DeltaSet(nn.Module):
         return f"k={self.k}"
 
 
-class _LinearOverBaseWeight(torch.autograd.Function):
-    """x W0^T + b for a merged layer, exactly and without an out x in copy: W0's K entries are
-    written into W around each GEMM (forward and dx) and W + S is written back right after."""
-
-    @staticmethod
-    def forward(ctx, x, bias, layer):
-        ctx.layer = layer
-        with layer.pure_weight() as w:
-            return F.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            with ctx.layer.pure_weight() as w:
-                dx = dy @ (w if w.dtype == dy.dtype else w.to(dy.dtype))  # (an autocast forward: dy in its dtype)
-        if ctx.needs_input_grad[1]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return dx, db, None
-
-
 # state-dict keys of 0.1 layers (one adapter, flat keys) -> where they live now
 _LEGACY_BASE_KEYS = ("weight", "bias")
 _LEGACY_DELTA_KEYS = {"delta_values": "values", "delta_indices": "indices", "delta_base": "base"}
@@ -211,8 +189,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         # K = 0: nothing to train. An empty trainable tensor gets an empty gradient, which FSDP2's reduce-scatter
         # refuses (_chunk_cat expects non-empty tensors; issue 33)
         self.delta_values.requires_grad_(self._active.k > 0)
-        self._merge = MergedWeight(self)
-        self._merge.read_base()
+        self._weight = BaseWeight(self)  # W at the positions (the merged strategy's own state: merged_weight)
+        self._weight.read_base()
         self._claim_weight()
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
@@ -335,7 +313,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def current_base(self) -> torch.Tensor:
         """W's own values at the active adapter's positions (``delta_base``, read first if still unread)."""
-        return self._merge.base()
+        return self._weight.base()
 
     @property
     def strategy(self) -> str:
@@ -354,13 +332,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def bake(self) -> None:
         """W[p] = cast(base + v) for good (merge_and_unload): whatever the strategy, W then holds W + S."""
-        self._merge.write(self.delta_values, self._backend_name())
-
-    @contextlib.contextmanager
-    def pure_weight(self):
-        """Merged layers: W holds the pure weight inside the block, W + S again after it."""
-        with self._merge.pure(self.delta_values, self._backend_name()) as w:
-            yield w
+        MERGED.bake(self)
 
     # ----------------------------------------------------------------- strategy
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -388,16 +360,14 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if self._mixed is not None:
             raise ApetStateError("cannot merge inside a mixed-adapter batch")
         if self._strategy is not MERGED:
-            self._merge.structural_change()
-            self._merge.write(self.delta_values, self._backend_name())
+            MERGED.enter(self)
             self._become(MERGED)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
         if self._strategy is MERGED:
-            self._merge.restore()
-            self._merge.structural_change()
+            MERGED.leave(self)
         if self._strategy is not UNMERGED:
             self._become(UNMERGED)  # (the unmerged backward walks the deltas by column too)
 
@@ -485,8 +455,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             with self._strategy.changing(self):  # (merged: W restored at the old positions, W + S at the new)
                 self._active_adapter = [new, *self._active_adapter[1:]]
                 self._set_active_cache()
-                self._merge.stale = True
-                self._merge.read_base()  # W is pure at the new positions
+                self._weight.reread_base()  # W is pure at the new positions
         for name in names if self._strategy.columns else names[1:]:
             if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
                 self.deltas[name].rebuild_layout(columns=True)
@@ -509,8 +478,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             raise ApetValueError(f"values must have shape ({k},), got {tuple(values.shape)}")
         with self._strategy.changing(self):
             self.delta_indices.copy_(indices.to(self.delta_indices.device, self.delta_indices.dtype))
-            self._merge.stale = True
-            self._merge.read_base()
+            self._weight.reread_base()
             self._active.rebuild_layout()
             assign_full(self.delta_values, torch.zeros(k) if values is None else values)  # (FSDP2: each rank its own)
 
@@ -536,8 +504,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                                      "load its checkpoint (PeftModel.from_pretrained, load_adapter) before running it")
             delta.rebuild_layout()
             if adapter == self.active_adapter:
-                self._merge.stale = True
-                self._merge.read_base()
+                self._weight.reread_base()
             else:
                 delta.base.copy_(self.base_values_at(delta.indices))
             del self._awaited[adapter]
@@ -549,7 +516,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if self.quantization is not None:
             return values_at(self.base_layer, indices)
         idx = indices.long().to(self.delta_indices.device)
-        values = self._merge._get(idx).clone()
+        values = self._weight.get(idx).clone()
         if self._strategy.holds_sum and self.delta_indices.numel():
             mine = self.delta_indices.long()
             overlap = torch.isin(idx, mine)
@@ -569,9 +536,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def _apply(self, fn, recurse=True):
         was_meta = self.weight.is_meta
         result = super()._apply(fn, recurse)
-        self._merge.written = None  # dtype or storage may have changed: write again
+        self._strategy.after_move(self)  # dtype or storage may have changed (merged: write again)
         if was_meta and not self.weight.is_meta:
-            self._merge.stale = True  # to_empty(): read the base once W holds data (a load or the next forward)
+            self._weight.stale = True  # to_empty(): read the base once W holds data (a load or the next forward)
             self._claim_weight()  # a new Parameter object when it left the meta device
         return result
 
@@ -671,15 +638,13 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                 module.deltas[name].rebuild_layout()
         if not incoming:
             return  # values (and bases saved beside them) only: W and the positions are as they were
-        merge = module._merge
         if merged is not None and "base_layer.weight" in incoming and module.quantization is None:
             # the loaded W holds W + S of that adapter (saved merged): its saved base makes it pure (a quantized
             # weight is never merged, and never written)
             delta = module.deltas[merged]
-            merge.restore_at(delta.indices, delta.base)
+            module._weight.put(delta.indices, delta.base)
         # W is pure here: every adapter's base is read from it again (a new base model re-bases the deltas)
-        merge.stale = True
-        merge.read_base()
+        module._weight.reread_base()
         for name, delta in module.deltas.items():
             if name != module.active_adapter and delta.k:
                 delta.base.copy_(module.base_values_at(delta.indices))
@@ -725,11 +690,6 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def end_mixed_batch(self) -> None:
         self._mixed = None
-
-    @torch.compiler.disable
-    def _forward_base(self, x: torch.Tensor) -> torch.Tensor:
-        self._merge.base()
-        return _LinearOverBaseWeight.apply(x, self.bias, self)
 
     def _check_buffers(self) -> None:
         """APET_VALIDATE=1: indices in range, sorted, unique and consistent with the row offsets."""

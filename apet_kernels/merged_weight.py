@@ -1,5 +1,6 @@
-"""What a layer's frozen weight W holds at its active adapter's K positions, and the only code that
-reads or writes W there.
+"""The merged strategy's private state (apet_kernels.strategies.Merged): what a layer's frozen weight W holds at its
+active adapter's K positions between calls, and the only code that writes W + S there (reads of W, and single-position
+writes, go through apet_kernels.base_weight).
 
 The merged strategy keeps ``cast(base + v)`` in W's own storage, so the forward and dx are the base
 layer's own GEMMs. ``base`` (the active DeltaSet's ``base`` buffer) is W's original value at each tuned
@@ -24,145 +25,61 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
-from .errors import ApetStateError
-from .linear_like import stored_weight
 from .ops.dispatch import implementation
 from .ops.reference import accumulate_dtype
-from .quantized import values_at
-from .sharded import full_tensor, is_dtensor, local_block
-
-
-def _sharded(w: torch.Tensor):
-    """For a DTensor (FSDP2's sharded parameter, between steps): its local tensor and the block [r0, r1) x [c0, c1)
-    of the whole stored tensor it holds; None for a plain tensor."""
-    if not is_dtensor(w):
-        return None
-    local, offset, shape = local_block(w)
-    return local, offset[0], offset[0] + shape[0], offset[1], offset[1] + shape[1]
+from .sharded import full_tensor, is_dtensor
 
 
 class MergedWeight:
-    """The merged-weight state of one SparseDeltaLinear (``layer``): stale base, last write."""
+    """One merged SparseDeltaLinear's (``layer``) state: the stamp of the last write that ``sync`` may skip against.
+    Created by the merged strategy (``of``); the layer's ``_weight`` (apet_kernels.base_weight) holds the base."""
 
     def __init__(self, layer):
         self.layer = layer
-        self.stale = True  # base not read yet (a meta-device weight, or positions that just moved)
-        self.written = None  # stamp of the last write that sync() may skip against
-
-    # -- W's storage at the positions
-    def _stored(self, write: bool) -> torch.Tensor:
-        w = stored_weight(self.layer.base_layer)
-        if write and not isinstance(w, torch.nn.Parameter):
-            raise ApetStateError("this layer's weight is now computed from several tensors (a parametrization such as "
-                                 "weight_norm added after merging): W + S cannot be written or restored there; remove "
-                                 "the parametrization (parametrize.remove_parametrizations) first")
-        return w
-
-    def storage(self, write: bool = False) -> torch.Tensor:
-        """W's data as (out, in) (a view for GPT-2's Conv1D): writes here never touch autograd. Where the weight
-        came to be computed from another Parameter after patching (pruned, parametrized), that Parameter."""
-        w = self._stored(write).data
-        return w.t() if self.layer.weight_transposed else w
-
-    def _rows_cols(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = indices.long()
-        in_features = self.layer.in_features
-        return idx // in_features, idx % in_features
-
-    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows_cols(self.layer.delta_indices)
-
-    def _local(self, w: torch.Tensor, indices: torch.Tensor):
-        """A sharded weight's local tensor, as (out, in), the local (row, col) of the positions it holds and which
-        of ``indices`` those are."""
-        local, s0, s1, t0, t1 = _sharded(w)
-        r, c = self._rows_cols(indices.to(local.device))
-        if self.layer.weight_transposed:  # GPT-2's Conv1D stores (in, out): its blocks are of columns then rows
-            inside = (c >= s0) & (c < s1) & (r >= t0) & (r < t1)
-            return local.t(), r[inside] - t0, c[inside] - s0, inside
-        inside = (r >= s0) & (r < s1) & (c >= t0) & (c < t1)
-        return local, r[inside] - s0, c[inside] - t0, inside
-
-    @torch.no_grad()
-    def _put(self, indices: torch.Tensor, content: torch.Tensor) -> None:
-        """W[indices] = content (one value per position, cast to W's dtype), into a plain weight or into the
-        local block of a sharded one (each rank writes the positions it holds)."""
-        w = self._stored(write=True)
-        if _sharded(w) is None:
-            storage = self.storage(write=True)
-            storage.index_put_(self._rows_cols(indices.to(storage.device)), content.to(storage.device, storage.dtype))
-            return
-        local, r, c, inside = self._local(w, indices)
-        local.index_put_((r, c), content.to(local.device)[inside].to(local.dtype))
-
-    @torch.no_grad()
-    def _get(self, indices: torch.Tensor) -> torch.Tensor:
-        """W at the positions; a sharded weight is gathered by every rank together (a collective, one layer at a
-        time: a switch of adapters or a regrowth under FSDP2 runs on every rank anyway)."""
-        w = self._stored(write=False)
-        if _sharded(w) is None:
-            return self.storage()[self._rows_cols(indices.to(w.device))]
-        full = w.full_tensor()
-        return (full.t() if self.layer.weight_transposed else full)[self._rows_cols(indices.to(full.device))]
-
-    @torch.no_grad()
-    def read_base(self) -> None:
-        """The active adapter's base = W at its positions; W must hold the pure weight there."""
-        layer = self.layer
         self.written = None
-        if layer.weight.is_meta or layer.delta_indices.is_meta:
-            return  # nothing to read yet: a materialization or a load reads it (the base stays stale)
-        if layer.quantization is not None:
-            base = values_at(layer.base_layer, layer.delta_indices)  # one dequantized copy of the layer, freed
-        else:
-            base = self._get(layer.delta_indices)
-        delta = layer._active
-        if delta.base.shape == base.shape and delta.base.dtype == base.dtype and delta.base.device == base.device:
-            delta.base.copy_(base)
-        else:
-            delta.base = base
-        self.stale = False
 
-    def base(self) -> torch.Tensor:
-        """W's own values at the tuned positions, read first if still unread."""
-        if self.stale:
-            self.read_base()
-        return self.layer._active.base
+    @staticmethod
+    def of(layer) -> "MergedWeight":
+        state = layer.__dict__.get("_merged_weight")
+        if state is None:
+            state = layer.__dict__["_merged_weight"] = MergedWeight(layer)
+        return state
+
+    @property
+    def _at(self):
+        return self.layer._weight
 
     def restore(self) -> None:
         """W[p] = base itself: the pure weight, bit-exact."""
         self.written = None
-        if not self.stale:
-            self._put(self.layer.delta_indices, self.layer._active.base)
-
-    def restore_at(self, indices: torch.Tensor, base: torch.Tensor) -> None:
-        """W[indices] = base: a loaded weight saved merged at other positions (another adapter's) made pure."""
-        self.written = None
-        self._put(indices, base)
+        if not self._at.stale:
+            self._at.put(self.layer.delta_indices, self.layer._active.base)
 
     @torch.no_grad()
     def write(self, values: torch.Tensor, backend: str) -> None:
         """W[p] = cast(base + v): K writes through the backend's own scatter (no autograd); a sharded weight's
         local block gets its own positions."""
-        base = self.base()
-        w = self._stored(write=True)
-        if _sharded(w) is None and w.dtype == base.dtype:
-            implementation(backend).scatter_merge_(self.storage(write=True), self.layer.delta_indices, base,
+        at = self._at
+        base = at.base()
+        w = at.stored(write=True)
+        if not is_dtensor(w) and w.dtype == base.dtype:
+            implementation(backend).scatter_merge_(at.storage(write=True), self.layer.delta_indices, base,
                                                    values.detach())
             return
         # a sharded weight, or a gathered one in another dtype than its shards (FSDP2's MixedPrecisionPolicy:
         # cast(base + v) in the compute dtype, as the cast of a dense W + S would be)
         values = full_tensor(values.detach())  # (FSDP2 shards the values too)
         acc = accumulate_dtype(w.dtype)  # as every backend's scatter_merge_ computes it
-        self._put(self.layer.delta_indices, (base.to(acc) + values.to(base.device, acc)).to(w.dtype))
+        at.put(self.layer.delta_indices, (base.to(acc) + values.to(base.device, acc)).to(w.dtype))
 
     def sync(self, values: torch.Tensor, backend: str) -> None:
         """Make W hold cast(base + v) for ``values`` (see the module docstring for when it skips). The
         stamp is taken before the write, so a change racing with it is caught at the next call."""
         if torch.compiler.is_compiling():
-            base = self.base()
-            torch.ops.apet.scatter_merge_(self.storage(write=True), self.layer.delta_indices, base, values.detach(),
+            base = self._at.base()
+            torch.ops.apet.scatter_merge_(self._at.storage(write=True), self.layer.delta_indices, base, values.detach(),
                                           backend)
             return
         stamp = None
@@ -191,3 +108,25 @@ class MergedWeight:
         weight = self.layer.weight
         if not weight.is_meta:
             torch.autograd.graph.increment_version(weight)
+
+
+class LinearOverBaseWeight(torch.autograd.Function):
+    """x W0^T + b for a merged layer (disabled: the base output), exactly and without an out x in copy: W0's K
+    entries are written into W around each GEMM (forward and dx) and W + S is written back right after."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        with MergedWeight.of(layer).pure(layer.delta_values, layer._backend_name()) as w:
+            return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = db = None
+        layer = ctx.layer
+        if ctx.needs_input_grad[0]:
+            with MergedWeight.of(layer).pure(layer.delta_values, layer._backend_name()) as w:
+                dx = dy @ (w if w.dtype == dy.dtype else w.to(dy.dtype))  # (an autocast forward: dy in its dtype)
+        if ctx.needs_input_grad[1]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, db, None

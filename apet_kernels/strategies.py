@@ -21,6 +21,7 @@ import torch
 from .dequantized_linear import DequantizedLinear
 from .errors import ApetStateError
 from .linear_like import is_plain_linear, runs_as_plain_gemm
+from .merged_weight import LinearOverBaseWeight, MergedWeight
 from .ops.library import add_sparse_term, linear_sparse
 from .quantized import repacked_for_cpu
 
@@ -51,6 +52,9 @@ class Strategy:
 
     def after_load(self, layer) -> None:
         """The positions or the weight changed under a load (W pure, base read again)."""
+
+    def after_move(self, layer) -> None:
+        """The weight's dtype, device or storage may have changed (``module.to``, ``to_empty``)."""
 
     def __repr__(self) -> str:
         return self.name
@@ -115,7 +119,7 @@ class Merged(Strategy):
     applies_several = False
 
     def forward(self, layer, x):
-        backend, values, merge = layer._backend_name(), layer._active.values, layer._merge
+        backend, values, merge = layer._backend_name(), layer._active.values, MergedWeight.of(layer)
         w = layer.base_layer._parameters.get("weight")
         regathered = _check_mergeable_now(w) is not layer.__dict__.get("_own_weight")
         if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
@@ -131,15 +135,32 @@ class Merged(Strategy):
             y.register_hook(functools.partial(_write_before_dx, layer, values, backend))
         return _with_sparse_terms(layer, x, y, values, backend, merged=True)
 
+    @torch.compiler.disable
     def forward_disabled(self, layer, x):
-        return layer._forward_base(x)
+        layer._weight.base()
+        return LinearOverBaseWeight.apply(x, layer.bias, layer)
+
+    def enter(self, layer) -> None:
+        """The layer becomes merged: W + S written into W now."""
+        state = MergedWeight.of(layer)
+        state.structural_change()
+        state.write(layer.delta_values, layer._backend_name())
+
+    def leave(self, layer) -> None:
+        """The layer leaves the merged strategy: W restored bit-exactly."""
+        state = MergedWeight.of(layer)
+        state.restore()
+        state.structural_change()
+
+    def bake(self, layer) -> None:
+        """W + S into W for good, whatever strategy the layer runs (merge_and_unload)."""
+        MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
 
     @contextlib.contextmanager
     def changing(self, layer):
-        layer._merge.restore()
-        layer._merge.structural_change()
+        self.leave(layer)
         yield
-        layer._merge.write(layer.delta_values, layer._backend_name())
+        MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
 
     def sum_in_state_dict(self, layer) -> bool:
         from .linear_like import stored_weight
@@ -148,17 +169,20 @@ class Merged(Strategy):
         # current ones, so the state dict's weight is W + S for the values saved with it. FSDP2's shards are never
         # written (W + S lives only in the weight it gathers for a forward or a backward): a sharded state dict
         # holds the pure weight.
-        holds = not layer._merge.stale and not layer.weight.is_meta and \
+        holds = not layer._weight.stale and not layer.weight.is_meta and \
             not is_dtensor(stored_weight(layer.base_layer))
         if holds:
-            layer._merge.sync(layer.delta_values, layer._backend_name())
+            MergedWeight.of(layer).sync(layer.delta_values, layer._backend_name())
         return holds
 
     def before_load(self, layer) -> None:
-        layer._merge.restore()
+        MergedWeight.of(layer).restore()
 
     def after_load(self, layer) -> None:
-        layer._merge.structural_change()
+        MergedWeight.of(layer).structural_change()
+
+    def after_move(self, layer) -> None:
+        MergedWeight.of(layer).written = None  # (the stamp names a storage that may be gone)
 
 
 def _check_mergeable_now(w):
@@ -185,7 +209,7 @@ def _check_mergeable_now(w):
 
 def _write_before_dx(layer, values: torch.Tensor, backend: str, grad: torch.Tensor) -> None:
     """(A gradient hook on a merged layer's base output: W as the engine re-gathered it gets W + S again.)"""
-    layer._merge.write(values, backend)
+    MergedWeight.of(layer).write(values, backend)
 
 
 MERGED, UNMERGED, DEQUANTIZED = Merged(), Unmerged(), Dequantized()

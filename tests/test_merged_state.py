@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from _helpers import BACKENDS, oracle_linear, rel_err
 from apet_kernels import SparseDeltaLinear
+from apet_kernels.merged_weight import MergedWeight
 
 IN, OUT, K = 19, 23, 60
 
@@ -192,7 +193,7 @@ def test_cpu_forwards_with_unchanged_values_skip_the_writes(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merged_weight_invariants(backend):
-    """apet_kernels.merged_weight: what W holds at the K positions after each operation, bit for bit, and
+    """apet_kernels.merged_weight (the merged strategy's state): what W holds at the K positions after each operation, bit for bit, and
     which operations move W's version counter (only the structural ones)."""
     torch.manual_seed(3)
     lin = nn.Linear(IN, OUT)
@@ -200,7 +201,7 @@ def test_merged_weight_invariants(backend):
         lin.weight.view(-1)[::5] = -0.0
     pure = lin.weight.detach().clone()
     layer = SparseDeltaLinear.from_linear(lin, k=K, strategy="merged", backend=backend, seed=4)
-    merge, idx = layer._merge, layer.delta_indices.long()
+    merge, idx = MergedWeight.of(layer), layer.delta_indices.long()
     assert torch.equal(layer.delta_base, pure.view(-1)[idx])  # base read from the pure W
     values = torch.randn(K)
     version = lin.weight._version
