@@ -62,6 +62,18 @@ def check_adapter_name(name) -> None:
         raise ApetValueError(f"adapter names are non-empty strings without dots (and not '__base__'), got {name!r}")
 
 
+def known_adapters(names, present, holder: str, what: str = "set_adapter") -> list[str]:
+    """``names`` (a name or a list) as a list of distinct names among ``present`` (the adapters of a layer or of a
+    model: ``holder`` says which, for the message)."""
+    listed = [names] if isinstance(names, str) else list(names)
+    if not listed or len(set(listed)) != len(listed):
+        raise ApetValueError(f"{what} takes an adapter name or a list of distinct names, got {names!r}")
+    unknown = [n for n in listed if n not in present]
+    if unknown:
+        raise ApetValueError(f"no adapter named {unknown[0]!r}; this {holder} has {list(present)}")
+    return listed
+
+
 class DeltaSet(nn.Module):
     """One adapter's deltas on one layer: K sorted, unique flat row-major positions (``indices``) and
     their fp32 ``values``, with the orderings the kernels walk (non-persistent buffers built when the
@@ -438,12 +450,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Apply and train ``names[0]``, apply the others with it (unmerged only). Merged: W is restored at
         the old positions and cast(base + v) written at the new ones right away, nothing else is touched.
         Each adapter keeps its own values Parameter: switching back gives the same Parameters."""
-        names = [names] if isinstance(names, str) else list(names)
-        if not names or len(set(names)) != len(names):
-            raise ApetValueError(f"set_adapter takes an adapter name or a list of distinct names, got {names!r}")
-        unknown = [n for n in names if n not in self.deltas]
-        if unknown:
-            raise ApetValueError(f"no adapter named {unknown[0]!r}; this layer has {self.adapters}")
+        names = known_adapters(names, self.adapters, "layer")
         if len(names) > 1 and not self._strategy.applies_several:
             raise ApetValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
                              "unmerge() it or use strategy='unmerged'")

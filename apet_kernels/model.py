@@ -29,13 +29,14 @@ import torch
 import torch.nn as nn
 
 from . import learning_rate
+from .adapter_registry import AdapterRegistry, first_few
 from .config import ApetConfig
 from .errors import AdapterFileError, ApetStateError, ApetTypeError, ApetValueError, BaseMismatchError
 from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
 from .linear_like import is_linear_like, linear_shape, weight_oi
 from .load_guard import check_strict_keys, guard, guard_ancestors, unguard_tree
 from .merging import activation_dtype, merge_quantized, requantization_summary
-from .mixed_batch import BASE, MixedBatch, batch_shape
+from .mixed_batch import batch_shape
 from .positions import GradientScores
 from .quantized import dequantize, quantization_of, values_at
 from .selection import METHODS, magnitude_indices, select_indices
@@ -51,9 +52,7 @@ class _Patch:
     original_class: type
     requires_grad: dict[str, bool]  # every parameter's flag before patching
     saved_modules: dict[str, torch.Tensor]  # modules_to_save as they were (unload() restores them)
-    configs: dict[str, ApetConfig] = field(default_factory=dict)  # adapter name -> config, in the order added
-    active: list[str] = field(default_factory=list)
-    mixed: MixedBatch | None = None  # while a mixed-adapter batch runs
+    adapters: AdapterRegistry = field(default_factory=AdapterRegistry)  # configs by name, active ones, mixed batch
     call_owns_mixed: bool = False  # the current call started it (model(..., adapter_names=))
     originals_in_use: bool = False  # modules_to_save hold their weights as patched (disabled; saved_modules: trained)
 
@@ -78,7 +77,7 @@ class ApetModel(nn.Module):
         positions (a folder stores the seed while positions never moved): loaded alone they would land on the
         regrown ones (issue 33: Trainer's load_best_model_at_end after a regrowth, silently)."""
         patch, layers, added = _patch_of(self), None, {}
-        for adapter, config in patch.configs.items():
+        for adapter, config in patch.adapters.configs.items():
             if config.method not in METHODS:
                 continue  # data-driven positions: folders always carry their indices
             for lname, info in config.layers.items():
@@ -105,26 +104,27 @@ class ApetModel(nn.Module):
 
     @property
     def apet_configs(self) -> dict[str, ApetConfig]:
-        return dict(_patch_of(self).configs)
+        return dict(_patch_of(self).adapters.configs)
 
     @property
     def apet_config(self) -> ApetConfig:
         """The active adapter's config."""
-        return _patch_of(self).configs[_patch_of(self).active[0]]
+        adapters = _patch_of(self).adapters
+        return adapters.configs[adapters.active[0]]
 
     @property
     def active_adapter(self) -> str:
-        return _patch_of(self).active[0]
+        return _patch_of(self).adapters.active[0]
 
     def active_adapters(self) -> list[str]:
         """The adapter trained and applied, then others applied with it (``set_adapter`` with a list). A method,
         as transformers' ``active_adapters()``."""
-        return list(_patch_of(self).active)
+        return list(_patch_of(self).adapters.active)
 
     @property
     def adapters(self) -> list[str]:
         """Adapter names, the active one first."""
-        return [self.active_adapter, *(n for n in _patch_of(self).configs if n != self.active_adapter)]
+        return _patch_of(self).adapters.names
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
@@ -181,17 +181,6 @@ class ApetModel(nn.Module):
     disable_adapter = disable_apet  # PEFT's name
 
     # ----------------------------------------------------------------- several adapters
-    def _check_new_name(self, name: str) -> None:
-        _patch_of(self)
-        check_adapter_name(name)
-        if name in _patch_of(self).configs:
-            raise ApetValueError(f"an adapter named {name!r} exists already (delete_adapter it first)")
-        self._refuse_in_mixed_batch("adding an adapter")
-
-    def _refuse_in_mixed_batch(self, what: str) -> None:
-        if _patch_of(self).mixed is not None:
-            raise ApetStateError(f"{what} inside a mixed-adapter batch would change what its rows apply")
-
     def add_adapter(self, adapter_config: ApetConfig, adapter_name: str | None = None) -> None:
         """Add an inactive adapter (zero values) with seeded positions on the patched layers that
         ``adapter_config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
@@ -202,7 +191,7 @@ class ApetModel(nn.Module):
         if isinstance(adapter_config, str) and not isinstance(adapter_name, str):  # PEFT's argument order
             adapter_config, adapter_name = adapter_name, adapter_config
         adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
-        self._check_new_name(adapter_name)
+        _patch_of(self).adapters.check_new(adapter_name)
         if not isinstance(adapter_config, ApetConfig):
             raise ApetTypeError(f"add_adapter(adapter_config, adapter_name) takes an ApetConfig, got "
                                 f"{type(adapter_config).__name__}")
@@ -216,7 +205,7 @@ class ApetModel(nn.Module):
     def _add_entries(self, name: str, config: ApetConfig, indices: dict[str, torch.Tensor],
                      values: dict[str, torch.Tensor]) -> None:
         add_entries(self.apet_layers(), name, indices, values)
-        _patch_of(self).configs[name] = config
+        _patch_of(self).adapters.configs[name] = config
         _note_lr_hint(self, name, config)
 
     def load_adapter(self, peft_model_id: str, adapter_name: str | None = None, *, strict: bool = False,
@@ -230,7 +219,7 @@ class ApetModel(nn.Module):
                                 f"{sorted(kwargs)} {'is' if len(kwargs) == 1 else 'are'} not supported")
         directory = peft_model_id
         adapter_name = DEFAULT_ADAPTER if adapter_name is None else adapter_name
-        self._check_new_name(adapter_name)
+        _patch_of(self).adapters.check_new(adapter_name)
         saved = read_folder(directory)
         if saved.others:
             raise ApetValueError(f"{saved.path} holds {sorted(saved.others)[0]!r}: modules_to_save belong to the model, "
@@ -251,39 +240,11 @@ class ApetModel(nn.Module):
 
         A list applies several adapters together, their sparse terms added (every layer unmerged): the
         first is the one trained, the others are applied as they are."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names or len(set(names)) != len(names):
-            raise ApetValueError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
-        unknown = [n for n in names if n not in _patch_of(self).configs]
-        if unknown:
-            raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {self.adapters}")
-        self._refuse_in_mixed_batch("set_adapter()")
-        layers = self.apet_layers()
-        refuse_several_where_merged(layers, names, "unmerge() them or use strategy='unmerged'")
-        before, switched = self.active_adapters(), []
-        try:
-            for layer in layers.values():
-                layer.set_adapter(names)
-                switched.append(layer)
-        except BaseException:
-            for layer in switched:  # (nothing fails after the checks above; this keeps the model whole if it does)
-                layer.set_adapter(before)
-            raise
-        _patch_of(self).active = names
+        _patch_of(self).adapters.switch(self.apet_layers(), adapter_name, "unmerge() them or use strategy='unmerged'")
 
     def delete_adapter(self, adapter_names: str | list[str]) -> None:
         """Delete one adapter or a list of them (transformers' signature); all are checked first."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name in _patch_of(self).active:
-                raise ApetValueError(f"{name!r} is active: set_adapter() another one before deleting it")
-            if name not in _patch_of(self).configs:
-                raise ApetValueError(f"no adapter named {name!r}; this model has {self.adapters}")
-        self._refuse_in_mixed_batch("delete_adapter()")
-        for name in names:
-            for layer in self.apet_layers().values():
-                layer.delete_adapter(name)
-            del _patch_of(self).configs[name]
+        _patch_of(self).adapters.delete(self.apet_layers(), adapter_names)
 
     def disable_adapters(self) -> None:
         """transformers' switch: the model computes as its base (modules_to_save included) until
@@ -323,24 +284,11 @@ class ApetModel(nn.Module):
             self._end_mixed_batch()
 
     def _begin_mixed_batch(self, adapter_names, expand: bool = False) -> None:
-        names = list(adapter_names) if not isinstance(adapter_names, str) else [adapter_names]
-        unknown = sorted(set(names) - set(self.adapters) - {BASE})
-        if unknown:
-            raise ApetValueError(f"unknown adapters {unknown}; this model has {self.adapters} (and '{BASE}')")
-        if not names:
-            raise ApetValueError("adapter_names is empty: give one name per batch row")
-        if len(_patch_of(self).active) > 1:
-            raise ApetValueError("a mixed-adapter batch applies one adapter per row: set_adapter() a single one first")
-        if _patch_of(self).mixed is not None:
-            raise ApetStateError("mixed-adapter batches do not nest")
-        plan = MixedBatch(names, expand=expand)
-        begin_mixed_batch(self.apet_layers(), plan, "call unmerge() on them or use strategy='unmerged'")
-        _patch_of(self).mixed = plan
+        _patch_of(self).adapters.begin_mixed(self.apet_layers(), adapter_names,
+                                             "call unmerge() on them or use strategy='unmerged'", expand)
 
     def _end_mixed_batch(self) -> None:
-        for layer in self.apet_layers().values():
-            layer.end_mixed_batch()
-        _patch_of(self).mixed = None
+        _patch_of(self).adapters.end_mixed(self.apet_layers())
         _patch_of(self).call_owns_mixed = False
 
     def _generate_with_adapter_names(self, *args, adapter_names=None, **kwargs):
@@ -386,15 +334,16 @@ class ApetModel(nn.Module):
     save_apet = save_pretrained
 
     def _folder_contents(self, selected: list[str] | None, state_dict: dict | None):
-        names = list(_patch_of(self).configs) if selected is None else list(selected)
-        unknown = [n for n in names if n not in _patch_of(self).configs]
+        adapters = _patch_of(self).adapters
+        names = list(adapters.configs) if selected is None else list(selected)
+        unknown = [n for n in names if n not in adapters.configs]
         if unknown or not names:
             raise ApetValueError(f"selected_adapters {selected} must name some of this model's adapters {self.adapters}")
-        active = [n for n in _patch_of(self).active if n in names] or [names[0]]
+        active = [n for n in adapters.active if n in names] or [names[0]]
         layers = self.apet_layers()
         configs, tensors = {}, {}
         for name in names:
-            config = configs[name] = copy.deepcopy(_patch_of(self).configs[name])
+            config = configs[name] = copy.deepcopy(adapters.configs[name])
             for lname, info in config.layers.items():
                 for what, own in saved_entry(layers[lname], name, config, lname, info).items():
                     key = delta_key(lname, name, what)
@@ -450,10 +399,8 @@ class ApetModel(nn.Module):
         as ``requantize=``). Re-quantization rounds most small deltas away: the error it adds against
         keeping the deltas separate is stored per layer in ``model.requantization_report`` and summed
         up in a warning."""
-        if len(_patch_of(self).active) > 1:
-            raise ApetValueError(f"adapters {self.active_adapters()} are active together: set_adapter() the one to "
-                             "merge")
-        self._refuse_in_mixed_batch("merge_and_unload()")
+        _patch_of(self).adapters.check_single_active("merge")
+        _patch_of(self).adapters.refuse_in_mixed_batch("merge_and_unload()")
         replacements, report = merged_replacements(self, self.apet_layers(), requantize)
         model = self._restore(merge=True, replacements=replacements)
         if requantize is not False:
@@ -464,7 +411,7 @@ class ApetModel(nn.Module):
     def unload(self) -> nn.Module:
         """Restore the original modules, weights, modules_to_save and class bit-exactly; returns the model."""
         _patch_of(self)
-        self._refuse_in_mixed_batch("unload()")
+        _patch_of(self).adapters.refuse_in_mixed_batch("unload()")
         return self._restore(merge=False)
 
     # ----------------------------------------------------------------- copies
@@ -512,9 +459,9 @@ def _forward_pre_hook(model, args, kwargs):
     if names is not None:
         model._begin_mixed_batch(names)  # (ended by _forward_hook, which runs even if the forward raises)
         patch.call_owns_mixed = True
-    if patch.mixed is not None:
+    if patch.adapters.mixed is not None:
         try:
-            patch.mixed.begin_forward(args, kwargs)
+            patch.adapters.mixed.begin_forward(args, kwargs)
         except BaseException:
             _forward_hook(model, args, kwargs, None)
             raise
@@ -579,10 +526,6 @@ def _remove_model_hooks(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- patching
-def _first_few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 def _modules_to_save(model: nn.Module, config: ApetConfig) -> dict[str, nn.Parameter]:
     """Name -> parameter of every module in ``modules_to_save``, under every name a tied parameter has."""
     return {n: p for n, p in model.named_parameters(remove_duplicate=False)
@@ -677,32 +620,6 @@ def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lnam
     return {VALUES: delta.values, INDICES: delta.indices} if stored else {VALUES: delta.values}
 
 
-def refuse_several_where_merged(layers: dict[str, SparseDeltaLinear], names: list[str], way_out: str) -> None:
-    """Adapters active together add their sparse terms unmerged: refused, before any layer changes, where a layer
-    runs merged."""
-    merged = [n for n, m in layers.items() if not m.applies_several]
-    if len(names) > 1 and merged:
-        raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
-                             f"are merged ({_first_few(merged)}): {way_out}")
-
-
-def begin_mixed_batch(layers: dict[str, SparseDeltaLinear], plan: MixedBatch, way_out: str) -> None:
-    """Every layer runs the next forwards as ``plan`` says (one adapter per batch row), all or none."""
-    merged = [n for n, m in layers.items() if not m.applies_several]
-    if merged:
-        raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
-                             f"({_first_few(merged)}): {way_out}")
-    begun = []
-    try:
-        for layer in layers.values():
-            layer.begin_mixed_batch(plan)
-            begun.append(layer)
-    except BaseException:
-        for layer in begun:
-            layer.end_mixed_batch()
-        raise
-
-
 def merged_replacements(model: nn.Module, layers: dict[str, SparseDeltaLinear], requantize
                         ) -> tuple[dict[str, nn.Module], dict]:
     """For merge_and_unload: the new module of each quantized layer (dequantized, W + S, requantized if asked)
@@ -755,8 +672,8 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
         for name, p in model.named_parameters(remove_duplicate=False):
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         raise
-    model.__dict__["_apet_patch"] = _Patch(type(model), requires_grad, originals, {adapter_name: config},
-                                           [adapter_name])
+    model.__dict__["_apet_patch"] = _Patch(type(model), requires_grad, originals,
+                                           AdapterRegistry({adapter_name: config}, [adapter_name]))
     model.__class__ = _apet_class(type(model))
     _install_model_hooks(model)
     guard_ancestors(model)
@@ -869,12 +786,12 @@ def _resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], sha
         indices[name] = idx
     if requantized:
         warnings.warn(f"the base differs from the one the adapter was trained on only by quantization in "
-                      f"{len(requantized)} of {len(config.layers)} adapter layers ({_first_few(requantized)}): its "
+                      f"{len(requantized)} of {len(config.layers)} adapter layers ({first_few(requantized)}): its "
                       f"weights at the tuned positions are a quantized (or dequantized) copy of those, so the "
                       f"deltas apply on a slightly different base")
     if foreign:
         message = (f"base fingerprint mismatch in {len(foreign)} of {len(indices)} adapter layers "
-                   f"({_first_few(foreign)}): this model's weights at the tuned positions differ from those the "
+                   f"({first_few(foreign)}): this model's weights at the tuned positions differ from those the "
                    f"adapter was trained on")
         if strict:
             raise BaseMismatchError(message + " (strict=True)")

@@ -35,10 +35,9 @@ from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
 from .load_guard import StrictFirst
-from .mixed_batch import BASE, MixedBatch
-from .model import (_first_few, _resolve_positions, add_entries, begin_mixed_batch, choose_positions,
-                    give_back_layers, merged_replacements, refuse_several_where_merged, saved_entry, seeded_positions,
-                    wrap_targets)
+from .adapter_registry import PeftAdapters, first_few
+from .model import (_resolve_positions, add_entries, choose_positions, give_back_layers, merged_replacements,
+                    saved_entry, seeded_positions, wrap_targets)
 from .selection import METHODS, select_indices
 from .serialization import INDICES, VALUES, SavedAdapter, index_checksum
 from .targets import targeted
@@ -86,6 +85,14 @@ class ApetTuner(BaseTuner):
     tuner_layer_cls = SparseDeltaLinear
     target_module_mapping: dict = {}
 
+    @property
+    def adapter_registry(self) -> PeftAdapters:
+        """APET's rules over PEFT's own adapter state (apet_kernels.adapter_registry)."""
+        registry = self.__dict__.get("_adapter_registry")
+        if registry is None:
+            registry = self.__dict__["_adapter_registry"] = PeftAdapters(self)
+        return registry
+
     def _apet_adopted_by(self, parent: nn.Module) -> None:
         """Registered under ``parent`` (the PeftModel): its strict loads check the key set before copying, and a
         ``load_adapter`` that fails takes back what it added (apet_kernels.load_guard calls this)."""
@@ -125,7 +132,7 @@ class ApetTuner(BaseTuner):
             indices = _saved_positions(model, config) if saved else seeded_positions(model, layers, config)
             unknown = sorted(set(indices) - set(layers))
             if unknown:
-                raise ApetValueError(f"adapter layers {_first_few(unknown)} are not APET layers of this model (a further "
+                raise ApetValueError(f"adapter layers {first_few(unknown)} are not APET layers of this model (a further "
                                  "adapter tunes a subset of the layers the first one wrapped)")
             add_entries(layers, adapter_name, indices, {})
         if saved:
@@ -161,17 +168,12 @@ class ApetTuner(BaseTuner):
 
     # ----------------------------------------------------------------- switching (checked before any layer changes)
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        refuse_several_where_merged(_apet_layers(self.model), names,
-                                    "unmerge_adapter() first or use strategy='unmerged'")
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ApetValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+        self.adapter_registry.check_switch(_apet_layers(self.model), adapter_name,
+                                           "unmerge_adapter() first or use strategy='unmerged'")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.peft_config and len(self.peft_config) == 1:
-            raise ApetValueError(f"{adapter_name!r} is the only adapter: unload() the model instead of deleting it")
+        self.adapter_registry.check_delete(adapter_name, active_ok=True)  # (PEFT activates another one)
         super().delete_adapter(adapter_name)
 
     # ----------------------------------------------------------------- mixed-adapter batches (adapter_names=)
@@ -183,17 +185,13 @@ class ApetTuner(BaseTuner):
             return
         if self.training:
             raise ApetValueError("adapter_names= (a mixed-adapter batch) is for inference: call model.eval() first")
-        unknown = sorted(set(names) - set(self.peft_config) - {BASE})
-        if unknown:
-            raise ApetValueError(f"unknown adapters {unknown}; this model has {sorted(self.peft_config)} (and '{BASE}')")
         layers = _apet_layers(self.model)
-        begin_mixed_batch(layers, MixedBatch(list(names), expand=True),
-                          "unmerge_adapter() first or use strategy='unmerged'")
+        self.adapter_registry.begin_mixed(layers, names, "unmerge_adapter() first or use strategy='unmerged'",
+                                          expand=True)
         try:
             yield
         finally:
-            for layer in layers.values():
-                layer.end_mixed_batch()
+            self.adapter_registry.end_mixed(layers)
 
     # ----------------------------------------------------------------- giving the model back
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -207,10 +205,9 @@ class ApetTuner(BaseTuner):
                                      adapter_names: list[str] | None = None, requantize=False) -> nn.Module:
         layers = _apet_layers(self.model)
         report = None
+        self.adapter_registry.refuse_in_mixed_batch("merge_and_unload()" if merge else "unload()")
         if merge:
-            if len(self.active_adapters) > 1:
-                raise ApetValueError(f"adapters {self.active_adapters} are active together: set_adapter() the one to "
-                                 "merge")
+            self.adapter_registry.check_single_active("merge")
             for layer in layers.values():  # (checks adapter_names and safe_merge before anything changes)
                 if adapter_names is not None and list(adapter_names) not in ([], [layer.active_adapter]):
                     raise ApetValueError(f"APET merges the active adapter only ({layer.active_adapter!r}), not "
