@@ -97,6 +97,56 @@ def test_holdout_evaluates_on_the_last_training_sentences_and_never_trains_on_th
     assert result["evaluated_on"] == "train[-6:]" and result["dev_examples"] == 6 and result["train_examples"] == 26
 
 
+def test_reserve_never_trains_on_the_slice_and_evaluates_on_the_dev_set(tmp_path, tiny_model_dir, sst2_dir):
+    """PROTOCOL.md's reported runs: the held-out slice stays out of training, the dev set is what is reported."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import finetune
+    args = finetune.parse_args(["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir), "--method", "head",
+                                "--max-len", "16", "--reserve", "6"])
+    setup = finetune.prepare(args)
+    assert len(setup.train) == 26 and len(setup.dev) == 8  # the dev file's 8 sentences, not the slice
+    with pytest.raises(SystemExit, match="give one"):
+        finetune.prepare(finetune.parse_args(["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir),
+                                              "--holdout", "6", "--reserve", "6"]))
+
+
+def test_head_only_trains_the_classifier_alone(tmp_path, tiny_model_dir, sst2_dir):
+    """PROTOCOL.md's floor: only the new classification head is trainable."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import finetune
+    setup = finetune.prepare(finetune.parse_args(["--data-dir", str(sst2_dir), "--model", str(tiny_model_dir),
+                                                  "--method", "head", "--max-len", "16"]))
+    head = finetune.head_name(setup.model)
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(head) for n in trainable)
+    assert setup.lr == 1e-3
+
+
+def _protocol_row(model, budget, method, lr, seed, acc, held_out):
+    return dict(model=model, task="sst2", study_budget=budget, study_method=method, lr=lr, seed=seed,
+                dev_accuracy=acc / 100, evaluated_on="train[-1000:]" if held_out else "validation")
+
+
+def test_protocol_analysis_chooses_rates_on_probes_and_tests_the_interaction():
+    """python/protocol.py: rates from the held-out probes only (ties to the lower rate), the gradient score by its
+    held-out mean, and a permutation p that is 1 for identical models and small for a large scheme effect."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import protocol
+    probes = [_protocol_row("minilm", "k=10", "random", lr, s, acc, True)
+              for lr, acc in ((1e-3, 70.0), (1e-2, 80.0), (3e-2, 80.0)) for s in (100, 101)]
+    probes += [_protocol_row("minilm", "k=10", m, 1e-2, s, acc, True)
+               for m, acc in (("gradient", 81.0), ("gradient:corr", 82.0)) for s in (100, 101)]
+    chosen = protocol.choose_rates(probes)
+    assert chosen[("minilm", "sst2", "k=10", "random")] == (1e-2, 80.0)  # the tie goes to the lower rate
+    assert protocol.gradient_score(chosen, ("minilm", "sst2", "k=10")) == "gradient:corr"
+    flat = {m: {s: 80.0 + (s % 3) for s in range(8)} for m in protocol.SCHEMES}
+    diff, lo, hi, p = protocol.interaction(flat, flat, rounds=500)
+    assert diff == 0 and p == 1.0
+    effect = {m: {s: 80.0 + 10 * i + (s % 3) for s in range(8)} for i, m in enumerate(protocol.SCHEMES)}
+    diff, lo, hi, p = protocol.interaction(flat, effect, rounds=500)
+    assert diff == 30 and p < 0.01 and lo <= 30 <= hi
+
+
 def test_local_glue_loaders_read_every_shared_task():
     data = ROOT.parent / "shared" / "data"
     if not data.is_dir():
