@@ -229,6 +229,7 @@ class ApetModel(nn.Module):
         indices = _resolve_positions(adapter, layers, lambda m: (m.out_features, m.in_features),
                                      lambda m, idx: m.base_values_at(idx), saved.path, strict,
                                      "with APET layers (added adapters tune a subset of them)")
+        saved.check_one_save()
         config = copy.deepcopy(adapter.config)
         self._add_entries(adapter_name, config, indices, adapter.values)
 
@@ -819,11 +820,17 @@ def load_apet(model: nn.Module, directory: str, *, strict: bool = False, backend
     modules = {n: m for n, m in model.named_modules() if n and is_linear_like(m)}
     positions = {name: _resolve_positions(adapter, modules, linear_shape, weight_at, saved.path, strict, "")
                  for name, adapter in saved.adapters.items()}
-    first = next(iter(saved.adapters))  # the adapter the model was patched with; the layers are all adapters' layers
+    saved.check_one_save()
+    first = saved.active[0]  # the adapter the model is patched with; the layers are all adapters' layers
     layers = [n for n in modules if any(n in p for p in positions.values())]
     empty = {n: select_indices(linear_shape(modules[n]), 0, key=n) for n in layers}
     config = copy.deepcopy(saved.adapters[first].config)
     config.backend = backend
+    # modules_to_save belong to the model, saved with whichever adapter patched it
+    config.modules_to_save = config.modules_to_save or next(
+        (a.config.modules_to_save for a in saved.adapters.values() if a.config.modules_to_save), None)
+    if len(saved.active) > 1 and config.strategy == "auto":
+        config.strategy = "unmerged"  # (adapters active together add their terms unmerged)
     params = _modules_to_save(model, config)
     for key, t in saved.others.items():
         if key not in params:

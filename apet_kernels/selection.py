@@ -32,10 +32,13 @@ BLOCK_SHAPE = (16, 16)  # tile of the `blocks` method: one tensor-core fragment
 INT32_LIMIT = 2**31
 
 
-
 def index_checksum(indices: torch.Tensor) -> str:
     """A short hash of positions (as int64, in order): what a saved adapter records to recognize them."""
+    if indices.is_meta:
+        raise ApetValueError("these positions are on the meta device (a model patched before its weights were "
+                             "materialized): call model.to_empty(device=...) and load its weights first")
     return hashlib.sha256(indices.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+
 
 def index_dtype(numel: int) -> torch.dtype:
     """int32 while every flat position fits, else int64 (the int32 kernels are the fast ones)."""
@@ -136,16 +139,17 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
     if not isinstance(key, str):
         raise ApetValueError(f"key must be a string (e.g. the module's qualified name), got {key!r}")
     gen = _generator(method, seed, key, (rows, cols), k)
-    if method == "random":
-        flat = _sample_distinct(rows * cols, k, gen)
-    elif method == "rows":
-        flat = _whole_lines(rows, cols, k, gen)
-    elif method == "cols":
-        pos = _whole_lines(cols, rows, k, gen)  # pos = col * rows + row
-        flat = (pos % rows) * cols + pos // rows
-    else:
-        flat = _blocks(rows, cols, k, gen)
-    return torch.sort(flat).values.to(index_dtype(rows * cols))
+    with torch.device("cpu"):  # drawn on the CPU whatever the default device (a model built under torch.device("meta"))
+        if method == "random":
+            flat = _sample_distinct(rows * cols, k, gen)
+        elif method == "rows":
+            flat = _whole_lines(rows, cols, k, gen)
+        elif method == "cols":
+            pos = _whole_lines(cols, rows, k, gen)  # pos = col * rows + row
+            flat = (pos % rows) * cols + pos // rows
+        else:
+            flat = _blocks(rows, cols, k, gen)
+        return torch.sort(flat).values.to(index_dtype(rows * cols))
 
 
 def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | None = None,

@@ -88,7 +88,7 @@ def write_config_file(directory: str, configs: dict[str, ApetConfig], active: li
     data = {"apet_format_version": FORMAT_VERSION, "active_adapters": list(active),
             "adapters": {name: config.to_dict() for name, config in configs.items()}}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2)  # (adapters in the order added: the first one patched the model)
 
 
 def peft_layout(configs: dict[str, ApetConfig], active: list[str], tensors: dict[str, torch.Tensor]
@@ -128,36 +128,55 @@ def _load_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_peft_layout(directory: str) -> tuple[dict[str, ApetConfig], list[str], dict[str, torch.Tensor], str]:
-    """An APET adapter in PEFT's layout (``PeftModel.save_pretrained``): its configs and tensors under the keys a
-    patched model uses (``<layer>.deltas.<adapter>.values``)."""
-    folders = {"default": directory}
-    for entry in sorted(os.listdir(directory)):
-        if os.path.isfile(os.path.join(directory, entry, PEFT_CONFIG_NAME)):
-            folders[entry] = os.path.join(directory, entry)
-    configs, tensors, path = {}, {}, os.path.join(directory, PEFT_WEIGHTS_NAME)
-    for name, folder in folders.items():
-        config_path = os.path.join(folder, PEFT_CONFIG_NAME)
-        try:
-            with open(config_path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged") from None
-        if not isinstance(data, dict) or data.get("peft_type") != "APET":
-            kind = data.get("peft_type") if isinstance(data, dict) else None
-            raise AdapterFileError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
-        configs[name] = ApetConfig.from_dict(data, config_path)
-        weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
-        if not os.path.exists(weights) and os.path.exists(os.path.join(folder, "adapter_model.bin")):
-            raise AdapterFileError(f"{folder} holds adapter_model.bin (PEFT's save_pretrained(safe_serialization=False)): "
-                                   "apet_kernels reads safetensors only (nothing is unpickled); load it with "
-                                   "PeftModel.from_pretrained, or save it again with safe_serialization=True")
-        for key, t in _load_tensors(weights).items():
-            if not key.startswith(PEFT_PREFIX):
-                raise AdapterFileError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
-            key = key[len(PEFT_PREFIX):]
-            layer, _, what = key.rpartition(".deltas.")
-            tensors[delta_key(layer, name, what) if layer and what in (VALUES, INDICES) else key] = t
-    return configs, ["default"], tensors, path
+    """The adapter at the top of a folder in PEFT's layout (``PeftModel.save_pretrained``), as
+    ``PeftModel.from_pretrained`` reads it: its config and tensors under the keys a patched model uses
+    (``<layer>.deltas.default.values``). Subfolders (further adapters of a PEFT save, or left by an earlier save
+    into the same folder) are not read: load them by their own path."""
+    config_path = os.path.join(directory, PEFT_CONFIG_NAME)
+    try:
+        with open(config_path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "APET":
+        kind = data.get("peft_type") if isinstance(data, dict) else None
+        raise AdapterFileError(f"{config_path} is a PEFT adapter of type {kind!r}, not an APET adapter")
+    configs = {"default": ApetConfig.from_dict(data, config_path)}
+    weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
+    if not os.path.exists(weights) and os.path.exists(os.path.join(directory, "adapter_model.bin")):
+        raise AdapterFileError(f"{directory} holds adapter_model.bin (PEFT's save_pretrained(safe_serialization=False)): "
+                               "apet_kernels reads safetensors only (nothing is unpickled); load it with "
+                               "PeftModel.from_pretrained, or save it again with safe_serialization=True")
+    tensors = {}
+    for key, t in _load_tensors(weights).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterFileError(f"{weights}: {key} is not a PEFT adapter key (base_model.model.<module>...)")
+        key = key[len(PEFT_PREFIX):]
+        layer, _, what = key.rpartition(".deltas.")
+        tensors[delta_key(layer, "default", what) if layer and what in (VALUES, INDICES) else key] = t
+    return configs, ["default"], tensors, weights
+
+
+def _layouts_conflict(directory: str, configs: dict[str, ApetConfig], active: list[str],
+                      tensors: dict[str, torch.Tensor]) -> str | None:
+    """A folder holding both layouts holds one save (``save_pretrained`` of a model patched in place writes both)
+    unless PEFT saved another adapter over an older in-place save: then the two disagree, and which one the
+    caller means cannot be told."""
+    if not os.path.exists(os.path.join(directory, PEFT_CONFIG_NAME)):
+        return None
+    top = "default" if "default" in configs else active[0]
+    try:
+        _, _, peft_tensors, _ = _read_peft_layout(directory)
+    except (AdapterFileError, ValueError) as exc:
+        return f"{directory} holds a damaged {PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME} beside {CONFIG_NAME}: {exc}"
+    mine = {k.replace(f".deltas.{top}.", ".deltas.default."): t for k, t in tensors.items()
+            if f".deltas.{top}." in k}
+    theirs = {k: t for k, t in peft_tensors.items() if ".deltas.default." in k}
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        return (f"{directory} holds two different adapters: {CONFIG_NAME} + {WEIGHTS_NAME} (saved by a model patched "
+                f"in place) and {PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME} (saved by a PeftModel over it?), which "
+                "disagree; remove the stale pair or save into an empty folder. Nothing was loaded")
+    return None
 
 
 def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
@@ -207,6 +226,13 @@ class SavedFolder:
     active: list[str]
     others: dict[str, torch.Tensor]  # modules_to_save parameters, by their name in the model
     path: str  # the tensor file, for messages
+    conflict: str | None = None  # why this folder's two layouts disagree (raised by check_one_save)
+
+    def check_one_save(self) -> None:
+        """Refuse a folder whose two layouts hold different adapters. Loaders call this after their own checks
+        against the model, so a damaged file is named for its damage first."""
+        if self.conflict:
+            raise AdapterFileError(self.conflict)
 
 
 def read_folder(directory: str) -> SavedFolder:
@@ -226,6 +252,8 @@ def read_folder(directory: str) -> SavedFolder:
         tensors = _load_tensors(path)
     for key, t in tensors.items():
         check_finite(t, f"{path}: {key}")
+    conflict = _layouts_conflict(directory, configs, active, tensors) if os.path.basename(path) == WEIGHTS_NAME \
+        else None
     adapters, claimed = {}, set()
     for name, config in configs.items():
         saved = adapters[name] = SavedAdapter(config)
@@ -239,7 +267,7 @@ def read_folder(directory: str) -> SavedFolder:
             saved.indices[layer] = tensors.get(ikey)
             claimed.update({vkey, ikey})
     others = {k: t for k, t in tensors.items() if k not in claimed}
-    return SavedFolder(adapters, active, others, path)
+    return SavedFolder(adapters, active, others, path, conflict)
 
 
 def _refuse_overwriting_a_model(directory: str) -> None:

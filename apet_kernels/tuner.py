@@ -93,6 +93,14 @@ class ApetTuner(BaseTuner):
             registry = self.__dict__["_adapter_registry"] = PeftAdapters(self)
         return registry
 
+    def refuse_if_unloaded(self, what: str) -> None:
+        """After ``unload()`` / ``merge_and_unload()`` the PeftModel no longer holds APET layers: every adapter call
+        is refused instead of wrapping the base model it gave back again (or saving an empty adapter)."""
+        if self.__dict__.get("_apet_unloaded"):
+            raise ApetStateError(f"{what}: this PeftModel was unloaded (unload() / merge_and_unload() gave its base "
+                                 "model back, without APET layers); build a new one with peft.get_peft_model or "
+                                 "PeftModel.from_pretrained")
+
     def _apet_adopted_by(self, parent: nn.Module) -> None:
         """Registered under ``parent`` (the PeftModel): its strict loads check the key set before copying, and a
         ``load_adapter`` that fails takes back what it added (apet_kernels.load_guard calls this)."""
@@ -115,17 +123,24 @@ class ApetTuner(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Wrap the targets (first adapter) or add the adapter to the APET layers (later ones), all or none."""
+        self.refuse_if_unloaded(f"adding adapter {adapter_name!r}")
         if state_dict is not None:
             raise ApetValueError("APET adapters are injected from their config (its layers and seed), not from a "
                              "state dict's keys")
         config = copy.deepcopy(self.peft_config[adapter_name])  # (layers are filled in; the caller's stays as given)
         layers = _apet_layers(model)
+        if config.layers and any(getattr(m, "weight", None) is not None and m.weight.is_meta
+                                 for n, m in model.named_modules() if n in config.layers):
+            raise ApetValueError("the base model's weights are on the meta device: an APET adapter is checked against "
+                                 "and applied to real weights; load them first (to_empty(device=...) and the model's "
+                                 "state dict, or from_pretrained without device_map='meta')")
         if any(adapter_name in m.deltas for m in layers.values()):
             raise ApetStateError(f"this model already holds APET layers with an adapter named {adapter_name!r} (it "
                                  "was wrapped before, by get_peft_model or PeftModel.from_pretrained): use that "
                                  "PeftModel, unload() it first, or choose another adapter_name")
         saved = copy.deepcopy(config.layers)
         if not layers:
+            self.__dict__["_flags_before"] = {n: p.requires_grad for n, p in model.named_parameters()}
             indices = _saved_positions(model, config) if saved else self._chosen_positions(model, config)
             wrap_targets(model, config, indices, adapter_name)
         else:
@@ -168,11 +183,13 @@ class ApetTuner(BaseTuner):
 
     # ----------------------------------------------------------------- switching (checked before any layer changes)
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.refuse_if_unloaded("set_adapter()")
         self.adapter_registry.check_switch(_apet_layers(self.model), adapter_name,
                                            "unmerge_adapter() first or use strategy='unmerged'")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.refuse_if_unloaded("delete_adapter()")
         self.adapter_registry.check_delete(adapter_name, active_ok=True)  # (PEFT activates another one)
         super().delete_adapter(adapter_name)
 
@@ -203,6 +220,7 @@ class ApetTuner(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: list[str] | None = None, requantize=False) -> nn.Module:
+        self.refuse_if_unloaded("merge_and_unload()" if merge else "unload()")
         layers = _apet_layers(self.model)
         report = None
         self.adapter_registry.refuse_in_mixed_batch("merge_and_unload()" if merge else "unload()")
@@ -219,6 +237,7 @@ class ApetTuner(BaseTuner):
             replacements = {}
         give_back_layers(self.model, layers, merge, replacements)
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
+        self.__dict__["_apet_unloaded"] = True
         if requantize is not False:
             model.requantization_report = report
             warnings.warn(requantization_summary(report))
@@ -230,6 +249,9 @@ class ApetTuner(BaseTuner):
         """Per layer its values, and its indices unless the seed regenerates them. The layer records as saved
         (checksum, base fingerprint) go to the config file PEFT writes next (``ApetConfig.layers_as_saved``); the
         live config keeps the records of its positions as patched, as ``get_apet_model``'s does."""
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, ApetTuner):
+            tuner.refuse_if_unloaded("save_pretrained()")
         out, records = {}, copy.deepcopy(config.layers)
         for name, layer in _apet_layers(model).items():
             lname = name.removeprefix(_PEFT_PREFIX)
@@ -280,9 +302,6 @@ class ApetTuner(BaseTuner):
         positions = _resolve_positions(saved, modules, lambda m: (m.out_features, m.in_features),
                                        lambda m, idx: m.base_values_at(idx), "the checkpoint", False,
                                        "with APET layers")
-        tuner = getattr(model, "base_model", None)
-        if isinstance(tuner, ApetTuner):
-            tuner.__dict__.get("_never_loaded", set()).discard(adapter_name)
         # the rest of each entry, derived (positions regenerated from the seed, the base read from W; layers the
         # adapter does not tune hold K = 0), so that PEFT finds no adapter key missing
         for lname, layer in modules.items():
@@ -312,14 +331,19 @@ class _AllOrNothingLoadAdapter:
         model = self.peft_model
         new = adapter_name not in model.peft_config
         try:
-            return type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
+            result = type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
         except BaseException:
             tuner = model.base_model
             if new and adapter_name in model.peft_config:
                 model.delete_adapter(adapter_name)
             elif adapter_name in tuner.__dict__.get("_never_loaded", ()) and list(model.peft_config) == [adapter_name]:
-                tuner._unload_and_optionally_merge(merge=False)
+                base = tuner._unload_and_optionally_merge(merge=False)
+                flags = tuner.__dict__.get("_flags_before", {})
+                for name, p in base.named_parameters():  # (PEFT froze the base when it built the adapter)
+                    p.requires_grad_(flags.get(name, p.requires_grad))
             raise
+        model.base_model.__dict__.get("_never_loaded", set()).discard(adapter_name)  # (loaded: kept from now on)
+        return result
 
 
 def get_peft_model(model: nn.Module, config: ApetConfig, *args, calibration: Iterable | None = None,

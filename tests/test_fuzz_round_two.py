@@ -1,0 +1,154 @@
+"""Issue 33's second fuzz round (lifecycles, folders, meta devices): each case failed before its fix. Through the
+PEFT entry point: calls on a PeftModel after unload(), a failed from_pretrained (NaN values, a meta-device base)
+that must give the caller's base model back as it was. Folders: a PeftModel saved over an in-place save, stale
+subfolders of an earlier PEFT save, the adapter order and strategy a folder is loaded with."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from _helpers import tiny_llama  # noqa: E402
+from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet  # noqa: E402
+from apet_kernels.errors import AdapterFileError, ApetStateError  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 3]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.clone()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _apet_layers(model):
+    return [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+
+
+def _randomize(model, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in _apet_layers(model):
+            for delta in layer.deltas.values():
+                delta.values.add_(torch.randn(delta.values.shape, generator=g) * scale)
+
+
+def _peft_model(strategy="merged"):
+    model = peft.get_peft_model(tiny_llama(0), ApetConfig(num_params=600, strategy=strategy, seed=0))
+    _randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_a_peft_model_refuses_adapter_calls_after_unload(tmp_path, how):
+    model = _peft_model()
+    model.save_pretrained(str(tmp_path / "good"))
+    trained = _logits(model)
+    base = getattr(model, how)()
+    before, state = _logits(base), _state(base)
+    calls = {"add_adapter": lambda: model.add_adapter("b", ApetConfig(num_params=10)),
+             "load_adapter": lambda: model.load_adapter(str(tmp_path / "good"), "c"),
+             "save_pretrained": lambda: model.save_pretrained(str(tmp_path / "good")),
+             "set_adapter": lambda: model.base_model.set_adapter("default"),
+             "unload": lambda: model.unload()}
+    for name, call in calls.items():
+        with pytest.raises(ApetStateError, match="this PeftModel was unloaded"):
+            call()
+    assert not _apet_layers(base) and torch.equal(_logits(base), before) and _same_state(_state(base), state)
+    # the good adapter saved before is intact (save_pretrained wrote no empty adapter over it)
+    assert torch.equal(_logits(peft.PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "good"))), trained)
+    get_apet_model(base, ApetConfig(num_params=100))  # the base can be patched again
+
+
+def test_from_pretrained_of_nan_values_gives_the_base_back_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _peft_model().save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("deltas.values"))
+    tensors[key][0] = float("nan")
+    save_file(tensors, str(path))
+    base = tiny_llama(0)
+    before, state = _logits(base), _state(base)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        peft.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not _apet_layers(base) and torch.equal(_logits(base), before) and _same_state(_state(base), state)
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags  # PEFT froze them; given back
+
+
+def test_from_pretrained_onto_a_meta_base_is_refused_by_name(tmp_path):
+    _peft_model().save_pretrained(str(tmp_path))
+    with torch.device("meta"):
+        base = tiny_llama(0)
+    with pytest.raises(ValueError, match="meta device"):
+        peft.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not _apet_layers(base)
+
+
+def test_patching_under_a_meta_default_device_and_saving_before_materializing():
+    with torch.device("meta"):
+        model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600))  # positions drawn on the CPU
+    assert all(layer.delta_indices.is_meta for layer in _apet_layers(model))
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        model.save_pretrained("/nonexistent/never-written")
+
+
+def test_a_peft_save_over_an_in_place_save_is_refused_not_loaded_stale(tmp_path):
+    old = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, seed=0))
+    _randomize(old, seed=1)
+    old.save_pretrained(str(tmp_path))
+    new = _peft_model()
+    new.save_pretrained(str(tmp_path))  # PEFT's layout replaced, the in-place pair left as it was
+    base = tiny_llama(0)
+    before = _logits(base)
+    with pytest.raises(AdapterFileError, match="two different adapters"):
+        load_apet(base, str(tmp_path))
+    assert not _apet_layers(base) and torch.equal(_logits(base), before)
+    patched = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, seed=0))
+    with pytest.raises(AdapterFileError, match="two different adapters"):
+        patched.load_adapter(str(tmp_path), "x")
+    assert patched.adapters == ["default"]
+    # PEFT reads its own layout: the newer adapter
+    assert torch.equal(_logits(peft.PeftModel.from_pretrained(tiny_llama(0), str(tmp_path))), _logits(new))
+
+
+def test_a_peft_layout_folder_gives_its_top_adapter_as_peft_does(tmp_path):
+    two = _peft_model("unmerged")
+    two.add_adapter("other", ApetConfig(num_params=300, seed=5, strategy="unmerged"))
+    two.save_pretrained(str(tmp_path))  # default at the top, other/ in a subfolder
+    one = _peft_model("unmerged")
+    _randomize(one, seed=7)
+    one.save_pretrained(str(tmp_path))  # the top replaced; other/ stays from the earlier save
+    loaded = load_apet(tiny_llama(0), str(tmp_path))
+    assert loaded.adapters == ["default"] and torch.equal(_logits(loaded), _logits(one))
+
+
+def test_a_folder_keeps_the_adapter_order_and_the_strategy_it_was_patched_with(tmp_path):
+    model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, strategy="unmerged", seed=0,
+                                                     modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)
+    model.add_adapter(ApetConfig(num_params=200, seed=3), "aux")  # sorts before "default"
+    _randomize(model)
+    model.save_pretrained(str(tmp_path / "one"))
+    assert list(json.loads((tmp_path / "one" / "apet_config.json").read_text())["adapters"]) == ["default", "aux"]
+    loaded = load_apet(tiny_llama(0), str(tmp_path / "one"))
+    assert {m.strategy for m in _apet_layers(loaded)} == {"unmerged"}
+    assert torch.equal(_logits(loaded), _logits(model))
+    model.set_adapter(["default", "aux"])  # saved with two adapters active together
+    model.save_pretrained(str(tmp_path / "two"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_apet(tiny_llama(0), str(tmp_path / "two"))
+    assert loaded.active_adapters() == ["default", "aux"] and torch.equal(_logits(loaded), _logits(model))
