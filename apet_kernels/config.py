@@ -95,6 +95,10 @@ class ApetConfig(PeftConfig):
             raise ApetValueError(f"budget_like must be a string such as 'lora:r=8', got {self.budget_like!r}")
         if not is_int(self.seed):
             raise ApetValueError(f"seed must be an int, got {self.seed!r}")
+        # numpy's numbers are accepted; the file holds Python's (json writes no numpy scalar)
+        self.seed = int(self.seed)
+        self.num_params = None if self.num_params is None else int(self.num_params)
+        self.density = None if self.density is None else float(self.density)
         if not (is_real(self.pool_factor) and math.isfinite(self.pool_factor) and self.pool_factor >= 1):
             raise ApetValueError(f"pool_factor must be a number >= 1 (candidates per tuned position), got "
                              f"{self.pool_factor!r}")
@@ -112,6 +116,9 @@ class ApetConfig(PeftConfig):
             if cap is not None and not (is_real(cap) and math.isfinite(cap) and cap > 0):
                 raise ApetValueError(f"{name} must be a positive number (positions per row or column, as a multiple of "
                                  f"K / out or K / in), got {cap!r}")
+        self.pool_factor = float(self.pool_factor)
+        self.row_cap, self.col_cap = (None if c is None else float(c) for c in (self.row_cap, self.col_cap))
+        _check_layer_records(self.layers)
         if self.strategy not in ("auto", "merged", "unmerged", "dequantized"):
             raise ApetValueError(f"unknown strategy {self.strategy!r}")
         if self.backend not in CHOICES:
@@ -133,6 +140,8 @@ class ApetConfig(PeftConfig):
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "ApetConfig":
+        if not isinstance(data, dict):
+            raise ApetValueError(f"{where} must be a JSON object of config fields, got {type(data).__name__}")
         data = dict(data)
         data.pop("apet_format_version", None)
         data.pop("backend", None)  # written by versions before 0.2; a runtime choice
@@ -140,4 +149,29 @@ class ApetConfig(PeftConfig):
         unknown = set(data) - known
         if unknown:
             raise ApetValueError(f"{where} has unknown keys {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ApetValueError as exc:
+            raise ApetValueError(f"{where}: {exc}") from None
+
+
+def _check_layer_records(layers) -> None:
+    """The per-layer records a config carries once patched or saved (shape, k, index checksum, base fingerprint),
+    checked where the config is built, so that a damaged file is named here and not met later as a KeyError."""
+    if not isinstance(layers, dict):
+        raise ApetValueError(f"layers must map layer names to their records, got {type(layers).__name__}")
+    for name, info in layers.items():
+        where = f"layers[{name!r}]"
+        if not isinstance(info, dict):
+            raise ApetValueError(f"{where} must be a record with shape, k and checksum, got {info!r}")
+        shape = info.get("shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
+            raise ApetValueError(f"{where}['shape'] must be two positive ints (out, in), got {shape!r}")
+        k, numel = info.get("k"), shape[0] * shape[1]
+        if not (is_int(k) and 0 <= k <= numel):
+            raise ApetValueError(f"{where}['k'] must be an int in [0, {numel}], got {k!r}")
+        for key in ("checksum", "base_fingerprint", "base_quantization"):
+            if (info.get(key) is not None or key == "checksum") and not isinstance(info.get(key), str):
+                raise ApetValueError(f"{where}[{key!r}] must be a string, got {info.get(key)!r}")
+        if info.get("positions", "seed") not in ("seed", "stored"):
+            raise ApetValueError(f"{where}['positions'] must be 'seed' or 'stored', got {info.get('positions')!r}")

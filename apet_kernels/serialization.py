@@ -187,7 +187,7 @@ def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
             data = json.load(f)
     except FileNotFoundError:
         raise AdapterFileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an APET adapter folder") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from None
     version = data.get("apet_format_version") if isinstance(data, dict) else None
     if version == 1:
@@ -240,6 +240,10 @@ def read_folder(directory: str) -> SavedFolder:
     against a model): every adapter layer has float values of its K and, where stored, indices."""
 
     directory = str(directory)
+    if not os.path.isdir(directory):
+        raise AdapterFileNotFoundError(f"{directory!r} is not a folder (an APET adapter is a folder: "
+                                       f"{CONFIG_NAME} + {WEIGHTS_NAME}, or PEFT's {PEFT_CONFIG_NAME} + "
+                                       f"{PEFT_WEIGHTS_NAME})")
     legacy = False
     if not os.path.exists(os.path.join(directory, CONFIG_NAME)) and \
             os.path.exists(os.path.join(directory, PEFT_CONFIG_NAME)):

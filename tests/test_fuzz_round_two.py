@@ -152,3 +152,39 @@ def test_a_folder_keeps_the_adapter_order_and_the_strategy_it_was_patched_with(t
         warnings.simplefilter("ignore")
         loaded = load_apet(tiny_llama(0), str(tmp_path / "two"))
     assert loaded.active_adapters() == ["default", "aux"] and torch.equal(_logits(loaded), _logits(model))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda info: info.pop("k"), r"\['k'\] must be an int"),
+    (lambda info: info.pop("checksum"), r"\['checksum'\] must be a string"),
+    (lambda info: info.update(k="abc"), r"\['k'\] must be an int"),
+    (lambda info: info.update(shape=[4]), r"\['shape'\] must be two positive ints"),
+    (lambda info: info.update(positions="bogus"), r"\['positions'\] must be 'seed' or 'stored'"),
+])
+def test_a_damaged_layer_record_is_named_with_its_file(tmp_path, damage, message):
+    model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, seed=0))
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "apet_config.json"
+    data = json.loads(path.read_text())
+    damage(next(iter(data["adapters"]["default"]["layers"].values())))
+    path.write_text(json.dumps(data))
+    base = tiny_llama(0)
+    with pytest.raises(ValueError, match=f"apet_config.json.*{message}"):
+        load_apet(base, str(tmp_path))
+    assert not _apet_layers(base)
+
+
+def test_numpy_numbers_in_a_config_are_saved_as_python_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = ApetConfig(num_params=np.int64(600), seed=np.int32(3), pool_factor=np.float32(2.0))
+    assert type(config.num_params) is int and type(config.seed) is int and type(config.pool_factor) is float
+    model = get_apet_model(tiny_llama(0), config)
+    model.save_pretrained(str(tmp_path / "in-place"))
+    peft.get_peft_model(tiny_llama(0), ApetConfig(num_params=np.int64(600))).save_pretrained(str(tmp_path / "peft"))
+    assert torch.equal(_logits(load_apet(tiny_llama(0), str(tmp_path / "in-place"))), _logits(model))
+
+
+def test_a_file_given_for_a_folder_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_apet(tiny_llama(0), str(tmp_path / "model.safetensors"))
