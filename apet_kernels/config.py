@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
 from ._checks import is_int, is_real
-from .errors import ApetValueError
+from .errors import AdapterFileError, ApetValueError
 from .ops.dispatch import CHOICES
 from .positions import CALIBRATION_SCORES
 from .selection import DATA_METHODS, METHODS
@@ -131,6 +132,18 @@ class ApetConfig(PeftConfig):
         if saved is not None:  # the records of the tensors just saved beside this file (apet_kernels.tuner)
             data["layers"] = copy.deepcopy(saved)
         return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's reader of adapter_config.json (``PeftModel.from_pretrained``, ``load_adapter``). A saved APET
+        adapter always lists its layers (shapes, K, checksums, base fingerprints): without them its tensors could
+        land on another model's positions unchecked."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, ApetConfig) and not config.layers:
+            where = os.path.join(str(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
+            raise AdapterFileError(f"{where} lists no layers (a saved APET adapter always does: a damaged or edited "
+                                   "file?); nothing was loaded")
+        return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         try:

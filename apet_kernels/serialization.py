@@ -260,6 +260,9 @@ def read_folder(directory: str) -> SavedFolder:
         else None
     adapters, claimed = {}, set()
     for name, config in configs.items():
+        if not config.layers:
+            raise AdapterFileError(f"adapter {name!r} in {directory} lists no layers (a saved APET adapter always does: "
+                                   "a damaged or edited config file?); nothing was loaded")
         saved = adapters[name] = SavedAdapter(config)
         for layer, info in config.layers.items():
             vkey = f"{layer}.delta_values" if legacy else delta_key(layer, name, VALUES)

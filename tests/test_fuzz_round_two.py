@@ -188,3 +188,17 @@ def test_a_file_given_for_a_folder_is_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_apet(tiny_llama(0), str(tmp_path / "model.safetensors"))
+
+
+def test_a_config_file_stripped_of_its_layers_is_refused_by_both_entry_points(tmp_path):
+    _peft_model().save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["layers"]
+    path.write_text(json.dumps(data))
+    for load in (lambda base: peft.PeftModel.from_pretrained(base, str(tmp_path)),
+                 lambda base: load_apet(base, str(tmp_path))):
+        base = tiny_llama(1)
+        with pytest.raises(AdapterFileError, match="lists no layers"):
+            load(base)
+        assert not _apet_layers(base)
