@@ -146,6 +146,7 @@ class ApetModel(nn.Module):
         leaves each layer as it was before the block. Merged layers keep W + S in their weight and
         compute the base output exactly around it, so a reference pass between a forward and its
         backward (KL terms, DPO reference log-probabilities) leaves that backward intact."""
+        _patch_of(self)  # (refuses on a model already unloaded)
         before = [(layer, layer.apet_disabled) for layer in self.apet_layers().values()]
         swapped = self._use_original_modules(True)
         for layer, _ in before:
@@ -155,7 +156,7 @@ class ApetModel(nn.Module):
         finally:
             for layer, was in before:
                 layer.apet_disabled = was
-            if swapped:
+            if swapped and is_patched(self):  # (unloaded inside the block: unload() gave the weights back already)
                 self._use_original_modules(False)
 
     def _use_original_modules(self, original: bool) -> bool:
@@ -250,11 +251,13 @@ class ApetModel(nn.Module):
     def disable_adapters(self) -> None:
         """transformers' switch: the model computes as its base (modules_to_save included) until
         ``enable_adapters()`` (``disable_apet()`` is the same for one block)."""
+        _patch_of(self)
         for layer in self.apet_layers().values():
             layer.enable_adapters(False)
         self._use_original_modules(True)
 
     def enable_adapters(self) -> None:
+        _patch_of(self)
         for layer in self.apet_layers().values():
             layer.enable_adapters(True)
         self._use_original_modules(False)
@@ -336,7 +339,8 @@ class ApetModel(nn.Module):
 
     def _folder_contents(self, selected: list[str] | None, state_dict: dict | None):
         adapters = _patch_of(self).adapters
-        names = list(adapters.configs) if selected is None else list(selected)
+        names = list(adapters.configs) if selected is None else [selected] if isinstance(selected, str) else \
+            list(selected)
         unknown = [n for n in names if n not in adapters.configs]
         if unknown or not names:
             raise ApetValueError(f"selected_adapters {selected} must name some of this model's adapters {self.adapters}")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import json
+import os
 import warnings
 from typing import Callable, Iterable
 
@@ -29,13 +31,13 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import set_additional_trainable_modules
 
+from .adapter_registry import PeftAdapters, first_few
 from .config import ApetConfig
-from .errors import AdapterFileError, ApetStateError, ApetValueError, BaseMismatchError
+from .errors import AdapterFileError, AdapterFileNotFoundError, ApetStateError, ApetValueError, BaseMismatchError
 from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
 from .load_guard import StrictFirst
-from .adapter_registry import PeftAdapters, first_few
 from .model import (_resolve_positions, add_entries, choose_positions, give_back_layers, merged_replacements,
                     saved_entry, seeded_positions, wrap_targets)
 from .selection import METHODS, select_indices
@@ -332,7 +334,7 @@ class _AllOrNothingLoadAdapter:
         new = adapter_name not in model.peft_config
         try:
             result = type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
-        except BaseException:
+        except BaseException as exc:
             tuner = model.base_model
             if new and adapter_name in model.peft_config:
                 model.delete_adapter(adapter_name)
@@ -341,9 +343,29 @@ class _AllOrNothingLoadAdapter:
                 flags = tuner.__dict__.get("_flags_before", {})
                 for name, p in base.named_parameters():  # (PEFT froze the base when it built the adapter)
                     p.requires_grad_(flags.get(name, p.requires_grad))
+            damaged = _damaged_folder(model_id, kwargs.get("subfolder"), exc)
+            if damaged is not None:
+                raise damaged from exc
             raise
         model.base_model.__dict__.get("_never_loaded", set()).discard(adapter_name)  # (loaded: kept from now on)
         return result
+
+
+def _damaged_folder(model_id, subfolder: str | None, exc: BaseException) -> Exception | None:
+    """PEFT's loader meets a local folder's damaged or missing tensor file as a safetensors error, or as a failed
+    hub download of a repository id that is a path: the error that names the file instead (None: not that)."""
+    folder = os.path.join(str(model_id), subfolder or "")
+    if not os.path.isdir(folder):
+        return None
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.exists(weights) and not os.path.exists(os.path.join(folder, "adapter_model.bin")):
+        return AdapterFileNotFoundError(f"{weights} is missing: {folder} holds no adapter tensors")
+    if type(exc).__name__ == "SafetensorError":
+        return AdapterFileError(f"{weights} is truncated or malformed: {exc}")
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return AdapterFileError(f"{os.path.join(folder, 'adapter_config.json')} is not valid JSON ({exc}); the adapter "
+                                "folder is damaged")
+    return None
 
 
 def get_peft_model(model: nn.Module, config: ApetConfig, *args, calibration: Iterable | None = None,

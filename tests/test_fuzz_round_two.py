@@ -202,3 +202,46 @@ def test_a_config_file_stripped_of_its_layers_is_refused_by_both_entry_points(tm
         with pytest.raises(AdapterFileError, match="lists no layers"):
             load(base)
         assert not _apet_layers(base)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_peft_loads_of_a_damaged_tensor_file_name_it_and_change_nothing(tmp_path, damage):
+    _peft_model().save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    if damage == "truncated":
+        with open(weights, "r+b") as f:
+            f.truncate(100)
+    else:
+        weights.unlink()
+    base = tiny_llama(0)
+    before = _logits(base)
+    with pytest.raises(AdapterFileError if damage == "truncated" else FileNotFoundError,
+                       match="adapter_model.safetensors is (truncated|missing)"):
+        peft.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not _apet_layers(base) and torch.equal(_logits(base), before)
+    model = _peft_model()
+    with pytest.raises(ValueError if damage == "truncated" else FileNotFoundError,
+                       match="adapter_model.safetensors is (truncated|missing)"):
+        model.load_adapter(str(tmp_path), "x")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_switches_bound_before_unload_are_refused_by_name_and_a_disabled_block_spanning_it_exits():
+    model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, modules_to_save=["lm_head"]))
+    _randomize(model)
+    kept = [model.disable_adapter, model.enable_adapters, model.disable_adapters]
+    block = model.disable_adapter()
+    block.__enter__()
+    base = model.unload()
+    block.__exit__(None, None, None)  # (raised AttributeError: the class it called back into was gone)
+    assert torch.equal(_logits(base), _logits(tiny_llama(0)))
+    for call in kept:
+        with pytest.raises(ApetStateError, match="removed by unload"):
+            call()
+
+
+def test_selected_adapters_takes_one_name_as_a_string(tmp_path):
+    model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600))
+    model.add_adapter(ApetConfig(num_params=100, seed=2), "b")
+    model.save_pretrained(str(tmp_path), selected_adapters="default")
+    assert list(json.loads((tmp_path / "apet_config.json").read_text())["adapters"]) == ["default"]
