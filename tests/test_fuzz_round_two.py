@@ -229,7 +229,8 @@ def test_peft_loads_of_a_damaged_tensor_file_name_it_and_change_nothing(tmp_path
 def test_switches_bound_before_unload_are_refused_by_name_and_a_disabled_block_spanning_it_exits():
     model = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, modules_to_save=["lm_head"]))
     _randomize(model)
-    kept = [model.disable_adapter, model.enable_adapters, model.disable_adapters]
+    disable, enable, disable_all = model.disable_adapter, model.enable_adapters, model.disable_adapters
+    kept = [lambda: disable().__enter__(), enable, disable_all]
     block = model.disable_adapter()
     block.__enter__()
     base = model.unload()
