@@ -46,6 +46,44 @@ def _owner_of(weight: torch.Tensor):
     return owner if owner is not None and owner.weight is weight else None
 
 
+# the memory of each wrapped weight (its address) -> a layer over it: two models can share one weight's memory
+# without sharing the Parameter (load_state_dict(..., assign=True) from one into the other), and a merged layer
+# writes W + S there for both
+_MEMORY: dict[int, weakref.ref] = {}
+
+
+def _address(weight: torch.Tensor) -> int | None:
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight).__name__ == "DTensor":
+        return None
+    try:
+        return weight.data_ptr() or None
+    except RuntimeError:  # (a tensor subclass without storage)
+        return None
+
+
+def _memory_owner(weight: torch.Tensor, other_than=None):
+    """A live APET layer, other than ``other_than``, whose weight lies at the same memory as ``weight``."""
+    address = _address(weight)
+    ref = _MEMORY.get(address) if address is not None else None
+    owner = ref() if ref is not None else None
+    if owner is None or owner is other_than or _address(owner.weight) != address:
+        return None
+    return owner
+
+
+def _refuse_memory_of_a_merged_layer(weight: torch.Tensor, merged_here: bool, other_than=None) -> bool:
+    """Whether ``weight``'s memory is another live layer's weight; refused where either of the two runs merged (one
+    would write its W + S into the other's weight)."""
+    owner = _memory_owner(weight, other_than)
+    if owner is not None and (owner._strategy.holds_sum or merged_here):
+        raise ApetValueError("this weight's memory is also the weight of another model's APET layer (tensors shared "
+                             "between two models, as load_state_dict(..., assign=True) from one into the other "
+                             "makes them), and a merged layer writes W + S into it: give this model its own copy "
+                             "(load a cloned state dict, or without assign=True), or run both with "
+                             "strategy='unmerged'")
+    return owner is not None
+
+
 def _budget(numel: int, k: int | None, density: float | None) -> int:
     if (k is None) == (density is None):
         raise ApetValueError("give exactly one of k or density")
@@ -171,13 +209,14 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         numel = self.out_features * self.in_features
         check_index_meta(indices, numel)
         check_index_content(indices, numel)
-        legal, why = merge_is_legal(base_layer, weight_shared)
+        _check_not_wrapped(weight)
+        shared_memory = _refuse_memory_of_a_merged_layer(weight, strategy == "merged")
+        legal, why = merge_is_legal(base_layer, weight_shared or shared_memory)
         if strategy == "merged" and not legal:
             raise ApetValueError(f"strategy 'merged' is not legal here: {why}")
         if strategy == "dequantized" and not quantized:
             raise ApetValueError("strategy 'dequantized' scatters the deltas into a quantized base's dequantized weight, "
                              "and this layer's weight is not quantized (use 'merged' or 'auto')")
-        _check_not_wrapped(weight)
         # nothing above changed anything: from here on the construction cannot fail
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -306,11 +345,20 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             if _OWNERS.get(key) is ref:
                 del _OWNERS[key]
         _OWNERS[key] = weakref.ref(self, forget)
+        address = _address(self.weight)
+        if address is not None:
+            def forget_memory(ref, address=address):
+                if _MEMORY.get(address) is ref:
+                    del _MEMORY[address]
+            _MEMORY[address] = weakref.ref(self, forget_memory)
 
     def release_weight(self) -> None:
         """Forget that this layer wraps its weight (after unloading), so it can be wrapped again."""
         if _owner_of(self.weight) is self:
             del _OWNERS[id(self.weight)]
+        address = _address(self.weight)
+        if address is not None and _MEMORY.get(address) is not None and _MEMORY[address]() is self:
+            del _MEMORY[address]
 
     @property
     def quantization(self):
@@ -318,7 +366,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         return quantization_of(self.base_layer)
 
     def merge_legality(self) -> tuple[bool, str]:
-        return merge_is_legal(self.base_layer, self.weight_shared)
+        shared = self.weight_shared or _memory_owner(self.weight, other_than=self) is not None
+        return merge_is_legal(self.base_layer, shared)
 
     def _backend_name(self) -> str:
         return resolve(self.backend, self.weight.device)
@@ -588,9 +637,13 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             raise ApetValueError(f"{prefix}deltas: several adapters ({found}) are marked merged; a weight holds one at most")
         return found[0] if found else None
 
-    def check_state_dict(self, state_dict, prefix: str = "") -> None:
-        """Everything load_state_dict would put in this layer, checked before anything is copied."""
+    def check_state_dict(self, state_dict, prefix: str = "", assign: bool = False) -> None:
+        """Everything load_state_dict would put in this layer, checked before anything is copied (``assign``: the
+        incoming tensors become this layer's own)."""
         numel = self.out_features * self.in_features
+        incoming = state_dict.get(f"{prefix}base_layer.weight")
+        if assign and torch.is_tensor(incoming):
+            _refuse_memory_of_a_merged_layer(incoming, self._strategy.holds_sum, other_than=self)
         for name in ("weight", "bias"):
             mine = getattr(self.base_layer, name, None)
             t = state_dict.get(f"{prefix}base_layer.{name}")
@@ -625,7 +678,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     def _before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.upgrade_state_dict(state_dict, prefix)
         if not already_checked(error_msgs):  # (an ancestor checked the whole state dict: apet_kernels.load_guard)
-            self.check_state_dict(state_dict, prefix)
+            self.check_state_dict(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         incoming = {n for n in ("base_layer.weight",) if prefix + n in state_dict}
         incoming |= {n for n in self.deltas if f"{prefix}deltas.{n}.indices" in state_dict}
         self._incoming = (frozenset(incoming), self._incoming_merged(state_dict, prefix) if incoming else None)

@@ -92,5 +92,5 @@ def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, s
     if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
         return False, "weight is sharded (DTensor)"
     if shared:
-        return False, "weight is shared with another module (tied)"
+        return False, "weight is shared with another module (tied, or another model's APET layer over its memory)"
     return True, ""

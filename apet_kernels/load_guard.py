@@ -35,13 +35,14 @@ def already_checked(error_msgs: list) -> bool:
     return entry is not None and entry[0] is error_msgs
 
 
-def check_tree_state_dict(module: nn.Module, state_dict, prefix: str) -> None:
-    """Every APET layer's entries and every tensor's shape under ``module``, before any copy."""
+def check_tree_state_dict(module: nn.Module, state_dict, prefix: str, assign: bool = False) -> None:
+    """Every APET layer's entries and every tensor's shape under ``module``, before any copy (``assign``: the
+    incoming tensors are to become the modules' own)."""
     for name, sub in module.named_modules(remove_duplicate=False):
         sub_prefix = f"{prefix}{name}." if name else prefix
         if is_apet_layer(sub):
             sub.upgrade_state_dict(state_dict, sub_prefix)
-            sub.check_state_dict(state_dict, sub_prefix)
+            sub.check_state_dict(state_dict, sub_prefix, assign)
         tensors = list(sub._parameters.items()) + [(n, b) for n, b in sub._buffers.items()
                                                    if n not in sub._non_persistent_buffers_set]
         for pname, mine in tensors:
@@ -94,7 +95,7 @@ def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, 
         return
     _CHECKED[id(error_msgs)] = (error_msgs, module)
     try:
-        check_tree_state_dict(module, state_dict, prefix)
+        check_tree_state_dict(module, state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
     except BaseException:
         del _CHECKED[id(error_msgs)]
         raise

@@ -246,3 +246,32 @@ def test_selected_adapters_takes_one_name_as_a_string(tmp_path):
     model.add_adapter(ApetConfig(num_params=100, seed=2), "b")
     model.save_pretrained(str(tmp_path), selected_adapters="default")
     assert list(json.loads((tmp_path / "apet_config.json").read_text())["adapters"]) == ["default"]
+
+
+def test_two_models_sharing_weight_memory_never_merge_into_each_other():
+    """load_state_dict(..., assign=True) from one model into another shares the tensors: a merged layer of one
+    would write its W + S into the other's weights (both outputs silently wrong)."""
+    first, second = tiny_llama(0), tiny_llama(1)
+    second.load_state_dict(first.state_dict(), assign=True)
+    get_apet_model(first, ApetConfig(num_params=600, strategy="merged"))
+    before = _logits(second)
+    for strategy in ("merged", "auto", "unmerged"):  # the other runs merged: refused whatever this one's strategy
+        with pytest.raises(ValueError, match="memory is also the weight of another model's APET layer"):
+            get_apet_model(second, ApetConfig(num_params=600, strategy=strategy, seed=5))
+        assert not _apet_layers(second) and torch.equal(_logits(second), before)
+    a, b = tiny_llama(0), tiny_llama(1)
+    b.load_state_dict(a.state_dict(), assign=True)
+    a = get_apet_model(a, ApetConfig(num_params=600, strategy="unmerged"))
+    b = get_apet_model(b, ApetConfig(num_params=600, seed=5))  # auto: unmerged, as over a tied weight
+    assert {m.strategy for m in _apet_layers(b)} == {"unmerged"}
+    with pytest.raises(RuntimeError, match="cannot merge: weight is shared"):
+        _apet_layers(a)[0].merge()
+    # two patched merged models: an assign=True load from one into the other is refused before anything changes
+    a = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, strategy="merged"))
+    b = get_apet_model(tiny_llama(0), ApetConfig(num_params=600, strategy="merged", seed=3))
+    _randomize(a, seed=1)
+    _randomize(b, seed=2)
+    before_a, before_b = _logits(a), _logits(b)
+    with pytest.raises(ValueError, match="memory is also the weight"):
+        a.load_state_dict(b.state_dict(), assign=True)
+    assert torch.equal(_logits(a), before_a) and torch.equal(_logits(b), before_b)
