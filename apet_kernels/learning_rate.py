@@ -48,11 +48,17 @@ WARNED_METHODS = ("magnitude", "gradient")
 def suggested_lr(model_or_k, method: str | None = None) -> float:
     """The learning rate to start from for an APET adapter: ``suggested_lr(model)`` (a patched model: its
     active adapter's method and K) or ``suggested_lr(k, method)``."""
+    if method is not None and not isinstance(method, str):
+        raise ApetValueError(f"method must be a position scheme's name (a string), got {method!r}")
     if isinstance(model_or_k, torch.nn.Module):
         config = getattr(model_or_k, "apet_config", None)
+        if config is None:  # a PeftModel of APET: its active adapter's config
+            configs, active = getattr(model_or_k, "peft_config", None), getattr(model_or_k, "active_adapter", None)
+            candidate = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
+            config = candidate if type(candidate).__name__ == "ApetConfig" else None
         if config is None:
-            raise ApetTypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet "
-                                "(or call suggested_lr(k, method))")
+            raise ApetTypeError("suggested_lr(model) takes a model patched by get_apet_model / load_apet or an APET "
+                                "PeftModel (or call suggested_lr(k, method))")
         k, method = _adapter_k(config), method or config.method
     elif is_int(model_or_k) and model_or_k > 0:
         k, method = int(model_or_k), method or "random"

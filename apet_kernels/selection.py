@@ -127,9 +127,10 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
     Returns int32 while the weight has fewer than 2**31 elements, else int64.
     """
     if method == "magnitude":
-        if weight is None or tuple(weight.shape) != tuple(int(s) for s in shape):
-            raise ApetValueError(f"method='magnitude' needs weight=, the (out, in) weight of shape {tuple(shape)}")
         _check_args(shape, k, "random")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(int(s) for s in shape):
+            raise ApetValueError(f"method='magnitude' needs weight=, the (out, in) weight tensor of shape "
+                                 f"{tuple(shape)}, got {type(weight).__name__ if not isinstance(weight, torch.Tensor) else tuple(weight.shape)}")
         return magnitude_indices(weight, k)
     if method == "gradient":
         raise ApetValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
@@ -167,8 +168,9 @@ def split_budget(shapes: Mapping[str, Sequence[int] | int], num_params: int | No
         raise ApetValueError(f"shapes must map names to weight shapes or element counts, got {type(shapes).__name__}")
     for name, shape in shapes.items():
         if not (is_int(shape) and shape >= 0 or isinstance(shape, Sequence) and not isinstance(shape, str) and
-                all(is_int(d) and d >= 0 for d in shape)):
-            raise ApetValueError(f"shapes[{name!r}] must be a weight shape or an element count, got {shape!r}")
+                len(shape) == 2 and all(is_int(d) and d >= 0 for d in shape)):
+            raise ApetValueError(f"shapes[{name!r}] must be a 2-D weight shape (out, in) or an element count, got "
+                                 f"{shape!r}")
     sizes = {name: (int(s) if is_int(s) else math.prod(int(d) for d in s)) for name, s in shapes.items()}
     total = sum(sizes.values())
     if density is not None:
@@ -242,10 +244,17 @@ def top_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], in_features: int, 
 
 
 def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides)."""
+    """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides). A weight holding
+    NaN is refused (NaN would sort as neither small nor large)."""
+    if not isinstance(weight_oi, torch.Tensor) or weight_oi.dim() != 2 or not weight_oi.is_floating_point():
+        raise ApetValueError(f"magnitude_indices takes a 2-D float (out, in) weight, got "
+                             f"{tuple(weight_oi.shape) if isinstance(weight_oi, torch.Tensor) else type(weight_oi).__name__}"
+                             f"{'' if not isinstance(weight_oi, torch.Tensor) else ' ' + str(weight_oi.dtype)}")
     out_f, in_f = weight_oi.shape
-    if k < 0 or k > out_f * in_f:
-        raise ApetValueError(f"k={k} is out of range for a weight of shape {(out_f, in_f)}")
+    if not is_int(k) or k < 0 or k > out_f * in_f:
+        raise ApetValueError(f"k must be an int in [0, {out_f * in_f}] for a weight of shape {(out_f, in_f)}, got {k!r}")
+    if not weight_oi.is_meta and torch.isnan(weight_oi.detach()).any():
+        raise ApetValueError("the weight holds NaN: magnitude positions cannot be chosen from it")
     rows = block_rows(out_f, in_f)
     w = weight_oi.detach()
     blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))

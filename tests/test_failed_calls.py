@@ -312,7 +312,7 @@ def test_unload_after_resizing_a_module_to_save_refuses_before_changing_anything
     (lambda: ak.select_indices((4, 4), 3, seed="x"), "seed must be an int, got 'x'"),
     (lambda: ak.select_indices((4, 4), 3, key=5), "key must be a string"),
     (lambda: ak.split_budget([(4, 4)], num_params=3), "shapes must map names to weight shapes"),
-    (lambda: ak.split_budget({"a": "4x4"}, num_params=3), r"shapes\['a'\] must be a weight shape"),
+    (lambda: ak.split_budget({"a": "4x4"}, num_params=3), r"shapes\['a'\] must be a 2-D weight shape"),
     (lambda: ak.split_budget({"a": (4, 4)}, density=True), "density must be a number in"),
     (lambda: ak.suggested_lr(-5), "positive int"),
     (lambda: ak.suggested_lr(0), "positive int"),

@@ -275,3 +275,25 @@ def test_two_models_sharing_weight_memory_never_merge_into_each_other():
     with pytest.raises(ValueError, match="memory is also the weight"):
         a.load_state_dict(b.state_dict(), assign=True)
     assert torch.equal(_logits(a), before_a) and torch.equal(_logits(b), before_b)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda ak: ak.select_indices("ab", 1, method="magnitude", weight=torch.zeros(2, 2)), "2-D weight shape"),
+    (lambda ak: ak.select_indices((1, 1), 1, method="magnitude", weight=[[1.0]]), "weight tensor"),
+    (lambda ak: ak.magnitude_indices(torch.zeros(3, 4), 2.5), "k must be an int"),
+    (lambda ak: ak.magnitude_indices(torch.zeros(12), 2), "2-D float"),
+    (lambda ak: ak.magnitude_indices(torch.tensor([[0.1, float("nan")], [0.2, 0.3]]), 1), "NaN"),
+    (lambda ak: ak.suggested_lr(1000, method=["random"]), "method must be"),
+    (lambda ak: ak.split_budget({"a": ()}, num_params=1), "2-D weight shape"),
+    (lambda ak: ak.split_budget({"a": (2, 3, 4)}, num_params=1), "2-D weight shape"),
+])
+def test_public_helpers_name_a_wrong_argument(call, message):
+    import apet_kernels
+    with pytest.raises(ValueError, match=message):
+        call(apet_kernels)
+
+
+def test_suggested_lr_reads_an_apet_peft_model():
+    from apet_kernels import suggested_lr
+    model = peft.get_peft_model(tiny_llama(0), ApetConfig(num_params=600, method="magnitude"))
+    assert suggested_lr(model) == suggested_lr(600, "magnitude")
