@@ -195,7 +195,9 @@ def read_config_file(directory: str) -> tuple[dict[str, ApetConfig], list[str]]:
     if version != FORMAT_VERSION or not isinstance(data.get("adapters"), dict) or not data["adapters"]:
         raise AdapterFileError(f"{path} is not an apet-kernels config of format version 1 or {FORMAT_VERSION}")
     configs = {name: ApetConfig.from_dict(cfg, f"{path} (adapter {name!r})") for name, cfg in data["adapters"].items()}
-    active = list(data.get("active_adapters") or [next(iter(configs))])
+    active = data.get("active_adapters") or [next(iter(configs))]
+    if not isinstance(active, list) or len(set(map(str, active))) != len(active):
+        raise AdapterFileError(f"{path}: active_adapters must be a list of distinct adapter names, got {active!r}")
     if any(name not in configs for name in active):
         raise AdapterFileError(f"{path}: active_adapters {active} are not all among its adapters {sorted(configs)}")
     return configs, active

@@ -297,3 +297,13 @@ def test_suggested_lr_reads_an_apet_peft_model():
     from apet_kernels import suggested_lr
     model = peft.get_peft_model(tiny_llama(0), ApetConfig(num_params=600, method="magnitude"))
     assert suggested_lr(model) == suggested_lr(600, "magnitude")
+
+
+def test_repeated_active_adapters_in_a_config_file_are_named_with_the_file(tmp_path):
+    get_apet_model(tiny_llama(0), ApetConfig(num_params=600)).save_pretrained(str(tmp_path))
+    path = tmp_path / "apet_config.json"
+    data = json.loads(path.read_text())
+    data["active_adapters"] = ["default", "default"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match="apet_config.json: active_adapters must be a list of distinct"):
+        load_apet(tiny_llama(0), str(tmp_path))
