@@ -253,10 +253,14 @@ def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
     out_f, in_f = weight_oi.shape
     if not is_int(k) or k < 0 or k > out_f * in_f:
         raise ApetValueError(f"k must be an int in [0, {out_f * in_f}] for a weight of shape {(out_f, in_f)}, got {k!r}")
-    if not weight_oi.is_meta and torch.isnan(weight_oi.detach()).any():
-        raise ApetValueError("the weight holds NaN: magnitude positions cannot be chosen from it")
     rows = block_rows(out_f, in_f)
     w = weight_oi.detach()
-    blocks = ((r0, w[r0:r0 + rows].abs().float()) for r0 in range(0, out_f, rows))
-    _, flat = top_of_blocks(blocks, in_f, k, largest=False)
+
+    def blocks():  # one row block at a time: never a tensor the size of W
+        for r0 in range(0, out_f, rows):
+            block = w[r0:r0 + rows].abs().float()
+            if not block.is_meta and torch.isnan(block).any():
+                raise ApetValueError("the weight holds NaN: magnitude positions cannot be chosen from it")
+            yield r0, block
+    _, flat = top_of_blocks(blocks(), in_f, k, largest=False)
     return torch.sort(flat).values.to(index_dtype(out_f * in_f)).cpu()
