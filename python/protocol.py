@@ -70,6 +70,10 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f}{sd}"
 
 
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
 def spread_line(tables: dict[str, dict[int, float]]) -> str:
     """The spread of the scheme means, its seed-bootstrap interval, permutation p and smallest detectable
     difference (PROTOCOL.md), or why it cannot be given."""
@@ -81,7 +85,7 @@ def spread_line(tables: dict[str, dict[int, float]]) -> str:
     n = min(len(a) for a in acc.values())
     text = f"spread {point:.1f} points (95% seed bootstrap {lo:.1f}–{hi:.1f}), seeds {n}"
     if n > 1:
-        text += (f"; permutation p {spread_permutation_p(tables):.2f}; smallest detectable difference "
+        text += (f"; permutation p {_p(spread_permutation_p(tables))}; smallest detectable difference "
                  f"{smallest_detectable_difference(acc):.1f} points")
     return text
 
@@ -160,7 +164,7 @@ def report(probes: list[dict], reported: list[dict], fixed: float) -> str:
                 continue
             diff, lo, hi, p = interaction(a, b)
             lines.append(f"- {large[0]} − {small[0]}, {small[1]}, {small[2]}, {kind}: {diff:+.1f} points (95% "
-                         f"bootstrap {lo:+.1f} to {hi:+.1f}), permutation p {p:.2f}")
+                         f"bootstrap {lo:+.1f} to {hi:+.1f}), permutation p {_p(p)}")
     return "\n".join(lines)
 
 
