@@ -120,9 +120,13 @@ def interaction(small: dict[str, dict[int, float]], large: dict[str, dict[int, f
 def report(probes: list[dict], reported: list[dict], fixed: float) -> str:
     chosen = choose_rates(probes)
     lines = ["## Rates chosen on the held-out slice", "",
-             "| model | task | budget | method | chosen rate | held-out mean (%) |", "| --- | --- | --- | --- | --- | --- |"]
+             "(probe runs: how many rows the choice rests on; a grid of 4 rates x 2 probe seeds is 8, fewer is a "
+             "choice still being made)", "",
+             "| model | task | budget | method | chosen rate | held-out mean (%) | probe runs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for (model, task, budget, method), (lr, mean) in sorted(chosen.items()):
-        lines.append(f"| {model} | {task} | {budget} | {method} | {lr:g} | {mean:.2f} |")
+        runs = sum(1 for r in probes if (*key_of(r), r["study_method"]) == (model, task, budget, method))
+        lines.append(f"| {model} | {task} | {budget} | {method} | {lr:g} | {mean:.2f} | {runs} |")
     tables: dict[tuple, dict[str, dict[str, dict[int, float]]]] = {}  # key -> kind -> scheme -> seed -> acc
     keys = sorted({key_of(r) for r in reported if r["study_budget"] != "—"})
     for key in keys:
