@@ -110,7 +110,7 @@ class AdapterRegistry:
         if self.mixed is not None:
             raise ApetStateError("mixed-adapter batches do not nest")
         plan = MixedBatch(names, expand=expand)
-        merged = [n for n, m in layers.items() if not m.applies_several]
+        merged = _merged(layers)
         if merged:
             raise ApetValueError(f"a mixed-adapter batch runs unmerged, and {len(merged)} layers are merged "
                                  f"({first_few(merged)}): {way_out}")
@@ -131,10 +131,15 @@ class AdapterRegistry:
         self.mixed = None
 
 
+def _merged(layers: dict) -> list[str]:
+    """The layers that apply one adapter at a time (merged: W + S lives in their weight)."""
+    return [n for n, m in layers.items() if not m.applies_several]
+
+
 def refuse_several_where_merged(layers: dict, names: list[str], way_out: str) -> None:
     """Adapters active together add their sparse terms unmerged: refused, before any layer changes, where a layer
     runs merged."""
-    merged = [n for n, m in layers.items() if not m.applies_several]
+    merged = _merged(layers)
     if len(names) > 1 and merged:
         raise ApetValueError(f"adapters active together add their sparse terms unmerged, and {len(merged)} layers "
                              f"are merged ({first_few(merged)}): {way_out}")

@@ -356,9 +356,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Forget that this layer wraps its weight (after unloading), so it can be wrapped again."""
         if _owner_of(self.weight) is self:
             del _OWNERS[id(self.weight)]
-        address = _address(self.weight)
-        if address is not None and _MEMORY.get(address) is not None and _MEMORY[address]() is self:
-            del _MEMORY[address]
+        if _memory_owner(self.weight) is self:
+            del _MEMORY[_address(self.weight)]
 
     @property
     def quantization(self):

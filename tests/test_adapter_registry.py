@@ -17,12 +17,13 @@ IDS = torch.randint(4, 99, (2, 7), generator=torch.Generator().manual_seed(0))
 
 def _two_adapters(entry: str, strategy: str):
     config = ApetConfig(num_params=600, strategy=strategy, seed=3)
-    if entry == "in place":
+    second = ApetConfig(num_params=600, strategy=strategy, seed=4)
+    if entry == "in place":  # (transformers' argument order there, PEFT's through PEFT)
         model = get_apet_model(tiny_llama(), config)
+        model.add_adapter(second, "b")
     else:
         model = peft.get_peft_model(tiny_llama(), config)
-    model.add_adapter(ApetConfig(num_params=600, strategy=strategy, seed=4), "b") if entry == "in place" else \
-        model.add_adapter("b", ApetConfig(num_params=600, strategy=strategy, seed=4))
+        model.add_adapter("b", second)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in _layers(model).values():
