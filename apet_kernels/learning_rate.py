@@ -4,23 +4,24 @@ Measured with AdamW (no weight decay), linear warm-up over 10% of the steps and 
 with a fresh classification head, as ``python/finetune.py`` trains (``python/results/README.md``):
 
 - random positions: K = 10⁴ tuned scalars were best at 3e-2 on MiniLM-L6 (22M) and on Gemma 3 270M, the
-  highest rate probed; about 3.3·10⁵ (LoRA r=8's count on MiniLM) at 1e-2. Rows share random's suggestion,
-  though they ran alike only at 10⁴: at 10⁵ on Gemma they were best at 3e-3, 5x below it.
+  highest rate probed; K = 10⁵ at 1e-2 on MiniLM; about 3.3·10⁵ (LoRA r=8's count on MiniLM) at 1e-2. Rows share
+  random's suggestion: on MiniLM's held-out probes they chose the same rates at 10⁴ and 10⁵, but on Gemma at 10⁵
+  (chosen on the dev set) they were best at 3e-3.
 - data-chosen positions run colder as K grows: magnitude at 3e-2 for K = 10⁴ on MiniLM (on Gemma 1e-2, 0.2
-  points above 3e-2) but 3e-3 for 3.3·10⁵; gradient at 1e-2 for K = 10⁴ and at 1e-3 for 3.3·10⁵, where 1e-2 cost
-  it 12 points (70.0% against 81.7%). Published work agrees (LoTA 0.1x, RoSA ~0.3x of LoRA's rate; SHiRA's random
-  positions 2.5-3x hotter than LoRA).
+  points above 3e-2), 1e-2 for 10⁵ and 3e-3 for 3.3·10⁵; gradient at 1e-2 for K = 10⁴, 3e-3 for 10⁵ (the plain
+  score and the xnorm and corr scores alike) and 1e-3 for 3.3·10⁵, where 1e-2 cost it 12 points (70.0% against
+  81.7%). Published work agrees (LoTA 0.1x, RoSA ~0.3x of LoRA's rate; SHiRA's random positions 2.5-3x hotter
+  than LoRA).
 
-Which points were chosen how: at K = 10⁴ every scheme's rate was chosen on MiniLM on a held-out slice of the
-training split, never on the reported dev set (``python/results/PROTOCOL.md``, ``protocol_minilm_probe.jsonl``:
-random, rows, magnitude 3e-2, gradient 1e-2, two probe seeds each; they agree with the earlier in-sample choices
-for random and magnitude, and add gradient's point). The other points (3.3·10⁵ on MiniLM, Gemma's) were still
-chosen on the dev set they were reported on (issue 21); the protocol's K = 10⁵ probes and Gemma's will replace
-them.
+Which points were chosen how: at K = 10⁴ and 10⁵ every scheme's rate was chosen on MiniLM on a held-out slice of
+the training split, never on the reported dev set (``python/results/PROTOCOL.md``, ``protocol_minilm_probe.jsonl``,
+one grid 1e-3..3e-2 and two probe seeds per point: 10⁴ random, rows, magnitude 3e-2, gradient 1e-2; 10⁵ random,
+rows, magnitude 1e-2, gradient 3e-3). The 3.3·10⁵ points (MiniLM) and Gemma's were chosen on the dev set they
+were reported on (issue 21); no held-out probe has run on Gemma.
 
 Between measured budgets the rate is interpolated in log-log; outside them it follows random positions' slope
-(about K^-0.31) and stays within [1e-4, 3e-2]. It is where to start, not a tuned optimum: one task (SST-2),
-two models, one seed per probe.
+from 10⁴ to 3.3·10⁵ (about K^-0.31) and stays within [1e-4, 3e-2]. It is where to start, not a tuned optimum: one
+task (SST-2), two models, one or two seeds per probe.
 
 A warning is raised once per optimizer when magnitude or gradient positions are trained at more than 3x their
 suggested rate, the region where the study saw them fall behind.
@@ -39,11 +40,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ._checks import is_int
 from .errors import ApetTypeError, ApetValueError
 
-# scheme -> ((K, best learning rate), ...) by increasing K (python/results/scaling_*.md, positions_lr_probe_sst2)
+# scheme -> ((K, best learning rate), ...) by increasing K. K = 10^4 and 10^5: MiniLM's held-out probes
+# (python/results/protocol_minilm_probe.jsonl); 3.3e5: MiniLM's dev-set probes (scaling_*.md, positions_lr_probe_sst2)
 MEASURED = {
-    "random": ((1e4, 3e-2), (3.3e5, 1e-2)),
-    "magnitude": ((1e4, 3e-2), (3.3e5, 3e-3)),
-    "gradient": ((1e4, 1e-2), (3.3e5, 1e-3)),
+    "random": ((1e4, 3e-2), (1e5, 1e-2), (3.3e5, 1e-2)),
+    "magnitude": ((1e4, 3e-2), (1e5, 1e-2), (3.3e5, 3e-3)),
+    "gradient": ((1e4, 1e-2), (1e5, 3e-3), (3.3e5, 1e-3)),
 }
 SAME_AS = {"rows": "random", "cols": "random", "blocks": "random"}
 SLOPE = math.log(1e-2 / 3e-2) / math.log(3.3e5 / 1e4)   # random positions' d log(lr) / d log(K), ~ -0.31
