@@ -71,3 +71,19 @@ def test_a_rate_far_above_the_suggestion_warns_once_for_data_chosen_positions(me
         _step(model, warm)
     ours = [w for w in caught if "suggested for them" in str(w.message)]
     assert len(ours) == (1 if method == "magnitude" else 0)
+
+
+def test_the_readme_table_is_what_suggested_lr_gives():
+    """The README's table of rates is written by hand: it must say what the code returns (2 significant digits)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| tuned scalars K |"))
+    column_k = {"10³": 1e3, "10⁴": 1e4, "10⁵": 1e5, "3.3·10⁵": 3.3e5, "2·10⁶": 2e6}
+    ks = [column_k[cell.strip()] for cell in header.strip().strip("|").split("|")[1:]]
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for label, method in (("random, rows, cols, blocks", "random"), ("magnitude", "magnitude"),
+                          ("gradient", "gradient")):
+        cells = [float(c) for c in rows[label].strip().strip("|").split("|")[1:]]
+        assert len(cells) == len(ks)
+        for k, written in zip(ks, cells):
+            assert written == pytest.approx(suggested_lr(int(k), method), rel=0.05), (method, k, written)
