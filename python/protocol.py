@@ -74,9 +74,9 @@ def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
 
 
-def spread_line(tables: dict[str, dict[int, float]]) -> str:
+def spread_line(tables: dict[str, dict[int, float]], gap: float | None = None) -> str:
     """The spread of the scheme means, its seed-bootstrap interval, permutation p and smallest detectable
-    difference (PROTOCOL.md), or why it cannot be given."""
+    difference (PROTOCOL.md), and its share of the floor-to-ceiling gap where both ran; or why it cannot be given."""
     if len(tables) < 2 or any(not t for t in tables.values()):
         missing = [m for m, t in tables.items() if not t]
         return f"not yet: no reported runs of {missing}" if missing else "not yet"
@@ -87,6 +87,8 @@ def spread_line(tables: dict[str, dict[int, float]]) -> str:
     if n > 1:
         text += (f"; permutation p {_p(spread_permutation_p(tables))}; smallest detectable difference "
                  f"{smallest_detectable_difference(acc):.1f} points")
+    if gap:
+        text += f"; {100 * point / gap:.0f}% of the {gap:.1f}-point gap from floor to ceiling"
     return text
 
 
@@ -132,7 +134,7 @@ def report(probes: list[dict], reported: list[dict], fixed: float) -> str:
     for key in keys:
         score = gradient_score(chosen, key)
         lines += ["", f"## {key[0]}, {key[1]}, {key[2]}", "",
-                  f"Gradient score chosen on the probes: `{score}` (run as `gradient`)." if score else
+                  f"Gradient score chosen on the probes: `{score}` (its reported runs are the gradient row)." if score else
                   "No gradient probes for this budget.", "",
                   f"| scheme | chosen rate | seeds | dev accuracy (%) | fixed rate {fixed:g}: seeds | dev accuracy (%) |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -140,20 +142,23 @@ def report(probes: list[dict], reported: list[dict], fixed: float) -> str:
         for method in SCHEMES:
             probe_method = score if method == "gradient" and score else method
             lr = chosen.get((*key, probe_method), (None,))[0]
-            at_choice = by_seed(reported, key, method, lr) if lr is not None else {}
-            at_fixed = by_seed(reported, key, method, fixed)
+            at_choice = by_seed(reported, key, probe_method, lr) if lr is not None else {}
+            at_fixed = by_seed(reported, key, probe_method, fixed)
             kinds["held-out choice"][method], kinds[f"fixed rate {fixed:g}"][method] = at_choice, at_fixed
-            lines.append(f"| {method} | {'—' if lr is None else f'{lr:g}'} | {len(at_choice)} | "
+            lines.append(f"| {probe_method} | {'—' if lr is None else f'{lr:g}'} | {len(at_choice)} | "
                          f"{_mean_sd(list(at_choice.values()))} | {len(at_fixed)} | {_mean_sd(list(at_fixed.values()))} |")
+        bounds = {}
         for ref in (FLOOR, CEILING):
             lr = chosen.get((key[0], key[1], "—", ref), (None,))[0]
             runs = by_seed(reported, (key[0], key[1], "—"), ref, lr) if lr is not None else {}
             name = "floor: head only" if ref == FLOOR else "ceiling: full fine-tuning"
             lines.append(f"| {name} | {'—' if lr is None else f'{lr:g}'} | {len(runs)} | "
                          f"{_mean_sd(list(runs.values()))} | | |")
+            bounds[ref] = statistics.mean(runs.values()) if runs else None
+        gap = bounds[CEILING] - bounds[FLOOR] if None not in bounds.values() else None
         lines.append("")
         for kind, t in kinds.items():
-            lines.append(f"- at the {kind}: {spread_line(t)}")
+            lines.append(f"- at the {kind}: {spread_line(t, gap)}")
         tables[key] = kinds
     models = sorted({k[0] for k in tables}, key=lambda m: (m != "minilm", m))  # the smaller model first
     pairs = [((models[0], *k[1:]), (m, *k[1:])) for m in models[1:] for k in tables if k[0] == models[0]

@@ -147,6 +147,25 @@ def test_protocol_analysis_chooses_rates_on_probes_and_tests_the_interaction():
     assert diff == 30 and p < 0.01 and lo <= 30 <= hi
 
 
+def test_protocol_report_reads_the_chosen_gradient_score_and_the_floor_to_ceiling_gap():
+    """The reported gradient runs are read under the score the probes chose (gradient:corr here), and each spread
+    is also given as a share of the ceiling's mean minus the floor's."""
+    sys.path.insert(0, str(ROOT / "python"))
+    import protocol
+    schemes = {"random": 70.0, "rows": 71.0, "magnitude": 72.0, "gradient:corr": 74.0}
+    probes = [_protocol_row("minilm", "k=10", m, 1e-2, s, 80.0, True) for m in schemes for s in (100, 101)]
+    probes += [_protocol_row("minilm", "k=10", "gradient", 1e-2, s, 79.0, True) for s in (100, 101)]
+    probes += [_protocol_row("minilm", "—", m, lr, s, 80.0, True) for m, lr in (("head", 3e-2), ("full", 3e-4))
+               for s in (100, 101)]
+    reported = [_protocol_row("minilm", "k=10", m, 1e-2, s, acc + (s % 2), False)
+                for m, acc in schemes.items() for s in range(8)]
+    reported += [_protocol_row("minilm", "—", m, lr, s, acc, False)
+                 for m, lr, acc in (("head", 3e-2, 60.0), ("full", 3e-4, 80.0)) for s in range(8)]
+    text = protocol.report(probes, reported, 1e-2)
+    assert "| gradient:corr | 0.01 | 8 | 74.5 ± 0.5 |" in text
+    assert "spread 4.0 points" in text and "20% of the 20.0-point gap from floor to ceiling" in text
+
+
 def test_local_glue_loaders_read_every_shared_task():
     data = ROOT.parent / "shared" / "data"
     if not data.is_dir():
