@@ -200,9 +200,9 @@ def make_trainer(model, train, tokenizer, args, lr: float, steps: int, callbacks
 
 # The default budget is a count, not a fraction: K = 10^5 at suggested_lr (then 1.5e-2; 1e-2 since the held-out
 # refit) reached PEFT LoRA r=8 untuned on MiniLM (80.9 +- 0.9 against 77.1 +- 1.5) and on Gemma 3 270M (88.2 +- 0.8
-# against 88.1 +- 0.6), where density 1e-3 (K = 10,764 on MiniLM: 75.8) and 1e-2 (K ~ 10^6 on Gemma: 85.5) each fell short on one model
-# (python/results/defaults.md): the larger model needs no more scalars. A model with fewer than 10^6 linear weights
-# (a test's tiny one) gets a tenth of them.
+# against 88.1 +- 0.6), where density 1e-3 (K = 10,764 on MiniLM: 75.8) and 1e-2 (K ~ 10^6 on Gemma: 85.5) each
+# fell short on one model (python/results/defaults.md): the larger model needs no more scalars. A model with fewer
+# than 10^6 linear weights (a test's tiny one) gets a tenth of them.
 DEFAULT_NUM_PARAMS = 100_000
 
 
