@@ -130,7 +130,7 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
         _check_args(shape, k, "random")
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(int(s) for s in shape):
             raise ApetValueError(f"method='magnitude' needs weight=, the (out, in) weight tensor of shape "
-                                 f"{tuple(shape)}, got {type(weight).__name__ if not isinstance(weight, torch.Tensor) else tuple(weight.shape)}")
+                                 f"{tuple(shape)}, got {_described(weight)}")
         return magnitude_indices(weight, k)
     if method == "gradient":
         raise ApetValueError("method='gradient' needs calibration data: get_apet_model(model, config, calibration=batches)")
@@ -243,13 +243,16 @@ def top_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], in_features: int, 
     return best_score, best_flat
 
 
+def _described(weight) -> str:
+    """A weight argument in an error message: its shape and dtype, or its type when it is not a tensor."""
+    return f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+
+
 def magnitude_indices(weight_oi: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat indices of the k entries of smallest |W| of an (out, in) weight (any strides). A weight holding
     NaN is refused (NaN would sort as neither small nor large)."""
     if not isinstance(weight_oi, torch.Tensor) or weight_oi.dim() != 2 or not weight_oi.is_floating_point():
-        raise ApetValueError(f"magnitude_indices takes a 2-D float (out, in) weight, got "
-                             f"{tuple(weight_oi.shape) if isinstance(weight_oi, torch.Tensor) else type(weight_oi).__name__}"
-                             f"{'' if not isinstance(weight_oi, torch.Tensor) else ' ' + str(weight_oi.dtype)}")
+        raise ApetValueError(f"magnitude_indices takes a 2-D float (out, in) weight, got {_described(weight_oi)}")
     out_f, in_f = weight_oi.shape
     if not is_int(k) or k < 0 or k > out_f * in_f:
         raise ApetValueError(f"k must be an int in [0, {out_f * in_f}] for a weight of shape {(out_f, in_f)}, got {k!r}")

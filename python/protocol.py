@@ -19,6 +19,7 @@ import json
 import random
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,9 +127,10 @@ def report(probes: list[dict], reported: list[dict], fixed: float) -> str:
              "choice still being made)", "",
              "| model | task | budget | method | chosen rate | held-out mean (%) | probe runs |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs = Counter((*key_of(r), r["study_method"]) for r in probes)
     for (model, task, budget, method), (lr, mean) in sorted(chosen.items()):
-        runs = sum(1 for r in probes if (*key_of(r), r["study_method"]) == (model, task, budget, method))
-        lines.append(f"| {model} | {task} | {budget} | {method} | {lr:g} | {mean:.2f} | {runs} |")
+        lines.append(f"| {model} | {task} | {budget} | {method} | {lr:g} | {mean:.2f} | "
+                     f"{runs[model, task, budget, method]} |")
     tables: dict[tuple, dict[str, dict[str, dict[int, float]]]] = {}  # key -> kind -> scheme -> seed -> acc
     keys = sorted({key_of(r) for r in reported if r["study_budget"] != "—"})
     for key in keys:

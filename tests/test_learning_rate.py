@@ -77,10 +77,12 @@ def test_the_readme_table_is_what_suggested_lr_gives():
     """The README's table of rates is written by hand: it must say what the code returns (2 significant digits)."""
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| tuned scalars K |"))
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| tuned scalars K |"))
+    table = lines[start:next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
     column_k = {"10³": 1e3, "10⁴": 1e4, "10⁵": 1e5, "3.3·10⁵": 3.3e5, "2·10⁶": 2e6}
-    ks = [column_k[cell.strip()] for cell in header.strip().strip("|").split("|")[1:]]
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    ks = [column_k[cell.strip()] for cell in table[0].strip().strip("|").split("|")[1:]]
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}  # only this table's rows
     for label, method in (("random, rows, cols, blocks", "random"), ("magnitude", "magnitude"),
                           ("gradient", "gradient")):
         cells = [float(c) for c in rows[label].strip().strip("|").split("|")[1:]]
