@@ -60,9 +60,6 @@ class AdapterRegistry:
 
     def check_delete(self, names, *, active_ok: bool) -> list[str]:
         names = self.known(names, "delete_adapter")
-        if not set(self.configs) - set(names):
-            raise ApetValueError(f"deleting {names} would leave no adapter (the only adapter{'s' if len(names) > 1 else ''} "
-                                 "of this model): unload() the model instead")
         if not active_ok:
             for name in names:
                 if name in self.active:
@@ -91,18 +88,29 @@ class AdapterRegistry:
         self.active = names
 
     def delete(self, layers: dict, names) -> None:
-        names = self.check_delete(names, active_ok=False)
+        """Delete adapters (the last one too: the layers then compute as their base layers, as PEFT's do)."""
+        names = self.check_delete(names, active_ok=len(names if isinstance(names, list) else [names]) == len(self.configs))
+        merged = sorted({n for m in layers.values() for n in m.merged_adapters if n in names})
+        if merged:
+            raise ApetValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         for name in names:
             for layer in layers.values():
                 layer.delete_adapter(name)
             del self.configs[name]
+            if name in self.active:
+                self.active.remove(name)
 
-    def begin_mixed(self, layers: dict, adapter_names, way_out: str, expand: bool = False) -> None:
-        """Every layer runs the next forwards with one adapter per batch row (``"__base__"``: none)."""
+    def begin_mixed(self, layers: dict, adapter_names, way_out: str, expand: bool = False,
+                    training: bool = False) -> None:
+        """Every layer runs the next forwards with one adapter per batch row (``"__base__"``: none). The refusals
+        a PEFT user meets say what PEFT's say."""
+        if training:
+            raise ApetValueError("Cannot pass `adapter_names` when the model is in training mode.")
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = sorted(set(names) - set(self.configs) - {BASE})
         if unknown:
-            raise ApetValueError(f"unknown adapters {unknown}; this model has {self.names} (and '{BASE}')")
+            raise ApetValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (this model has "
+                                 f"{self.names}, and '{BASE}' for none)")
         if not names:
             raise ApetValueError("adapter_names is empty: give one name per batch row")
         if len(self.active) > 1:
@@ -132,7 +140,8 @@ class AdapterRegistry:
 
 
 def _merged(layers: dict) -> list[str]:
-    """The layers that apply one adapter at a time (merged: W + S lives in their weight)."""
+    """The layers that apply one adapter at a time and do not unmerge by themselves (strategy='merged', or
+    merge_adapter()): W + S lives in their weight."""
     return [n for n, m in layers.items() if not m.applies_several]
 
 

@@ -39,7 +39,10 @@ class _MethodName(str):
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:  # as an enum member prints: PEFT reads the name after the dot (get_model_status)
+        return f"PeftType.{str.__str__(self)}"
 
 
 PEFT_TYPE = _MethodName("APET")  # the key APET is registered under in PEFT (apet_kernels.peft_registry)
@@ -69,6 +72,10 @@ class ApetConfig(PeftConfig):
     strategy: str = "auto"
     backend: str = "auto"  # runtime choice: not saved with the adapter
     modules_to_save: list[str] | None = None
+    # PEFT's switch: True starts every adapter at zero (the model computes as its base); False draws small seeded
+    # random values (N(0, 0.1^2), from the seed, the layer and the adapter name), for tests that need an adapter
+    # that changes the output
+    init_weights: bool = True
     # method="gradient": accumulate |g| ("abs") or g^2 ("squared", a diagonal Fisher) over the calibration
     # batches, keeping a candidate pool of pool_factor x K positions per layer (apet_kernels.positions)
     gradient_score: str = "abs"
@@ -94,6 +101,9 @@ class ApetConfig(PeftConfig):
             raise ApetValueError(f"density must be a number in [0, 1], got {self.density!r}")
         if self.budget_like is not None and not isinstance(self.budget_like, str):
             raise ApetValueError(f"budget_like must be a string such as 'lora:r=8', got {self.budget_like!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ApetValueError(f"init_weights must be True (zeros) or False (small random values), got "
+                                 f"{self.init_weights!r}")
         if not is_int(self.seed):
             raise ApetValueError(f"seed must be an int, got {self.seed!r}")
         # numpy's numbers are accepted; the file holds Python's (json writes no numpy scalar)

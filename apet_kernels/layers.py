@@ -15,7 +15,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ._checks import check_finite, check_index_content, check_index_meta, validation_from_env
 from .errors import ApetStateError, ApetTypeError, ApetValueError
@@ -26,7 +26,7 @@ from .ops.dispatch import CHOICES, implementation, resolve
 from .ops.layout import DeltaLayout, build_layout
 from .optimizer_guard import note_active_values
 from .quantized import float_dtype, quantization_of, values_at
-from .selection import index_checksum, select_indices
+from .selection import index_checksum, index_dtype, select_indices
 from .sharded import assign_full, is_dtensor
 from .strategies import BY_NAME, DEQUANTIZED, MERGED, UNMERGED
 
@@ -226,6 +226,11 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         self.backend = backend
         self._strategy = BY_NAME[strategy if strategy != "auto" else (
             "merged" if legal else "dequantized" if quantized else "unmerged")]
+        # "auto" chose merged for speed alone: such a layer unmerges by itself where several adapters apply (set
+        # together, a mixed batch) and merges again after; an explicit "merged" refuses those instead
+        self._auto_merged = strategy == "auto" and self._strategy is MERGED
+        self._unmerged_for_now = False  # unmerged by the rule above, to merge again when one adapter applies
+        self.merged_adapters: list[str] = []  # PEFT's record of merge_adapter() (not of the merged strategy)
         self.apet_disabled = False  # True: behave as the wrapped layer (see ApetModel.disable_apet)
         self.deltas = nn.ModuleDict()
         self._active_adapter = [adapter_name]  # the active one first, then others applied with it (unmerged)
@@ -286,6 +291,8 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
     @property
     def active_adapter(self) -> str:
         """The adapter trained (and applied)."""
+        if not self._active_adapter:
+            raise ApetStateError("this layer has no adapter (the last one was deleted): add one and set_adapter() it")
         return self._active_adapter[0]
 
     @property
@@ -327,12 +334,25 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         return self._active.layout
 
     @property
+    def index_device(self) -> torch.device:
+        """Where this layer's positions live (the weight's device; a layer may hold no adapter)."""
+        first = next(iter(self.deltas.values()), None)
+        return first.indices.device if first is not None else self.weight.device
+
+    def empty_indices(self) -> torch.Tensor:
+        """K = 0 positions of this layer's index dtype (an adapter that tunes nothing here)."""
+        return torch.empty(0, dtype=index_dtype(self.out_features * self.in_features))
+
+    @property
     def adapters(self) -> list[str]:
         return list(self.deltas.keys())
 
     # ----------------------------------------------------------------- the weight and its wrapper
     def __setstate__(self, state):
         # deepcopy and unpickling give this module new parameters: it wraps its own new weight
+        state.setdefault("_auto_merged", False)  # (pickled by 0.3.0)
+        state.setdefault("_unmerged_for_now", False)
+        state.setdefault("merged_adapters", [])
         super().__setstate__(state)
         self._claim_weight()
 
@@ -382,8 +402,9 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     @property
     def applies_several(self) -> bool:
-        """Whether this layer can apply several adapters at once (their terms added) or one per batch row."""
-        return self._strategy.applies_several
+        """Whether this layer can apply several adapters at once (their terms added) or one per batch row (an
+        "auto" layer unmerges for that by itself)."""
+        return self._strategy.applies_several or self._switches_itself
 
     def _become(self, strategy) -> None:
         self._strategy = strategy
@@ -399,10 +420,17 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         """Switch to the merged strategy and write W + S into W's storage now (over a quantized base: to the
         dequantized strategy, S scattered into the weight each GEMM dequantizes; nothing is written).
 
-        PEFT's signature: ``adapter_names`` may only name the active adapter (one adapter is merged at most);
-        ``safe_merge`` checks its values are finite first. The adapter stays trainable and separable: ``unmerge``
-        restores W bit-exactly, so PEFT never sees this layer as merged (``merged_adapters`` stays empty)."""
-        if adapter_names is not None and list(adapter_names) not in ([], [self.active_adapter]):
+        PEFT's signature and record: ``adapter_names`` (default: the active ones) may only name the active adapter
+        (one adapter is merged at most); merging it again warns as PEFT does; ``safe_merge`` checks its values
+        are finite first; ``merged_adapters`` lists it until ``unmerge``. The adapter stays trainable and
+        separable: ``unmerge`` restores W bit-exactly."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(self.active_adapters) > 1 and adapter_names == self.active_adapters:
+            raise ApetStateError("cannot merge: other adapters are applied together with this one (unmerged); "
+                                 "set_adapter() a single adapter first")
+        if list(adapter_names) != [self.active_adapter]:
             raise ApetValueError(f"an APET layer merges its active adapter only ({self.active_adapter!r}), not "
                              f"{list(adapter_names)}: set_adapter() the one to merge first")
         if safe_merge:
@@ -410,6 +438,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if self.quantization is not None:  # (a shared quantized weight too: it is never written)
             if self._strategy is UNMERGED:
                 self._become(DEQUANTIZED)
+            self.merged_adapters = [self.active_adapter]
             return
         legal, why = self.merge_legality()
         if not legal:
@@ -422,15 +451,46 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         if self._strategy is not MERGED:
             MERGED.enter(self)
             self._become(MERGED)
+        self._unmerged_for_now = False
+        self.merged_adapters = [self.active_adapter]
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly from ``delta_base`` and switch to the unmerged strategy."""
         if self._strategy is MERGED:
             MERGED.leave(self)
-        if self._strategy is not UNMERGED:
+        if self._strategy is not UNMERGED and self._active_adapter:
             self._become(UNMERGED)  # (the unmerged backward walks the deltas by column too)
+        elif self._strategy is not UNMERGED:
+            self._strategy = UNMERGED
+        self._unmerged_for_now = False
+        self.merged_adapters = []
 
+    @property
+    def _switches_itself(self) -> bool:
+        """An "auto" layer running merged for speed, not merged by merge_adapter(): it unmerges by itself where
+        several adapters apply."""
+        return self._auto_merged and not self.merged_adapters
+
+    @torch.no_grad()
+    def _unmerge_for_several(self, why: str) -> None:
+        """Before several adapters apply at once (set together, a mixed batch): unmerged, or refused."""
+        if self._strategy.applies_several:
+            return
+        if not self._switches_itself:
+            raise ApetValueError(f"{why} add their sparse terms unmerged, and this layer is merged (strategy="
+                                 f"'merged' or merge_adapter()): unmerge() it or use strategy='unmerged' or 'auto'")
+        self.unmerge()
+        self._unmerged_for_now = True
+
+    @torch.no_grad()
+    def _merge_again(self) -> None:
+        """After the rule above: merged again once one adapter applies."""
+        if self._unmerged_for_now and len(self._active_adapter) == 1 and self._mixed is None \
+                and self.merge_legality()[0]:
+            MERGED.enter(self)
+            self._become(MERGED)
+            self._unmerged_for_now = False
     # ----------------------------------------------------------------- adapters
     def _checked_indices(self, indices: torch.Tensor, what: str) -> None:
         numel = self.out_features * self.in_features
@@ -458,7 +518,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
                 raise ApetValueError(f"adapter {name!r}: values must be a float tensor of shape ({indices.numel()},), "
                                  f"got {values.dtype} {tuple(values.shape)}")
             check_finite(values, f"adapter {name!r} values")
-        device = self.delta_indices.device
+        device = self.index_device
         delta = DeltaSet(indices, (self.out_features, self.in_features), device, columns=True,
                          base_dtype=self.base_dtype)
         if not delta.indices.is_meta and not self.weight.is_meta:
@@ -469,18 +529,35 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, name: str) -> None:
         """As PEFT's layers: deleting an active adapter leaves the other active ones, or else activates the first
-        remaining adapter (in name order, so every layer picks the same one). The last adapter is refused: a
-        layer without one is its base layer (unload it)."""
+        remaining adapter (in name order, so every layer picks the same one). Deleting the last one leaves a
+        layer that computes as its base layer (W restored bit-exactly), with no active adapter, until one is
+        added and set active."""
         if name not in self.deltas:
             raise ApetValueError(f"no adapter named {name!r}; this layer has {self.adapters}")
-        if len(self.deltas) == 1:
-            raise ApetValueError(f"{name!r} is this layer's only adapter: unload() the model instead of deleting it")
+        if name in self.merged_adapters:
+            raise ApetValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them "
+                                 "first.")
         if self._mixed is not None:
             raise ApetStateError("delete_adapter() inside a mixed-adapter batch would change what its rows apply")
+        if len(self.deltas) == 1:
+            auto = self._switches_itself and self._strategy is MERGED
+            self.unmerge()  # (W pure again; an "auto" layer merges the next adapter it applies)
+            self._unmerged_for_now = auto
+            del self.deltas[name]
+            self._active_adapter = []
+            self.__dict__["_active"] = None
+            return
         if name in self.active_adapters:
             rest = [n for n in self.active_adapters if n != name] or [sorted(n for n in self.deltas if n != name)[0]]
             self.set_adapter(rest)
         del self.deltas[name]
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """PEFT's hook after a load with ``assign=True`` (``low_cpu_mem_usage``): the adapter's tensors go to the
+        base weight's device; their dtypes stay (PEFT's own would cast the fp32 values to W's dtype)."""
+        target = torch.device(device) if device is not None else self.weight.device
+        if adapter_name in self.deltas and target.type != "meta":
+            self.deltas[adapter_name].to(target)
 
     # ----------------------------------------------------------------- PEFT's enable / disable
     @property
@@ -499,13 +576,20 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         the old positions and cast(base + v) written at the new ones right away, nothing else is touched.
         Each adapter keeps its own values Parameter: switching back gives the same Parameters."""
         names = known_adapters(names, self.adapters, "layer")
-        if len(names) > 1 and not self._strategy.applies_several:
+        if len(names) > 1 and not self._strategy.applies_several and not self._switches_itself:
             raise ApetValueError("adapters active together add their sparse terms unmerged, and this layer is merged: "
                              "unmerge() it or use strategy='unmerged'")
         if self._mixed is not None:
             raise ApetStateError("set_adapter() inside a mixed-adapter batch would change what its rows apply")
         # checked: from here on nothing fails
-        new, old = names[0], self.active_adapter
+        if len(names) > 1:
+            self._unmerge_for_several("adapters active together")
+        new = names[0]
+        if not self._active_adapter:  # (the last adapter was deleted, and this one added since)
+            self._active_adapter = [new]
+            self._set_active_cache()
+            self._weight.reread_base()
+        old = self.active_adapter
         if new != old:
             with self._strategy.changing(self):  # (merged: W restored at the old positions, W + S at the new)
                 self._active_adapter = [new, *self._active_adapter[1:]]
@@ -515,6 +599,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             if self.deltas[name].col_perm is None:  # an unmerged term's backward walks the deltas by column too
                 self.deltas[name].rebuild_layout(columns=True)
         self._active_adapter = names
+        self._merge_again()
         for name, delta in self.deltas.items():
             delta.values.requires_grad_(name == new and delta.k > 0 and not inference_mode)  # (K = 0: see __init__)
         note_active_values([self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
@@ -570,7 +655,7 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
         merged W holds W + S, the saved base is used."""
         if self.quantization is not None:
             return values_at(self.base_layer, indices)
-        idx = indices.long().to(self.delta_indices.device)
+        idx = indices.long().to(self.index_device)
         values = self._weight.get(idx).clone()
         if self._strategy.holds_sum and self.delta_indices.numel():
             mine = self.delta_indices.long()
@@ -716,8 +801,12 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
             self.settle_positions()
         if validation_from_env():
             self._check_buffers()
-        if self.apet_disabled:
+        if self.apet_disabled or not self._active_adapter:
             return self._strategy.forward_disabled(self, x)
+        if self._active.values.is_meta and not x.is_meta:
+            raise ApetStateError(f"adapter {self.active_adapter!r}'s values are on the meta device (injected with "
+                                 "low_cpu_mem_usage=True): load its state dict first (set_peft_model_state_dict(..., "
+                                 "low_cpu_mem_usage=True), PeftModel.load_adapter)")
         if self._mixed is not None:
             return self._forward_mixed(x)
         return self._strategy.forward(self, x)
@@ -743,12 +832,12 @@ class SparseDeltaLinear(nn.Module, BaseTunerLayer):
 
     def begin_mixed_batch(self, plan) -> None:
         """Run the next forwards as a mixed-adapter batch (``plan``: an ApetModel MixedBatch)."""
-        if not self._strategy.applies_several:
-            raise ApetStateError("a mixed-adapter batch runs unmerged; this layer is merged")
+        self._unmerge_for_several("the adapters of a mixed-adapter batch")
         self._mixed = plan
 
     def end_mixed_batch(self) -> None:
         self._mixed = None
+        self._merge_again()
 
     def _check_buffers(self) -> None:
         """APET_VALIDATE=1: indices in range, sorted, unique and consistent with the row offsets."""

@@ -96,8 +96,12 @@ def _adapter_k(config) -> int:
 
 
 def describe(model) -> str:
-    """One line for ``print_trainable_parameters``."""
-    config = model.apet_config
+    """One line for ``print_trainable_parameters`` (a model patched in place)."""
+    return describe_config(model.apet_config)
+
+
+def describe_config(config) -> str:
+    """The suggested-rate line for an adapter's config ("" where no rate is known for its positions)."""
     k = _adapter_k(config)
     try:
         lr = suggested_lr(k, config.method)

@@ -36,10 +36,10 @@ from .layers import DEFAULT_ADAPTER, SparseDeltaLinear, check_adapter_name
 from .linear_like import is_linear_like, linear_shape, weight_oi
 from .load_guard import check_strict_keys, guard, guard_ancestors, unguard_tree
 from .merging import activation_dtype, merge_quantized, requantization_summary
-from .mixed_batch import batch_shape
+from .mixed_batch import BASE, batch_shape
 from .positions import GradientScores
 from .quantized import dequantize, quantization_of, values_at
-from .selection import METHODS, magnitude_indices, select_indices
+from .selection import METHODS, magnitude_indices, seeded_generator, select_indices
 from .serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                             delta_key, index_checksum, read_folder, regenerable, sketch_distance, write_folder)
 from .sharded import full_tensor, is_dtensor
@@ -55,6 +55,7 @@ class _Patch:
     adapters: AdapterRegistry = field(default_factory=AdapterRegistry)  # configs by name, active ones, mixed batch
     call_owns_mixed: bool = False  # the current call started it (model(..., adapter_names=))
     originals_in_use: bool = False  # modules_to_save hold their weights as patched (disabled; saved_modules: trained)
+    base_row_hooks: list = field(default_factory=list)  # a mixed batch's hooks on modules_to_save (_BaseRows)
 
 
 class ApetModel(nn.Module):
@@ -183,9 +184,11 @@ class ApetModel(nn.Module):
 
     # ----------------------------------------------------------------- several adapters
     def add_adapter(self, adapter_config: ApetConfig, adapter_name: str | None = None) -> None:
-        """Add an inactive adapter (zero values) with seeded positions on the patched layers that
-        ``adapter_config`` targets (a subset of them; the others get no deltas for it). ``set_adapter`` makes it
-        the one applied and trained. Data-driven positions come in through ``load_adapter``.
+        """Add an inactive adapter (zero values, or ``init_weights=False``'s small random ones) on the layers
+        ``adapter_config`` targets, as ``PeftModel.add_adapter`` does: any linear layer (one not patched yet is
+        wrapped, running the other adapters with K = 0), positions of any scheme but ``gradient`` (which needs
+        data: load a folder that stores them). The other adapters keep their trainability; ``set_adapter`` makes
+        this one the one applied and trained. All or nothing.
 
         transformers' signature; PEFT's order (``add_adapter(adapter_name, config)``) is accepted too. Without a
         name, ``"default"`` as in transformers (which the first adapter usually holds already)."""
@@ -200,14 +203,20 @@ class ApetModel(nn.Module):
             raise ApetValueError("modules_to_save of a model patched in place belong to the model, not to an added "
                                  "adapter")
         config = copy.deepcopy(adapter_config)
-        indices = seeded_positions(self, self.apet_layers(), config)
-        self._add_entries(adapter_name, config, indices, {})
+        config.layers = {}
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        indices = choose_positions(self, config)
+        add_adapter_to_model(self, config, adapter_name, indices)
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+        _patch_of(self).adapters.configs[adapter_name] = config
+        note_lr_hint(self, adapter_name, config)
 
     def _add_entries(self, name: str, config: ApetConfig, indices: dict[str, torch.Tensor],
                      values: dict[str, torch.Tensor]) -> None:
         add_entries(self.apet_layers(), name, indices, values)
         _patch_of(self).adapters.configs[name] = config
-        _note_lr_hint(self, name, config)
+        note_lr_hint(self, name, config)
 
     def load_adapter(self, peft_model_id: str, adapter_name: str | None = None, *, strict: bool = False,
                      **kwargs) -> None:
@@ -288,12 +297,29 @@ class ApetModel(nn.Module):
             self._end_mixed_batch()
 
     def _begin_mixed_batch(self, adapter_names, expand: bool = False) -> None:
-        _patch_of(self).adapters.begin_mixed(self.apet_layers(), adapter_names,
-                                             "call unmerge() on them or use strategy='unmerged'", expand)
+        patch = _patch_of(self)
+        patch.adapters.begin_mixed(self.apet_layers(), adapter_names,
+                                   "call unmerge() on them or use strategy='unmerged'", expand, training=self.training)
+        patch.base_row_hooks = self._base_rows_of_saved_modules()
 
     def _end_mixed_batch(self) -> None:
-        _patch_of(self).adapters.end_mixed(self.apet_layers())
-        _patch_of(self).call_owns_mixed = False
+        patch = _patch_of(self)
+        patch.adapters.end_mixed(self.apet_layers())
+        patch.call_owns_mixed = False
+        for handle in patch.base_row_hooks:
+            handle.remove()
+        patch.base_row_hooks = []
+
+    def _base_rows_of_saved_modules(self) -> list:
+        """In a mixed batch, the ``"__base__"`` rows of each module of modules_to_save are computed with its weights
+        as patched (the base model's), the others with its trained ones (forward hooks, removed at the end)."""
+        patch = _patch_of(self)
+        if BASE not in patch.adapters.mixed.names or not patch.saved_modules:
+            return []
+        owners = sorted({name.rpartition(".")[0] for name in patch.saved_modules})
+        tops = [m for m in owners if not any(m.startswith(o + ".") for o in owners if o != m)]
+        return [self.get_submodule(name).register_forward_hook(_BaseRows(patch, name), with_kwargs=True)
+                for name in tops]
 
     def _generate_with_adapter_names(self, *args, adapter_names=None, **kwargs):
         """The model's own ``generate``; ``adapter_names``: one adapter per input row (see ``mixed_batch``)."""
@@ -456,6 +482,34 @@ def is_patched(model: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- model-level hooks
+class _BaseRows:
+    """A forward hook on one module of modules_to_save during a mixed batch: its output's ``"__base__"`` rows are
+    replaced by those of the same call with the module's weights as patched (``torch.func.functional_call``)."""
+
+    def __init__(self, patch: _Patch, name: str):
+        self.patch, self.name, self.running = patch, name, False
+
+    def __call__(self, module, args, kwargs, output):
+        plan = self.patch.adapters.mixed
+        rows = [i for i, n in enumerate(plan.row_names) if n == BASE] if plan is not None else []
+        if self.running or not rows:
+            return output
+        if not torch.is_tensor(output) or output.dim() == 0 or output.shape[0] != len(plan.row_names):
+            raise ApetValueError(f"modules_to_save {self.name!r} returned {type(output).__name__} without one row per "
+                                 f"batch row: its '{BASE}' rows cannot run the base model's weights")
+        prefix = self.name + "."
+        originals = {k[len(prefix):]: t for k, t in self.patch.saved_modules.items() if k.startswith(prefix)}
+        self.running = True
+        try:
+            base = torch.func.functional_call(module, originals, args, kwargs)
+        finally:
+            self.running = False
+        output = output.clone()
+        index = torch.tensor(rows, device=output.device)
+        output.index_copy_(0, index, base.index_select(0, index).to(output.dtype))
+        return output
+
+
 def _forward_pre_hook(model, args, kwargs):
     patch = model.__dict__.get("_apet_patch")
     names = kwargs.pop("adapter_names", None)
@@ -541,12 +595,7 @@ def _check_targets(model: nn.Module, targets: dict[str, nn.Module]) -> None:
     if is_patched(model) or any(isinstance(m, SparseDeltaLinear) for m in model.modules()):
         raise ApetValueError("this model already has APET layers (unload() them first, or add_adapter() / "
                          "load_adapter() to add another adapter)")
-    owners: dict[int, str] = {}
-    for name, module in targets.items():
-        other = owners.setdefault(id(module.weight), name)
-        if other != name:
-            raise ApetValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
-                             f"cannot both be applied; exclude one of them (exclude_modules)")
+    _check_shared_weights(targets)
 
 
 def _warn_tied_modules_to_save(model: nn.Module, saved: dict[str, nn.Parameter]) -> None:
@@ -576,33 +625,13 @@ def wrap_targets(model: nn.Module, config: ApetConfig, indices: dict[str, torch.
                             "checksum": index_checksum(indices[name])} for name, module in targets.items()}
 
 
-def seeded_positions(model: nn.Module, layers: dict[str, SparseDeltaLinear], config: ApetConfig
-                     ) -> dict[str, torch.Tensor]:
-    """Positions of a further adapter on the APET layers ``config`` targets (seeded methods only), its budget
-    split over them; fills ``config.layers``."""
-    if config.method not in METHODS:
-        raise ApetValueError(f"a further adapter draws seeded positions ({', '.join(METHODS)}), not {config.method!r}; "
-                         f"load an adapter with stored positions instead")
-    chosen = {n: m for n, m in layers.items() if targeted(n, config)}
-    if not chosen:
-        raise ApetValueError(f"target_modules={config.target_modules!r} matches none of this model's APET layers "
-                         "(a further adapter tunes a subset of the layers the first one patched)")
-    shapes = {n: (m.out_features, m.in_features) for n, m in chosen.items()}
-    budget = layer_budget(model, config, {n: m.base_layer for n, m in chosen.items()}, shapes)
-    indices = {n: select_indices(shapes[n], budget[n], method=config.method, seed=config.seed, key=n)
-               for n in chosen}
-    config.layers = {n: {"shape": list(shapes[n]), "k": int(idx.numel()), "checksum": index_checksum(idx)}
-                     for n, idx in indices.items()}
-    return indices
-
-
 def add_entries(layers: dict[str, SparseDeltaLinear], name: str, indices: dict[str, torch.Tensor],
                 values: dict[str, torch.Tensor]) -> None:
     """Add adapter ``name`` to every APET layer (K = 0 where it tunes nothing), inactive, all or none."""
     added = []
     try:
         for n, layer in layers.items():
-            idx = indices.get(n, torch.empty(0, dtype=layer.delta_indices.dtype))
+            idx = indices.get(n, layer.empty_indices())
             layer.add_adapter(name, idx, values.get(n))
             added.append(layer)
     except BaseException:
@@ -682,13 +711,14 @@ def _patch(model: nn.Module, config: ApetConfig, indices: dict[str, torch.Tensor
     model.__class__ = _apet_class(type(model))
     _install_model_hooks(model)
     guard_ancestors(model)
-    _note_lr_hint(model, adapter_name, config)
+    note_lr_hint(model, adapter_name, config)
     return model
 
 
-def _note_lr_hint(model: nn.Module, name: str, config: ApetConfig) -> None:
+def note_lr_hint(model: nn.Module, name: str, config: ApetConfig) -> None:
     """Let an optimizer that trains this adapter's values at a rate its positions bear badly warn (learning_rate)."""
-    values = [layer.deltas[name].values for layer in model.apet_layers().values() if name in layer.deltas]
+    values = [layer.deltas[name].values for layer in model.modules()
+              if isinstance(layer, SparseDeltaLinear) and name in layer.deltas]
     learning_rate.note_adapter(values, config.method, sum(int(v.numel()) for v in values))
 
 
@@ -729,11 +759,18 @@ def get_apet_model(model: nn.Module, config: ApetConfig, calibration: Iterable |
 
 def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable | None = None,
                      loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
-    """Each target layer's positions (see get_apet_model), the budget split over the targets."""
+    """Each target layer's positions (see get_apet_model), the budget split over the targets. Targets may be APET
+    layers already (a further adapter): their positions are chosen on the base weight, never on W + S."""
     targets = find_targets(model, config)
-    shapes = {name: linear_shape(m) for name, m in targets.items()}
-    budget = layer_budget(model, config, targets, shapes)
+    bases = {name: getattr(m, "base_layer", m) for name, m in targets.items()}
+    shapes = {name: linear_shape(m) for name, m in bases.items()}
+    budget = layer_budget(model, config, bases, shapes)
     if config.method == "gradient":
+        patched = [n for n, m in targets.items() if isinstance(m, SparseDeltaLinear)]
+        if patched:
+            raise ApetValueError(f"method='gradient' scores plain linear layers, and {first_few(patched)} already hold "
+                                 "APET adapters: choose a further adapter's positions with another method, or load "
+                                 "a folder that stores them (load_adapter)")
         if calibration is None:
             raise ApetValueError("method='gradient' chooses positions from data: pass calibration=<iterable of batches>")
         scores = GradientScores(model, targets, budget, score=config.gradient_score, pool_factor=config.pool_factor,
@@ -744,9 +781,108 @@ def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable
     if calibration is not None:
         raise ApetValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
     if config.method == "magnitude":
-        return {name: magnitude_indices(float_weight_oi(m), budget[name]) for name, m in targets.items()}
+        return {name: magnitude_indices(base_weight_oi(m), budget[name]) for name, m in targets.items()}
     return {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
             for name in targets}
+
+
+def base_weight_oi(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's or APET layer's base weight as floats (out, in): never W + S (a merged layer's
+    active positions are read back from its saved base)."""
+    if not isinstance(module, SparseDeltaLinear):
+        return float_weight_oi(module)
+    weight = float_weight_oi(module.base_layer)
+    idx = module.delta_indices
+    if not idx.numel():
+        return weight
+    weight = weight.clone()  # (a merged layer holds W + S there)
+    weight.view(-1)[idx.long()] = module.base_values_at(idx).to(weight.dtype)
+    return weight
+
+
+def initial_values(config: ApetConfig, adapter_name: str, indices: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The values an adapter starts from: none given (zeros: the model computes as its base) unless
+    ``config.init_weights`` is False, PEFT's switch for an adapter that changes the output: N(0, 0.1^2), drawn
+    from the config's seed, the layer's name and the adapter's, so they repeat on any machine."""
+    if config.init_weights:
+        return {}
+    out = {}
+    for name, idx in indices.items():
+        gen = seeded_generator("init", config.seed, f"{name}:{adapter_name}", (idx.numel(),), idx.numel())
+        out[name] = torch.randn(idx.numel(), generator=gen) * 0.1
+    return out
+
+
+def add_adapter_to_model(model: nn.Module, config: ApetConfig, adapter_name: str,
+                         indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
+    """Put adapter ``adapter_name`` on the layers named in ``indices``, all or none; both entry points add every
+    adapter through here. Plain linear layers are wrapped (holding K = 0 entries of the model's other adapters);
+    APET layers get an entry (K = 0 where this adapter tunes nothing). ``config.layers`` records each tuned layer's
+    shape, K and index checksum. The model's active adapters stay as they were."""
+    check_adapter_name(adapter_name)
+    values = {**initial_values(config, adapter_name, indices), **(values or {})}
+    existing = {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+    if any(adapter_name in m.deltas for m in existing.values()):
+        raise ApetValueError(f"this model's APET layers hold an adapter named {adapter_name!r} already")
+    plain = {n: model.get_submodule(n) for n in indices if n not in existing}
+    others = list(next(iter(existing.values())).deltas) if existing else []
+    active = next(iter(existing.values())).active_adapters if existing else None
+    _check_shared_weights(plain)
+    shared = shared_parameter_ids(model)
+    new = replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
+        module, indices=indices[name], strategy=config.strategy, backend=config.backend,
+        weight_shared=id(module.weight) in shared, adapter_name=adapter_name), plain) if plain else {}
+    try:
+        for layer in new.values():
+            if values.get(_name_of(new, layer)) is not None:
+                layer.deltas[adapter_name].values.data.copy_(values[_name_of(new, layer)])
+            for other in others:
+                layer.add_adapter(other, layer.empty_indices())
+            if active is not None:
+                layer.set_adapter([a for a in active if a in layer.deltas] or others[:1])
+        add_entries(existing, adapter_name, indices, values)
+    except BaseException:
+        give_back_layers(model, new, merge=False, replacements={})
+        raise
+    config.layers = {name: {"shape": list(linear_shape(getattr(m, "base_layer", m))), "k": int(indices[name].numel()),
+                            "checksum": index_checksum(indices[name])}
+                     for name, m in ((n, model.get_submodule(n)) for n in indices)}
+
+
+def adapter_dtype(model: nn.Module, adapter_name: str, autocast: bool) -> None:
+    """PEFT's ``autocast_adapter_dtype``: True keeps the values in fp32 (APET's default, whatever W's dtype); False
+    gives them the base weight's float dtype (bf16 / fp16 values for a bf16 / fp16 model)."""
+    if autocast:
+        return
+    for layer in model.modules():
+        if isinstance(layer, SparseDeltaLinear) and adapter_name in layer.deltas:
+            values = layer.deltas[adapter_name].values
+            if layer.base_dtype.is_floating_point and values.dtype != layer.base_dtype:
+                values.data = values.data.to(layer.base_dtype)
+
+
+def values_on_meta(model: nn.Module, adapter_name: str) -> None:
+    """``low_cpu_mem_usage``: the adapter's values become empty meta tensors that a load with ``assign=True``
+    replaces; until then its layers refuse to run it, naming the meta device."""
+    for layer in model.modules():
+        if isinstance(layer, SparseDeltaLinear) and adapter_name in layer.deltas:
+            delta = layer.deltas[adapter_name]
+            delta.values = nn.Parameter(torch.empty_like(delta.values, device="meta"),
+                                        requires_grad=delta.values.requires_grad)
+
+
+def _name_of(layers: dict[str, nn.Module], layer: nn.Module) -> str:
+    return next(n for n, m in layers.items() if m is layer)
+
+
+def _check_shared_weights(targets: dict[str, nn.Module]) -> None:
+    owners: dict[int, str] = {}
+    for name, module in targets.items():
+        other = owners.setdefault(id(module.weight), name)
+        if other != name:
+            raise ApetValueError(f"target modules {other!r} and {name!r} share one weight: two deltas on one weight "
+                             f"cannot both be applied; exclude one of them (exclude_modules)")
 
 
 # ----------------------------------------------------------------------------- loading

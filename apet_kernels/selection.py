@@ -45,7 +45,8 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < INT32_LIMIT else torch.int64
 
 
-def _generator(method: str, seed: int, key: str, shape, k: int) -> torch.Generator:
+def seeded_generator(method: str, seed: int, key: str, shape, k: int) -> torch.Generator:
+    """A CPU generator that depends only on its arguments (the same draws on any machine)."""
     tag = f"apet:{method}:{int(seed)}:{key}:{tuple(int(s) for s in shape)}:{int(k)}"
     digest = hashlib.sha256(tag.encode()).digest()
     gen = torch.Generator(device="cpu")
@@ -139,7 +140,7 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
         raise ApetValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(key, str):
         raise ApetValueError(f"key must be a string (e.g. the module's qualified name), got {key!r}")
-    gen = _generator(method, seed, key, (rows, cols), k)
+    gen = seeded_generator(method, seed, key, (rows, cols), k)
     with torch.device("cpu"):  # drawn on the CPU whatever the default device (a model built under torch.device("meta"))
         if method == "random":
             flat = _sample_distinct(rows * cols, k, gen)

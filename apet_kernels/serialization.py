@@ -106,7 +106,7 @@ def peft_layout(configs: dict[str, ApetConfig], active: list[str], tensors: dict
                     own[f"{PEFT_PREFIX}{layer}.deltas.{what}"] = tensors[key]
                     claimed.add(key)
         data = config.to_dict()
-        data.update(peft_type=str(config.peft_type), inference_mode=True)
+        data.update(peft_type=config.peft_type.value, inference_mode=True)
         out["" if name == top else name] = (data, own)
     others = {k: t for k, t in tensors.items() if k not in claimed}
     if others:  # modules_to_save: the model's, saved once, with the top adapter as PEFT saves them

@@ -163,17 +163,12 @@ class Merged(Strategy):
         MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
 
     def sum_in_state_dict(self, layer) -> bool:
-        from .linear_like import stored_weight
-        from .sharded import is_dtensor
-        # a merged W written before the last optimizer step holds older values than delta_values: write the
-        # current ones, so the state dict's weight is W + S for the values saved with it. FSDP2's shards are never
-        # written (W + S lives only in the weight it gathers for a forward or a backward): a sharded state dict
-        # holds the pure weight.
-        holds = not layer._weight.stale and not layer.weight.is_meta and \
-            not is_dtensor(stored_weight(layer.base_layer))
-        if holds:
-            MergedWeight.of(layer).sync(layer.delta_values, layer._backend_name())
-        return holds
+        # a state dict holds the base weight (what peft.get_base_model_state_dict and a load back expect; a W + S
+        # there would count the adapter twice): W is restored at the K positions, and the next forward writes
+        # W + S again. Checkpoints of 0.3 that hold W + S carry a merged flag, and still load.
+        if not layer._weight.stale and not layer.weight.is_meta:
+            MergedWeight.of(layer).restore()
+        return False
 
     def before_load(self, layer) -> None:
         MergedWeight.of(layer).restore()

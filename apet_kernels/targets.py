@@ -66,12 +66,16 @@ def read_directly(model: nn.Module) -> dict[str, str]:
 
 
 def find_targets(model: nn.Module, config: ApetConfig) -> dict[str, nn.Module]:
-    """Qualified name -> linear-like module to patch, in model order."""
+    """Qualified name -> linear-like module to patch, or APET layer to add an adapter to, in model order."""
     head = output_embeddings(model)
     direct = read_directly(model)
     targets = {}
+    apet = [name + "." for name, m in model.named_modules() if getattr(m, "_apet_layer", False)]
     for name, module in model.named_modules():
-        if not name or not is_linear_like(module):
+        # an APET layer is a target under its own name (a further adapter goes into it), never its base layer
+        if not name or any(name.startswith(a) for a in apet):
+            continue
+        if not (is_linear_like(module) or getattr(module, "_apet_layer", False)):
             continue
         if (config.target_modules == "all-linear" and (module is head or name in direct)) or not targeted(name, config):
             continue

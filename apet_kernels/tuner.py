@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import AuxiliaryTrainingWrapper
 from peft.utils.other import set_additional_trainable_modules
 
 from .adapter_registry import PeftAdapters, first_few
@@ -37,9 +38,10 @@ from .errors import AdapterFileError, AdapterFileNotFoundError, ApetStateError, 
 from .layers import SparseDeltaLinear
 from .merging import requantization_summary
 from .linear_like import is_linear_like, linear_shape
-from .load_guard import StrictFirst
-from .model import (_resolve_positions, add_entries, choose_positions, give_back_layers, merged_replacements,
-                    saved_entry, seeded_positions, wrap_targets)
+from .learning_rate import describe_config
+from .load_guard import StrictFirst, unguard_tree
+from .model import (_resolve_positions, adapter_dtype, add_adapter_to_model, choose_positions, give_back_layers,
+                    is_patched, merged_replacements, note_lr_hint, saved_entry, values_on_meta)
 from .selection import METHODS, select_indices
 from .serialization import INDICES, VALUES, SavedAdapter, index_checksum
 from .targets import targeted
@@ -108,6 +110,9 @@ class ApetTuner(BaseTuner):
         ``load_adapter`` that fails takes back what it added (apet_kernels.load_guard calls this)."""
         if "load_state_dict" not in parent.__dict__:
             parent.__dict__["load_state_dict"] = StrictFirst(parent)
+        if callable(getattr(type(parent), "print_trainable_parameters", None)) and \
+                "print_trainable_parameters" not in parent.__dict__:
+            parent.__dict__["print_trainable_parameters"] = _ReportWithRate(parent)
         if callable(getattr(type(parent), "load_adapter", None)) and "load_adapter" not in parent.__dict__:
             parent.__dict__["load_adapter"] = _AllOrNothingLoadAdapter(parent)
 
@@ -124,12 +129,19 @@ class ApetTuner(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        """Wrap the targets (first adapter) or add the adapter to the APET layers (later ones), all or none."""
+        """Add adapter ``adapter_name`` (its config in ``peft_config``) to the model, all or none, as PEFT's tuners
+        do: its targets may be any linear layers (plain ones are wrapped), the other adapters keep their
+        trainability. The config kept is a copy of the one given, with this model's per-layer records."""
         self.refuse_if_unloaded(f"adding adapter {adapter_name!r}")
         if state_dict is not None:
             raise ApetValueError("APET adapters are injected from their config (its layers and seed), not from a "
                              "state dict's keys")
-        config = copy.deepcopy(self.peft_config[adapter_name])  # (layers are filled in; the caller's stays as given)
+        # a copy: its per-layer records belong to this model, and one config object may build several models
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        if is_patched(model):
+            raise ApetStateError("this model is patched in place (get_apet_model / load_apet): two registries would "
+                                 "drive one set of layers. Use its own add_adapter / load_adapter, or unload() it and "
+                                 "call get_peft_model on the base model")
         layers = _apet_layers(model)
         if config.layers and any(getattr(m, "weight", None) is not None and m.weight.is_meta
                                  for n, m in model.named_modules() if n in config.layers):
@@ -140,18 +152,22 @@ class ApetTuner(BaseTuner):
             raise ApetStateError(f"this model already holds APET layers with an adapter named {adapter_name!r} (it "
                                  "was wrapped before, by get_peft_model or PeftModel.from_pretrained): use that "
                                  "PeftModel, unload() it first, or choose another adapter_name")
-        saved = copy.deepcopy(config.layers)
+        # adding an adapter leaves the others' trainability as it was (PEFT's rule); the first freezes the base
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         if not layers:
             self.__dict__["_flags_before"] = {n: p.requires_grad for n, p in model.named_parameters()}
+        saved = copy.deepcopy(config.layers)
+        try:
             indices = _saved_positions(model, config) if saved else self._chosen_positions(model, config)
-            wrap_targets(model, config, indices, adapter_name)
-        else:
-            indices = _saved_positions(model, config) if saved else seeded_positions(model, layers, config)
-            unknown = sorted(set(indices) - set(layers))
-            if unknown:
-                raise ApetValueError(f"adapter layers {first_few(unknown)} are not APET layers of this model (a further "
-                                 "adapter tunes a subset of the layers the first one wrapped)")
-            add_entries(layers, adapter_name, indices, {})
+            add_adapter_to_model(model, config, adapter_name, indices)
+        except BaseException:  # (nothing was added: the flags and the load guards go back as they were)
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
+            if not _apet_layers(model):
+                unguard_tree(model)
+            raise
+        if not layers:
+            flags = []
         if saved:
             self.__dict__.setdefault("_never_loaded", set()).add(adapter_name)  # (built from a folder's config)
             for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
@@ -160,12 +176,22 @@ class ApetTuner(BaseTuner):
             config.layers = saved
             config.__dict__["_records_to_check"] = copy.deepcopy(saved)  # (by the load that follows: checksums,
             # fingerprints; _remap_adapter_state_dict_for_load)
+        if low_cpu_mem_usage:  # (PEFT's promise: the values come with the state dict that follows, assigned)
+            values_on_meta(model, adapter_name)
         self.peft_config[adapter_name] = config
+        note_lr_hint(model, adapter_name, config)
         self.targeted_module_names.extend(n for n in indices if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
                                          adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters)
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's ``autocast_adapter_dtype`` (after injection): True keeps the values in fp32; False gives them the
+        base weight's dtype."""
+        adapter_dtype(self.model, adapter_name, autocast_adapter_dtype)
 
     @staticmethod
     def _chosen_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Tensor]:
@@ -186,6 +212,8 @@ class ApetTuner(BaseTuner):
     # ----------------------------------------------------------------- switching (checked before any layer changes)
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.refuse_if_unloaded("set_adapter()")
+        if not adapter_name and not self.active_adapters:  # (every adapter was deleted: PEFT keeps none active)
+            return
         self.adapter_registry.check_switch(_apet_layers(self.model), adapter_name,
                                            "unmerge_adapter() first or use strategy='unmerged'")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -198,18 +226,28 @@ class ApetTuner(BaseTuner):
     # ----------------------------------------------------------------- mixed-adapter batches (adapter_names=)
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT's mixed-adapter batch (``adapter_names=``, in a forward or ``generate``): every APET layer applies each
+        row's adapter, and PEFT's own ``modules_to_save`` wrappers are told the names too, as LoRA's tuner does.
+        ``generate`` repeats each row for beams or several returned sequences: so are the names."""
         names = kwargs.pop("adapter_names", None)
         if names is None:
             yield
             return
-        if self.training:
-            raise ApetValueError("adapter_names= (a mixed-adapter batch) is for inference: call model.eval() first")
+        names = list(names) if isinstance(names, (list, tuple)) else names
+        repeats = _generation_repeats(kwargs)
+        rows = [n for n in names for _ in range(repeats)] if isinstance(names, list) else names
         layers = _apet_layers(self.model)
-        self.adapter_registry.begin_mixed(layers, names, "unmerge_adapter() first or use strategy='unmerged'",
-                                          expand=True)
+        self.adapter_registry.begin_mixed(layers, rows, "unmerge_adapter() first or use strategy='unmerged'",
+                                          training=self.training)
+        handles = [self.model.register_forward_pre_hook(_rows_checked(self.adapter_registry), with_kwargs=True)]
         try:
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    handles.append(module.register_forward_pre_hook(_names_given(rows), with_kwargs=True))
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             self.adapter_registry.end_mixed(layers)
 
     # ----------------------------------------------------------------- giving the model back
@@ -278,13 +316,24 @@ class ApetTuner(BaseTuner):
         prefix = _PEFT_PREFIX if any(n.startswith(_PEFT_PREFIX) for n in layers) else ""
         modules = {n.removeprefix(prefix): m for n, m in layers.items()}
         folder = config.__dict__.pop("_records_to_check", None)
+        tuner = getattr(model, "base_model", None)
+        folder_config = tuner.__dict__.get("_folder_for_live", {}).get(adapter_name) if isinstance(tuner, ApetTuner) \
+            else None
+        if folder_config is not None:  # a folder loaded into a live adapter: its own seed and records decide
+            folder = copy.deepcopy(folder_config.layers)
+        base_keys = sorted(k for k in state_dict if any(k.startswith(f"{n}.") and ".deltas." not in k
+                                                        for n in layers))
+        if base_keys:  # (a layer's legacy key upgrade would take them as its frozen weight: LoRA ignores them too)
+            warnings.warn(f"the adapter checkpoint holds base-model weights ({first_few(base_keys)}): ignored, an "
+                          "adapter never replaces the frozen base")
+            state_dict = {k: v for k, v in state_dict.items() if k not in base_keys}
         listed = {f"{prefix}{lname}.deltas." for lname in config.layers}
         strays = sorted(k for k in state_dict if ".deltas." in k and k.rsplit(".", 1)[-1] in (VALUES, INDICES)
                         and not any(k.startswith(p) for p in listed))
         if strays:  # (PEFT would leave them out silently: trained values lost)
             raise AdapterFileError(f"the checkpoint holds {strays[0]!r}, a layer its config does not list (a damaged or "
                                    "edited adapter_config.json?): nothing was loaded")
-        saved = SavedAdapter(copy.deepcopy(config))
+        saved = SavedAdapter(copy.deepcopy(folder_config if folder_config is not None else config))
         if folder is None:  # the live adapter's own positions: seeded ones regenerate, stored ones come with indices
             for info in saved.config.layers.values():
                 info.pop("base_fingerprint", None)
@@ -319,6 +368,47 @@ class ApetTuner(BaseTuner):
         return state_dict
 
 
+class _ReportWithRate:
+    """A PeftModel's ``print_trainable_parameters``: PEFT's line, then the suggested-rate line of the active
+    adapter, as a model patched in place prints (a callable object, so the model still pickles)."""
+
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model = peft_model
+
+    def __call__(self) -> None:
+        model = self.peft_model
+        type(model).print_trainable_parameters(model)
+        active = model.base_model.active_adapters
+        line = describe_config(model.peft_config[active[0]]) if active else ""
+        if line:
+            print(line)
+
+
+def _generation_repeats(kwargs: dict) -> int:
+    """How many times ``generate`` repeats each input row (beams, or several returned sequences per row)."""
+    config = kwargs.get("generation_config")
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(int(beams), int(returned))
+
+
+def _rows_checked(registry: PeftAdapters):
+    """A forward pre-hook on the model: the batch's rows must match the names given (one per row)."""
+    def hook(module, args, kwargs):
+        if registry.mixed is not None:
+            registry.mixed.begin_forward(args, kwargs)
+        return args, kwargs
+    return hook
+
+
+def _names_given(names: list[str]):
+    """A forward pre-hook handing the rows' adapter names to one of PEFT's modules_to_save wrappers."""
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+    return hook
+
+
 class _AllOrNothingLoadAdapter:
     """A PeftModel's ``load_adapter`` that leaves the model as it was when it fails (PEFT's adds the adapter, then
     loads its tensors, and keeps the adapter if that fails: a model that could no longer run when its positions
@@ -332,6 +422,10 @@ class _AllOrNothingLoadAdapter:
     def __call__(self, model_id, adapter_name, *args, **kwargs):
         model = self.peft_model
         new = adapter_name not in model.peft_config
+        tuner = model.base_model
+        live = None if new else _folder_config(model_id, kwargs.get("subfolder"))
+        if live is not None:
+            tuner.__dict__.setdefault("_folder_for_live", {})[adapter_name] = live
         try:
             result = type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
         except BaseException as exc:
@@ -347,8 +441,25 @@ class _AllOrNothingLoadAdapter:
             if damaged is not None:
                 raise damaged from exc
             raise
+        finally:
+            tuner.__dict__.get("_folder_for_live", {}).pop(adapter_name, None)
         model.base_model.__dict__.get("_never_loaded", set()).discard(adapter_name)  # (loaded: kept from now on)
+        if live is not None:  # the live adapter now holds the folder's positions: its config says how they were drawn
+            config = model.peft_config[adapter_name]
+            config.method, config.seed, config.layers = live.method, live.seed, copy.deepcopy(live.layers)
         return result
+
+
+def _folder_config(model_id, subfolder: str | None) -> ApetConfig | None:
+    """The APET config of a local adapter folder (None: not a local folder, or not an APET one)."""
+    folder = os.path.join(str(model_id), subfolder or "")
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return None
+    try:
+        config = ApetConfig.from_pretrained(folder)
+    except Exception:
+        return None  # (PEFT's own load names what is wrong with it)
+    return config if isinstance(config, ApetConfig) else None
 
 
 def _damaged_folder(model_id, subfolder: str | None, exc: BaseException) -> Exception | None:
