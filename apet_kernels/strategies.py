@@ -121,6 +121,8 @@ class Merged(Strategy):
     def forward(self, layer, x):
         backend, values, merge = layer._backend_name(), layer._active.values, MergedWeight.of(layer)
         w = layer.base_layer._parameters.get("weight")
+        if getattr(layer.__dict__.get("_own_weight"), "_fsdp_flattened", False):  # (its views are plain tensors)
+            raise ApetStateError(_FSDP1)
         regathered = _check_mergeable_now(w) is not layer.__dict__.get("_own_weight")
         if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
             merge.write(values, backend)
@@ -166,7 +168,8 @@ class Merged(Strategy):
         # a state dict holds the base weight (what peft.get_base_model_state_dict and a load back expect; a W + S
         # there would count the adapter twice): W is restored at the K positions, and the next forward writes
         # W + S again. Checkpoints of 0.3 that hold W + S carry a merged flag, and still load.
-        if not layer._weight.stale and not layer.weight.is_meta:
+        flattened = getattr(layer.__dict__.get("_own_weight"), "_fsdp_flattened", False)  # (FSDP1: never ran merged)
+        if not layer._weight.stale and not layer.weight.is_meta and not flattened:
             MergedWeight.of(layer).restore()
         return False
 
@@ -178,6 +181,11 @@ class Merged(Strategy):
 
     def after_move(self, layer) -> None:
         MergedWeight.of(layer).written = None  # (the stamp names a storage that may be gone)
+
+
+_FSDP1 = ("FSDP1 (FullyShardedDataParallel) flattened this merged layer's weight into its flat parameter, whose shards "
+          "W + S cannot be kept in: the merged strategy is not supported there; build the adapter with "
+          "strategy='unmerged', or shard with FSDP2 (torch.distributed.fsdp.fully_shard)")
 
 
 def _check_mergeable_now(w):
@@ -193,9 +201,7 @@ def _check_mergeable_now(w):
                              "it: unmerge() the layer first (prune or parametrize before patching: such layers run "
                              "unmerged)")
     if getattr(w, "_fsdp_flattened", False):
-        raise ApetStateError("FSDP1 (FullyShardedDataParallel) flattened this layer's weight: the merged strategy is "
-                             "not supported there; use FSDP2 (torch.distributed.fsdp.fully_shard) or "
-                             "strategy='unmerged'")
+        raise ApetStateError(_FSDP1)
     if hasattr(w, "ds_id"):
         raise ApetStateError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported "
                              "there; use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")

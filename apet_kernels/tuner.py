@@ -51,6 +51,17 @@ _CALIBRATION: contextvars.ContextVar = contextvars.ContextVar("apet_calibration"
 _PEFT_PREFIX = "base_model.model."
 
 
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _without_wrappers(name: str) -> str:
+    """A module name as the model's state dict writes it: FSDP1's, activation checkpointing's and torch.compile's
+    wrapper modules leave no trace in their state dicts."""
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name
+
+
 def _apet_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
 
@@ -294,6 +305,7 @@ class ApetTuner(BaseTuner):
             tuner.refuse_if_unloaded("save_pretrained()")
         out, records = {}, copy.deepcopy(config.layers)
         for name, layer in _apet_layers(model).items():
+            name = _without_wrappers(name)  # (FSDP1 and activation checkpointing wrap modules; state dicts drop it)
             lname = name.removeprefix(_PEFT_PREFIX)
             if lname not in records or adapter_name not in layer.deltas:
                 continue

@@ -319,6 +319,35 @@ def test_an_adapter_file_holding_base_weights_never_replaces_the_frozen_base(tmp
     torch.testing.assert_close(_logits(model), _logits(source))
 
 
+# ----------------------------------------------------------------------------- FSDP1
+@pytest.fixture
+def one_gloo_process():
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "unmerged"])
+def test_fsdp1_state_dicts_hold_the_adapter_and_merged_layers_name_fsdp1(one_gloo_process, strategy):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    model = peft.get_peft_model(tiny_llama(), ApetConfig(num_params=400, strategy=strategy, init_weights=False))
+    expected = _logits(model.eval())
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    if strategy == "auto":  # (it named torch.func before)
+        with pytest.raises(RuntimeError, match=r"FSDP1 \(FullyShardedDataParallel\).*strategy='unmerged'"):
+            _logits(wrapped)
+    else:
+        torch.testing.assert_close(_logits(wrapped), expected)
+    state = peft.get_peft_model_state_dict(wrapped)  # ({} before: FSDP1's module prefix hid every layer)
+    assert len(state) == len(_layers(model)) and all(".deltas.values" in k for k in state)
+    fresh = peft.get_peft_model(tiny_llama(), ApetConfig(num_params=400, strategy=strategy)).eval()
+    peft.set_peft_model_state_dict(fresh, state)
+    torch.testing.assert_close(_logits(fresh), expected)
+
+
 # ----------------------------------------------------------------------------- reports and refusals
 def test_a_peft_models_report_has_the_suggested_rate_and_its_status_names_apet(capsys):
     model = peft.get_peft_model(tiny_llama(), ApetConfig(num_params=400))
