@@ -4,11 +4,11 @@ from .config import ApetConfig
 from .errors import (AdapterFileError, AdapterFileNotFoundError, ApetError, ApetStateError, ApetTypeError,
                      ApetValueError, BaseMismatchError, StateDictError)
 from .functional import sparse_delta_linear
-from .layers import DeltaSet, DenseMaskLinear, SparseDeltaLinear
+from .layer import DeltaSet, DenseMaskLinear, SparseDeltaLinear
 from .learning_rate import suggested_lr
-from .model import ApetModel, get_apet_model, load_apet
-from .peft_registry import register as _register_with_peft
-from .tuner import ApetTuner, get_peft_model
+from .inplace import ApetModel, get_apet_model, load_apet
+from .peft_method import ApetTuner, get_peft_model
+from .peft_method import register as _register_with_peft
 from .ops.dispatch import backends
 from .positions import GradientScores, Regrower
 from .selection import magnitude_indices, select_indices, split_budget

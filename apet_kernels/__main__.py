@@ -105,7 +105,7 @@ def self_test_backend(backend: str, device: str, dtype: torch.dtype) -> list[str
     ref.scatter_merge_(want, idx, base, values)
     failures.append(_check("scatter_merge_", got, want, dtype))
 
-    from .layers import SparseDeltaLinear
+    from .layer import SparseDeltaLinear
     for strategy in ("merged", "unmerged"):
         outs = []
         for b in (backend, "reference"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import SparseDeltaLinear
+from .layer import SparseDeltaLinear
 from .quantized import dequantize, float_dtype, quantize_like
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ApetTypeError, ApetValueError
-from .layers import SparseDeltaLinear
+from .layer import SparseDeltaLinear
 from .linear_like import linear_shape, weight_oi
 from .ops.dispatch import implementation, resolve
 from .ops.layout import build_layout

@@ -9,8 +9,8 @@ peft = pytest.importorskip("peft")
 
 from _helpers import tiny_llama  # noqa: E402
 from apet_kernels import ApetConfig, get_apet_model  # noqa: E402
-from apet_kernels.adapter_registry import AdapterRegistry, PeftAdapters  # noqa: E402
-from apet_kernels.model import _patch_of  # noqa: E402
+from apet_kernels.adapters.registry import AdapterRegistry, PeftAdapters  # noqa: E402
+from apet_kernels.inplace.state import _patch_of  # noqa: E402
 
 IDS = torch.randint(4, 99, (2, 7), generator=torch.Generator().manual_seed(0))
 

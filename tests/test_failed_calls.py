@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from _helpers import BACKENDS, tiny_llama
 from apet_kernels import ApetConfig, SparseDeltaLinear, get_apet_model, load_apet
-from apet_kernels import layers as layers_module
+from apet_kernels.layer import ownership as layers_module
 import apet_kernels as ak
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from .errors import ApetValueError
+from ..errors import ApetValueError
 
 BASE = "__base__"
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")

@@ -1,0 +1,87 @@
+"""Per-layer records of a saved adapter (shape, K, index checksum, base fingerprint): what a save writes and what a
+load checks before anything changes, for both entry points."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..adapters.registry import first_few
+from .._checks import check_index_content, check_index_meta
+from ..config import ApetConfig
+from ..errors import (AdapterFileError, BaseMismatchError)
+from ..layer import SparseDeltaLinear
+from ..quantized import quantization_of
+from ..selection import METHODS, select_indices
+from ..serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
+                             index_checksum, regenerable, sketch_distance)
+
+
+def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lname: str, info: dict
+                ) -> dict[str, torch.Tensor]:
+    """What a saved adapter holds of one layer: its values, and its indices unless the config's seed regenerates
+    them; ``info`` (the config's entry for the layer) gets the checksum and the base fingerprint a load checks."""
+    delta = layer.deltas[adapter]
+    base = layer.current_base() if adapter == layer.active_adapter else layer.base_values_at(delta.indices)
+    stored = not regenerable(config, lname, delta.indices)
+    quant = layer.quantization
+    info.update(checksum=index_checksum(delta.indices), base_fingerprint=base_fingerprint(base),
+                base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
+                positions="stored" if stored else "seed", k=int(delta.k))
+    return {VALUES: delta.values, INDICES: delta.indices} if stored else {VALUES: delta.values}
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shape_of, base_at, path: str,
+                       strict: bool, what: str) -> dict[str, torch.Tensor]:
+    """Each adapter layer's positions, checked against ``modules`` (shape, checksum, base fingerprint)."""
+    config, indices, foreign, requantized = adapter.config, {}, [], []
+    for name, info in config.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model {what}")
+        shape = shape_of(module)
+        if list(shape) != list(info["shape"]):
+            raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+        idx = adapter.indices.get(name)
+        if idx is None:
+            if config.method not in METHODS or info.get("positions") == "stored":
+                raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
+            idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
+        else:
+            try:
+                check_index_meta(idx, shape[0] * shape[1])
+                check_index_content(idx, shape[0] * shape[1])
+            except (TypeError, ValueError) as exc:
+                raise AdapterFileError(f"{path}: positions of {name}: {exc}") from None
+        if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
+            raise AdapterFileError(f"adapter layer {name!r}: indices do not match the stored checksum "
+                             f"(other seed, key or selection code?)")
+        stored = info.get("base_fingerprint")
+        if stored is not None and not module.weight.is_meta:
+            base = base_at(module, idx)
+            if base_fingerprint(base) != stored:
+                quant = quantization_of(getattr(module, "base_layer", module))
+                quant = str(quant) if quant is not None else None
+                sketch = info.get("base_sketch")
+                if quant != info.get("base_quantization") and sketch is not None \
+                        and sketch_distance(base_sketch(base), sketch) <= SKETCH_QUANTIZATION_ONLY:
+                    requantized.append(f"{name} ({info.get('base_quantization') or 'float'} -> {quant or 'float'})")
+                else:
+                    foreign.append(name)
+        indices[name] = idx
+    if requantized:
+        warnings.warn(f"the base differs from the one the adapter was trained on only by quantization in "
+                      f"{len(requantized)} of {len(config.layers)} adapter layers ({first_few(requantized)}): its "
+                      f"weights at the tuned positions are a quantized (or dequantized) copy of those, so the "
+                      f"deltas apply on a slightly different base")
+    if foreign:
+        message = (f"base fingerprint mismatch in {len(foreign)} of {len(indices)} adapter layers "
+                   f"({first_few(foreign)}): this model's weights at the tuned positions differ from those the "
+                   f"adapter was trained on")
+        if strict:
+            raise BaseMismatchError(message + " (strict=True)")
+        warnings.warn(message)
+    return indices
