@@ -16,7 +16,7 @@ from ._checks import is_int, is_real
 from .errors import AdapterFileError, ApetValueError
 from .ops.dispatch import CHOICES
 from .positions import CALIBRATION_SCORES
-from .selection import DATA_METHODS, METHODS
+from .schemes import SCHEMES
 
 
 def _check_module_spec(field_name: str, spec, none_ok: bool) -> None:
@@ -118,8 +118,8 @@ class ApetConfig(PeftConfig):
         if self.modules_to_save is not None and not (isinstance(self.modules_to_save, (list, tuple)) and
                                                      all(isinstance(n, str) for n in self.modules_to_save)):
             raise ApetValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        if self.method not in METHODS + DATA_METHODS:
-            raise ApetValueError(f"unknown method {self.method!r}; choose one of {METHODS + DATA_METHODS}")
+        if self.method not in SCHEMES:
+            raise ApetValueError(f"unknown method {self.method!r}; choose one of {tuple(SCHEMES)}")
         if self.gradient_score not in CALIBRATION_SCORES:
             raise ApetValueError(f"unknown gradient_score {self.gradient_score!r}; choose one of {CALIBRATION_SCORES}")
         for name in ("row_cap", "col_cap"):

@@ -35,23 +35,21 @@ import warnings
 import weakref
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from . import process_hooks
 from ._checks import is_int
 from .errors import ApetTypeError, ApetValueError
+from .schemes import SCHEMES
 
 # scheme -> ((K, best learning rate), ...) by increasing K. K = 10^4 and 10^5: MiniLM's held-out probes
 # (python/results/protocol_minilm_probe.jsonl); 3.3e5: MiniLM's dev-set probes (scaling_*.md, positions_lr_probe_sst2)
-MEASURED = {
-    "random": ((1e4, 3e-2), (1e5, 1e-2), (3.3e5, 1e-2)),
-    "magnitude": ((1e4, 3e-2), (1e5, 1e-2), (3.3e5, 3e-3)),
-    "gradient": ((1e4, 1e-2), (1e5, 3e-3), (3.3e5, 1e-3)),
-}
-SAME_AS = {"rows": "random", "cols": "random", "blocks": "random"}
+# (the points live in the scheme table, apet_kernels.schemes)
+MEASURED = {name: s.lr_points for name, s in SCHEMES.items() if s.lr_points}
+SAME_AS = {name: s.same_lr_as for name, s in SCHEMES.items() if s.same_lr_as}
 SLOPE = math.log(1e-2 / 3e-2) / math.log(3.3e5 / 1e4)   # random positions' d log(lr) / d log(K), ~ -0.31
 LR_RANGE = (1e-4, 3e-2)                                  # 3e-2: the highest rate probed
 UNSTABLE_FACTOR = 3.0                                    # warn above this multiple of the suggestion
-WARNED_METHODS = ("magnitude", "gradient")
+WARNED_METHODS = tuple(name for name, s in SCHEMES.items() if s.warn_above)
 
 
 def suggested_lr(model_or_k, method: str | None = None) -> float:
@@ -114,20 +112,18 @@ def describe_config(config) -> str:
 # ----------------------------------------------------------------------------- the warning
 _HINT = "_apet_lr_hint"  # on an adapter's values Parameters: (suggested lr, method, K)
 _CHECKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_hook = None
 
 
-def note_adapter(values, method: str, k: int) -> None:
+def note_adapter(users, values, method: str, k: int) -> None:
     """Mark an adapter's values Parameters with the rate its method was found to bear (called when an adapter
     is created); the optimizer check is installed the first time a warned method appears."""
-    global _hook
     if method not in WARNED_METHODS:
         return
     hint = (suggested_lr(k, method), method, int(k))
     for p in values:
         setattr(p, _HINT, hint)
-    if _hook is None:
-        _hook = register_optimizer_step_pre_hook(_check_step)
+    for user in users:  # (the layers holding the adapter: the check goes when the last is unloaded)
+        process_hooks.add_optimizer_check(user, _check_step)
 
 
 def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

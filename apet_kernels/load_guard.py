@@ -10,15 +10,16 @@ subtree (every APET layer's entries, every tensor's shape) before anything below
 outermost one checks; the others see that this load (one ``error_msgs`` list per ``load_state_dict``
 call) was checked already.
 
-Ancestors get the hook when the tree is built bottom-up (a global module-registration hook: a module
-receiving an APET layer, or a module that has the hook, as a child) and from ``replace_linears`` /
-``get_apet_model`` for trees patched in place.
+Ancestors get the hook when the tree is built bottom-up (a global module-registration hook, installed by the first
+APET layer or tuner, apet_kernels.process_hooks: a module receiving an APET layer, or a module that has the hook, as
+a child) and from ``replace_linears`` / ``get_apet_model`` for trees patched in place.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from . import process_hooks
 from .errors import StateDictError
 
 _CHECKED: dict[int, tuple[list, nn.Module]] = {}  # id(error_msgs) -> (error_msgs, the checking module)
@@ -163,4 +164,8 @@ def _on_registration(parent: nn.Module, name: str, child):
     return None
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_on_registration)
+def needed_by(user) -> None:
+    """An APET layer or APET's PEFT tuner exists: module registrations are watched from now on (the hook's handle
+    lives in apet_kernels.process_hooks, which removes it when the last user is released)."""
+    process_hooks.acquire(user, "module registration", torch.nn.modules.module.register_module_module_registration_hook,
+                          _on_registration)

@@ -3,7 +3,7 @@
 Every adapter keeps its own values Parameters, so switching adapters never replaces a Parameter an
 optimizer holds. But an optimizer built while adapter "a" was active and stepped after
 ``set_adapter("b")`` trains nothing: a's values get no gradient, b's are not in it. Once any adapter
-switch has happened, a global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) looks at each
+switch has happened, a check run by the one optimizer step pre-hook (apet_kernels.process_hooks) looks at each
 optimizer's parameters; an optimizer holding inactive adapters' values and no active ones warns once.
 """
 
@@ -14,24 +14,23 @@ import weakref
 from typing import Iterable
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from . import process_hooks
 
 _MARK = "_apet_adapter_active"  # on each values Parameter: True (active) / False; an attribute, not a weak
 # reference (torch.utils.swap_tensors, which .to() uses for tensor subclasses, refuses weakly referenced tensors)
 _WARNED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_hook = None
 
 
-def note_active_values(active: Iterable[torch.Tensor], inactive: Iterable[torch.Tensor]) -> None:
-    """Record which adapter values are trained now (called by SparseDeltaLinear on every switch)."""
-    global _hook
+def note_active_values(user, active: Iterable[torch.Tensor], inactive: Iterable[torch.Tensor]) -> None:
+    """Record which adapter values are trained now (called by SparseDeltaLinear, ``user``, on every switch)."""
     inactive = list(inactive)
     for p in active:
         setattr(p, _MARK, True)
     for p in inactive:
         setattr(p, _MARK, False)
-    if inactive and _hook is None:
-        _hook = register_optimizer_step_pre_hook(_check_step)
+    if inactive:
+        process_hooks.add_optimizer_check(user, _check_step)
 
 
 def _check_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

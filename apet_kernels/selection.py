@@ -24,9 +24,10 @@ import torch
 
 from ._checks import is_int, is_real
 from .errors import ApetValueError
+from .schemes import SCHEMES, SEEDED
 
-METHODS = ("random", "rows", "cols", "blocks")  # seeded: an adapter can store the seed instead of indices
-DATA_METHODS = ("magnitude", "gradient")  # from the weights or from data: adapters store their indices
+METHODS = SEEDED  # seeded schemes (apet_kernels.schemes): an adapter can store the seed instead of indices
+DATA_METHODS = tuple(name for name in SCHEMES if name not in SEEDED)  # from weights or data: indices are stored
 BLOCK_SHAPE = (16, 16)  # tile of the `blocks` method: one tensor-core fragment
 
 INT32_LIMIT = 2**31

@@ -39,7 +39,8 @@ import torch
 from ._checks import check_finite
 from .config import ApetConfig
 from .errors import AdapterFileError, AdapterFileNotFoundError
-from .selection import METHODS, index_checksum  # noqa: F401 (index_checksum: part of this API)
+from .schemes import is_seeded
+from .selection import index_checksum  # noqa: F401 (index_checksum: part of this API)
 
 CONFIG_NAME = "apet_config.json"
 # PEFT's layout of the same adapters (apet_kernels.tuner, PeftModel.save_pretrained): the adapter named "default"
@@ -210,7 +211,7 @@ def delta_key(layer: str, adapter: str, what: str) -> str:
 def regenerable(config: ApetConfig, layer: str, indices: torch.Tensor) -> bool:
     """Seeded positions that never moved (no regrowth): the folder stores the seed, not the indices."""
     info = config.layers.get(layer, {})
-    return config.method in METHODS and info.get("checksum") == index_checksum(indices) and \
+    return is_seeded(config.method) and info.get("checksum") == index_checksum(indices) and \
         info.get("positions") != "stored"
 
 

@@ -211,6 +211,8 @@ def default_num_params(target_weights: int) -> int:
 
 
 def parse_args(argv=None):
+    from apet_kernels.positions import CALIBRATION_SCORES
+    from apet_kernels.schemes import SCHEMES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", help="a GLUE-format folder (e.g. ../shared/data/SST-2)")
@@ -224,10 +226,10 @@ def parse_args(argv=None):
     budget.add_argument("--density", type=float, default=None, help="APET: K as a fraction of the linear weights")
     budget.add_argument("--budget-like", default=None,
                         help="APET: K = another method's parameter count on the same layers (e.g. lora:r=8)")
-    ap.add_argument("--position", default="random", choices=["random", "rows", "cols", "blocks", "magnitude", "gradient"],
+    ap.add_argument("--position", default="random", choices=list(SCHEMES),
                     help="APET position scheme (gradient: from --calibration-batches training batches)")
     ap.add_argument("--calibration-batches", type=int, default=8, help="--position gradient: batches to score on")
-    ap.add_argument("--gradient-score", default="abs", choices=["abs", "squared", "signed", "snip", "xnorm", "corr"],
+    ap.add_argument("--gradient-score", default="abs", choices=list(CALIBRATION_SCORES),
                     help="--position gradient: rank by sum |g|, sum g^2, |sum g|, |w| sum |g| (SNIP), sum |g| / ||x_j|| "
                          "(xnorm: each batch's gradient over its input feature's norm) or also over ||dy_i|| (corr)")
     ap.add_argument("--row-cap", type=float, default=None,

@@ -32,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import finetune  # noqa: E402
+from apet_kernels.schemes import SCHEMES as POSITION_SCHEMES  # noqa: E402
 
-SCHEMES = ("random", "rows", "cols", "blocks", "magnitude", "gradient", "gradient+regrow")
+SCHEMES = tuple(POSITION_SCHEMES) + ("gradient+regrow",)  # apet_kernels.schemes, and gradient with regrowth
 METHODS = SCHEMES + ("lora", "full", "head")
 # gradient variants: gradient:OPTION[:OPTION...][+regrow], options signed | snip | xnorm | corr | squared (the score), capN (at
 # most N x K/out positions per row), ccapN (per column, N x K/in), warmN (train the head N steps before calibrating)

@@ -15,6 +15,7 @@ from ..layer import SparseDeltaLinear
 from ..linear_like import linear_shape, weight_oi
 from ..positions import GradientScores
 from ..quantized import dequantize, quantization_of, values_at
+from ..schemes import SCHEMES
 from ..selection import magnitude_indices, seeded_generator, select_indices
 from ..targets import find_targets, layer_budget
 
@@ -27,7 +28,8 @@ def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable
     bases = {name: getattr(m, "base_layer", m) for name, m in targets.items()}
     shapes = {name: linear_shape(m) for name, m in bases.items()}
     budget = layer_budget(model, config, bases, shapes)
-    if config.method == "gradient":
+    needs = SCHEMES[config.method].needs  # (apet_kernels.schemes)
+    if needs == "data":
         patched = [n for n, m in targets.items() if isinstance(m, SparseDeltaLinear)]
         if patched:
             raise ApetValueError(f"method='gradient' scores plain linear layers, and {first_few(patched)} already hold "
@@ -42,7 +44,7 @@ def choose_positions(model: nn.Module, config: ApetConfig, calibration: Iterable
         return scores.indices()
     if calibration is not None:
         raise ApetValueError(f"calibration data are only used by method='gradient', not {config.method!r}")
-    if config.method == "magnitude":
+    if needs == "weight":
         return {name: magnitude_indices(base_weight_oi(m), budget[name]) for name, m in targets.items()}
     return {name: select_indices(shapes[name], budget[name], method=config.method, seed=config.seed, key=name)
             for name in targets}

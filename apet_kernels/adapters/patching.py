@@ -127,9 +127,9 @@ def values_on_meta(model: nn.Module, adapter_name: str) -> None:
 
 def note_lr_hint(model: nn.Module, name: str, config: ApetConfig) -> None:
     """Let an optimizer that trains this adapter's values at a rate its positions bear badly warn (learning_rate)."""
-    values = [layer.deltas[name].values for layer in model.modules()
-              if isinstance(layer, SparseDeltaLinear) and name in layer.deltas]
-    learning_rate.note_adapter(values, config.method, sum(int(v.numel()) for v in values))
+    layers = [layer for layer in model.modules() if isinstance(layer, SparseDeltaLinear) and name in layer.deltas]
+    values = [layer.deltas[name].values for layer in layers]
+    learning_rate.note_adapter(layers, values, config.method, sum(int(v.numel()) for v in values))
 
 
 def _name_of(layers: dict[str, nn.Module], layer: nn.Module) -> str:

@@ -14,7 +14,8 @@ from ..config import ApetConfig
 from ..errors import (AdapterFileError, BaseMismatchError)
 from ..layer import SparseDeltaLinear
 from ..quantized import quantization_of
-from ..selection import METHODS, select_indices
+from ..schemes import is_seeded
+from ..selection import select_indices
 from ..serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                              index_checksum, regenerable, sketch_distance)
 
@@ -47,7 +48,7 @@ def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shap
             raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
         idx = adapter.indices.get(name)
         if idx is None:
-            if config.method not in METHODS or info.get("positions") == "stored":
+            if not is_seeded(config.method) or info.get("positions") == "stored":
                 raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
             idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
         else:

@@ -33,7 +33,8 @@ from ..layer import DEFAULT_ADAPTER, SparseDeltaLinear
 from ..load_guard import check_strict_keys, unguard_tree
 from ..merging import requantization_summary
 from ..adapters.mixed_batch import BASE, batch_shape
-from ..selection import METHODS, select_indices
+from ..schemes import is_seeded
+from ..selection import select_indices
 from ..serialization import (INDICES, VALUES, delta_key, index_checksum, read_folder, write_folder)
 from ..sharded import full_tensor, is_dtensor
 from ..adapters.choosing import choose_positions
@@ -64,7 +65,7 @@ class ApetModel(nn.Module):
         regrown ones (issue 33: Trainer's load_best_model_at_end after a regrowth, silently)."""
         patch, layers, added = _patch_of(self), None, {}
         for adapter, config in patch.adapters.configs.items():
-            if config.method not in METHODS:
+            if not is_seeded(config.method):
                 continue  # data-driven positions: folders always carry their indices
             for lname, info in config.layers.items():
                 if delta_key(lname, adapter, VALUES) not in state_dict or \

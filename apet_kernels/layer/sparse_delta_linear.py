@@ -18,7 +18,8 @@ from .._checks import check_finite, validation_from_env
 from ..base_weight import BaseWeight
 from ..errors import ApetStateError, ApetTypeError, ApetValueError
 from ..linear_like import is_conv1d, linear_shape, merge_is_legal, stored_weight
-from ..load_guard import check_strict_keys
+from .. import process_hooks
+from ..load_guard import check_strict_keys, needed_by
 from ..ops.dispatch import resolve
 from ..optimizer_guard import note_active_values
 from ..quantized import float_dtype, quantization_of, values_at
@@ -136,10 +137,13 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
 
     def _claim_weight(self) -> None:
         claim(self)
+        needed_by(self)  # (the module-registration hook: apet_kernels.process_hooks)
 
     def release_weight(self) -> None:
-        """Forget that this layer wraps its weight (after unloading), so it can be wrapped again."""
+        """Forget that this layer wraps its weight (after unloading), so it can be wrapped again; the last layer
+        released removes apet_kernels' process-wide hooks."""
         release(self)
+        process_hooks.release(self)
 
     @property
     def quantization(self):
@@ -335,7 +339,7 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
         auto_merge.merge_again(self)
         for name, delta in self.deltas.items():
             delta.values.requires_grad_(name == new and delta.k > 0 and not inference_mode)  # (K = 0: see __init__)
-        note_active_values([self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
+        note_active_values(self, [self.delta_values], [d.values for n, d in self.deltas.items() if n != new])
 
     # ----------------------------------------------------------------- positions that come with a checkpoint
     def expect_positions(self, adapter: str) -> None:

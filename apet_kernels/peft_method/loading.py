@@ -16,7 +16,8 @@ from ..errors import (AdapterFileError, AdapterFileNotFoundError, ApetValueError
                       BaseMismatchError)
 from ..layer import SparseDeltaLinear
 from ..linear_like import is_linear_like, linear_shape
-from ..selection import METHODS, select_indices
+from ..schemes import is_seeded
+from ..selection import select_indices
 from ..serialization import (index_checksum)
 import contextvars
 
@@ -41,7 +42,7 @@ def saved_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Ten
             raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is "
                                     f"{tuple(shape)}")
         k = int(info["k"])
-        if config.method in METHODS and info.get("positions") != "stored":
+        if is_seeded(config.method) and info.get("positions") != "stored":
             idx = select_indices(shape, k, method=config.method, seed=config.seed, key=name)
             if index_checksum(idx) != info["checksum"]:
                 raise ApetValueError(f"adapter layer {name!r}: the seed does not give the saved positions (other seed, "

@@ -30,9 +30,10 @@ from ..config import ApetConfig
 from ..errors import (AdapterFileError, ApetStateError, ApetValueError)
 from ..layer import SparseDeltaLinear
 from ..learning_rate import describe_config
-from ..load_guard import StrictFirst, unguard_tree
+from .. import process_hooks
+from ..load_guard import StrictFirst, needed_by, unguard_tree
 from ..merging import requantization_summary
-from ..selection import METHODS
+from ..schemes import is_seeded
 from ..serialization import (INDICES, VALUES, SavedAdapter, index_checksum)
 from ..targets import targeted
 from ..adapters.choosing import choose_positions
@@ -69,6 +70,10 @@ class ApetTuner(BaseTuner):
     prefix: str = "deltas"
     tuner_layer_cls = SparseDeltaLinear
     target_module_mapping: dict = {}
+
+    def __init__(self, *args, **kwargs):
+        needed_by(self)  # before PEFT assigns this tuner to its PeftModel, which then adopts it (_apet_adopted_by)
+        super().__init__(*args, **kwargs)
 
     @property
     def adapter_registry(self) -> PeftAdapters:
@@ -152,7 +157,7 @@ class ApetTuner(BaseTuner):
         if saved:
             self.__dict__.setdefault("_never_loaded", set()).add(adapter_name)  # (built from a folder's config)
             for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
-                if not (config.method in METHODS and info.get("positions") != "stored"):
+                if not (is_seeded(config.method) and info.get("positions") != "stored"):
                     model.get_submodule(name).expect_positions(adapter_name)
             config.layers = saved
             config.__dict__["_records_to_check"] = copy.deepcopy(saved)  # (by the load that follows: checksums,
@@ -259,6 +264,7 @@ class ApetTuner(BaseTuner):
         give_back_layers(self.model, layers, merge, replacements)
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
         self.__dict__["_apet_unloaded"] = True
+        process_hooks.release(self)
         if requantize is not False:
             model.requantization_report = report
             warnings.warn(requantization_summary(report))
