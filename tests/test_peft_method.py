@@ -210,12 +210,18 @@ def test_a_checkpoint_for_another_base_or_shape_or_without_its_positions_is_refu
         peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-def test_one_config_object_builds_several_models_unchanged():
-    config = ApetConfig(num_params=600)
-    first, second = peft.get_peft_model(tiny_llama(), config), peft.get_peft_model(tiny_llama(), config)
-    assert config.layers == {} and first.peft_config["default"].layers == second.peft_config["default"].layers
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_one_config_object_builds_several_models(method):
+    """PEFT keeps the config object given (issue 41: it was copied); its records are this model's, and the same
+    object builds another model with positions of its own (magnitude: from that model's weights)."""
+    config = ApetConfig(num_params=600, method=method)
+    first = peft.get_peft_model(tiny_llama(), config)
+    second = peft.get_peft_model(tiny_llama(seed=1), config)
+    assert first.peft_config["default"] is config is second.peft_config["default"] and config.layers
     for (n, a), b in zip(_layers(first).items(), _layers(second).values()):
-        assert torch.equal(a.delta_indices, b.delta_indices), n
+        assert torch.equal(a.delta_indices, b.delta_indices) == (method == "random"), n
+    _randomize(second)
+    assert not torch.equal(_logits(second), _logits(tiny_llama(seed=1)))  # it runs: no positions awaited
 
 
 def test_stored_positions_built_from_a_saved_config_refuse_to_run_until_their_checkpoint_loads(tmp_path):

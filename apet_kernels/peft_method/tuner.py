@@ -49,6 +49,7 @@ from peft.utils.other import set_additional_trainable_modules
 _PEFT_PREFIX = "base_model.model."
 
 
+_INJECTED = "_apet_records_of_injection"  # on a config whose layers this tuner filled in (not a folder's)
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -117,13 +118,12 @@ class ApetTuner(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Add adapter ``adapter_name`` (its config in ``peft_config``) to the model, all or none, as PEFT's tuners
         do: its targets may be any linear layers (plain ones are wrapped), the other adapters keep their
-        trainability. The config kept is a copy of the one given, with this model's per-layer records."""
+        trainability; the config object given is the one kept, with this model's per-layer records filled in."""
         self.refuse_if_unloaded(f"adding adapter {adapter_name!r}")
         if state_dict is not None:
             raise ApetValueError("APET adapters are injected from their config (its layers and seed), not from a "
                              "state dict's keys")
-        # a copy: its per-layer records belong to this model, and one config object may build several models
-        config = copy.deepcopy(self.peft_config[adapter_name])
+        config = self.peft_config[adapter_name]  # (PEFT keeps the object given; its layers are filled in below)
         if patched_in_place(model):
             raise ApetStateError("this model is patched in place (get_apet_model / load_apet): two registries would "
                                  "drive one set of layers. Use its own add_adapter / load_adapter, or unload() it and "
@@ -142,7 +142,9 @@ class ApetTuner(BaseTuner):
         flags = [(p, p.requires_grad) for p in model.parameters()]
         if not layers:
             self.__dict__["_flags_before"] = {n: p.requires_grad for n, p in model.named_parameters()}
-        saved = copy.deepcopy(config.layers)
+        # records that came with the config describe a folder's adapter (checked, positions regenerated or awaited);
+        # records this tuner filled in on another model (one config building several) are drawn again here
+        saved = {} if config.__dict__.get(_INJECTED) else copy.deepcopy(config.layers)
         try:
             indices = saved_positions(model, config) if saved else self._chosen_positions(model, config)
             add_adapter_to_model(model, config, adapter_name, indices)
@@ -154,6 +156,7 @@ class ApetTuner(BaseTuner):
             raise
         if not layers:
             flags = []
+        config.__dict__[_INJECTED] = not saved
         if saved:
             self.__dict__.setdefault("_never_loaded", set()).add(adapter_name)  # (built from a folder's config)
             for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
@@ -164,7 +167,6 @@ class ApetTuner(BaseTuner):
             # fingerprints; _remap_adapter_state_dict_for_load)
         if low_cpu_mem_usage:  # (PEFT's promise: the values come with the state dict that follows, assigned)
             values_on_meta(model, adapter_name)
-        self.peft_config[adapter_name] = config
         note_lr_hint(model, adapter_name, config)
         self.targeted_module_names.extend(n for n in indices if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
