@@ -35,6 +35,29 @@ def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lnam
 
 
 # ----------------------------------------------------------------------------- loading
+def check_shape(name: str, info: dict, shape, where: str = "") -> None:
+    """A layer record's shape is the model layer's, or raise naming both."""
+    if list(shape) != list(info["shape"]):
+        raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is "
+                                f"{tuple(shape)}{where}")
+
+
+def seeded_indices(config: ApetConfig, name: str, info: dict) -> torch.Tensor | None:
+    """The positions a layer record's seed gives (its config's scheme and seed, the layer's name, shape and K), or
+    None where the record says its positions are stored, not seeded. Every site that regenerates positions asks
+    here, and checks them with ``check_record``."""
+    if not is_seeded(config.method) or info.get("positions") == "stored":
+        return None
+    return select_indices(tuple(info["shape"]), int(info["k"]), method=config.method, seed=config.seed, key=name)
+
+
+def check_record(indices: torch.Tensor, name: str, info: dict, what: str = "indices") -> None:
+    """``indices`` are the positions the record describes (its K and index checksum), or raise naming ``what``."""
+    if indices.numel() != int(info["k"]) or index_checksum(indices) != info["checksum"]:
+        raise AdapterFileError(f"adapter layer {name!r}: {what} do not match the stored checksum (other seed, key or "
+                               "selection code?)")
+
+
 def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shape_of, base_at, path: str,
                        strict: bool, what: str) -> dict[str, torch.Tensor]:
     """Each adapter layer's positions, checked against ``modules`` (shape, checksum, base fingerprint)."""
@@ -44,22 +67,19 @@ def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shap
         if module is None:
             raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model {what}")
         shape = shape_of(module)
-        if list(shape) != list(info["shape"]):
-            raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is {tuple(shape)}")
+        check_shape(name, info, shape)
         idx = adapter.indices.get(name)
         if idx is None:
-            if not is_seeded(config.method) or info.get("positions") == "stored":
+            idx = seeded_indices(config, name, info)
+            if idx is None:
                 raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
-            idx = select_indices(shape, int(info["k"]), method=config.method, seed=config.seed, key=name)
         else:
             try:
                 check_index_meta(idx, shape[0] * shape[1])
                 check_index_content(idx, shape[0] * shape[1])
             except (TypeError, ValueError) as exc:
                 raise AdapterFileError(f"{path}: positions of {name}: {exc}") from None
-        if idx.numel() != int(info["k"]) or index_checksum(idx) != info["checksum"]:
-            raise AdapterFileError(f"adapter layer {name!r}: indices do not match the stored checksum "
-                             f"(other seed, key or selection code?)")
+        check_record(idx, name, info)
         stored = info.get("base_fingerprint")
         if stored is not None and not module.weight.is_meta:
             base = base_at(module, idx)

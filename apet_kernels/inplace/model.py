@@ -34,12 +34,11 @@ from ..load_guard import check_strict_keys, unguard_tree
 from ..merging import requantization_summary
 from ..adapters.mixed_batch import BASE, batch_shape
 from ..schemes import is_seeded
-from ..selection import select_indices
 from ..serialization import (INDICES, VALUES, delta_key, index_checksum, read_folder, write_folder)
 from ..sharded import full_tensor, is_dtensor
 from ..adapters.choosing import choose_positions
 from ..adapters.patching import add_adapter_to_model, add_entries, give_back_layers, merged_replacements, note_lr_hint
-from ..adapters.records import resolve_positions, saved_entry
+from ..adapters.records import check_record, resolve_positions, saved_entry, seeded_indices
 from .hooks import _BaseRows, _remove_model_hooks
 from .state import _patch_of, is_patched
 
@@ -76,12 +75,15 @@ class ApetModel(nn.Module):
                 if delta is None or not delta.k or delta.indices.is_meta or \
                         index_checksum(delta.indices) == info.get("checksum"):
                     continue  # the positions are the seeded ones: values alone are right
-                seeded = select_indices(tuple(info["shape"]), int(info["k"]), method=config.method, seed=config.seed,
-                                        key=lname)
-                if index_checksum(seeded) != info.get("checksum"):
+                seeded = seeded_indices(config, lname, info)
+                if seeded is None:
+                    continue  # (stored positions: the values go where the positions are)
+                try:
+                    check_record(seeded, lname, info, "the positions its seed gives now")
+                except ValueError as exc:
                     raise ApetValueError(f"{delta_key(lname, adapter, VALUES)} comes without indices and this layer's "
-                                     "positions have moved, but its seed no longer gives the positions it was "
-                                     "patched with: load a state dict that carries the indices")
+                                         f"positions have moved, but {exc}: load a state dict that carries the "
+                                         "indices") from None
                 added[delta_key(lname, adapter, INDICES)] = seeded.to(delta.indices.device, delta.indices.dtype)
         return {**state_dict, **added} if added else state_dict
 

@@ -12,13 +12,11 @@ import torch
 import torch.nn as nn
 
 from ..config import ApetConfig
-from ..errors import (AdapterFileError, AdapterFileNotFoundError, ApetValueError,
-                      BaseMismatchError)
+from ..errors import (AdapterFileError, AdapterFileNotFoundError, BaseMismatchError)
 from ..layer import SparseDeltaLinear
 from ..linear_like import is_linear_like, linear_shape
-from ..schemes import is_seeded
+from ..adapters.records import check_record, check_shape, seeded_indices
 from ..selection import select_indices
-from ..serialization import (index_checksum)
 import contextvars
 
 
@@ -38,17 +36,12 @@ def saved_positions(model: nn.Module, config: ApetConfig) -> dict[str, torch.Ten
             raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model")
         shape = (module.out_features, module.in_features) if isinstance(module, SparseDeltaLinear) else \
             linear_shape(module)
-        if list(shape) != list(info["shape"]):
-            raise BaseMismatchError(f"adapter layer {name!r} has shape {tuple(info['shape'])}, the model's is "
-                                    f"{tuple(shape)}")
-        k = int(info["k"])
-        if is_seeded(config.method) and info.get("positions") != "stored":
-            idx = select_indices(shape, k, method=config.method, seed=config.seed, key=name)
-            if index_checksum(idx) != info["checksum"]:
-                raise ApetValueError(f"adapter layer {name!r}: the seed does not give the saved positions (other seed, "
-                                 "key or selection code?)")
-        else:
-            idx = select_indices(shape, k, method="random", seed=0, key=name)
+        check_shape(name, info, shape)
+        idx = seeded_indices(config, name, info)
+        if idx is not None:
+            check_record(idx, name, info, "the positions its seed gives")
+        else:  # (placeholders of the right K)
+            idx = select_indices(shape, int(info["k"]), method="random", seed=0, key=name)
         indices[name] = idx
     return indices
 
