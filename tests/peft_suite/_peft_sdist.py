@@ -35,7 +35,10 @@ def _fetch(version: str, target: Path) -> None:
         archive = next(Path(tmp).glob("peft-*.tar.gz"))
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"] and m.name.endswith(".py")]
-            tar.extractall(tmp, members=members, filter="data")
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+            except TypeError:  # (Pythons before 3.10.12 / 3.11.4 have no extraction filters)
+                tar.extractall(tmp, members=members)
         staged = target.with_name(target.name + ".partial")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(next(Path(tmp).glob("peft-*/tests")), staged)
