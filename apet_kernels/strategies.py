@@ -43,9 +43,8 @@ class Strategy:
         """Around a change of the active adapter's positions or of the adapter itself: W is pure inside."""
         yield
 
-    def sum_in_state_dict(self, layer) -> bool:
-        """Whether the weight a state dict takes now holds W + S (synced first where it does)."""
-        return False
+    def before_state_dict(self, layer) -> None:
+        """A state dict is about to be taken: the weight in it must be the base weight."""
 
     def before_load(self, layer) -> None:
         """A load may move the positions or replace the weight: make W pure first."""
@@ -120,10 +119,8 @@ class Merged(Strategy):
 
     def forward(self, layer, x):
         backend, values, merge = layer._backend_name(), layer._active.values, MergedWeight.of(layer)
-        w = layer.base_layer._parameters.get("weight")
-        if getattr(layer.__dict__.get("_own_weight"), "_fsdp_flattened", False):  # (its views are plain tensors)
-            raise ApetStateError(_FSDP1)
-        regathered = _check_mergeable_now(w) is not layer.__dict__.get("_own_weight")
+        w, own = layer.base_layer._parameters.get("weight"), layer.__dict__.get("_own_weight")
+        regathered = _check_mergeable_now(w, own) is not own
         if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
             merge.write(values, backend)
         else:
@@ -164,14 +161,13 @@ class Merged(Strategy):
         yield
         MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
 
-    def sum_in_state_dict(self, layer) -> bool:
+    def before_state_dict(self, layer) -> None:
         # a state dict holds the base weight (what peft.get_base_model_state_dict and a load back expect; a W + S
         # there would count the adapter twice): W is restored at the K positions, and the next forward writes
         # W + S again. Checkpoints of 0.3 that hold W + S carry a merged flag, and still load.
         flattened = getattr(layer.__dict__.get("_own_weight"), "_fsdp_flattened", False)  # (FSDP1: never ran merged)
         if not layer._weight.stale and not layer.weight.is_meta and not flattened:
             MergedWeight.of(layer).restore()
-        return False
 
     def before_load(self, layer) -> None:
         MergedWeight.of(layer).restore()
@@ -188,8 +184,11 @@ _FSDP1 = ("FSDP1 (FullyShardedDataParallel) flattened this merged layer's weight
           "strategy='unmerged', or shard with FSDP2 (torch.distributed.fsdp.fully_shard)")
 
 
-def _check_mergeable_now(w):
-    """The base layer's weight Parameter at a merged forward, refused where W + S could not last in it."""
+def _check_mergeable_now(w, own):
+    """The base layer's weight Parameter at a merged forward (``own``: the one the layer wrapped), refused where
+    W + S could not last in it."""
+    if not isinstance(w, torch.nn.Parameter) and getattr(own, "_fsdp_flattened", False):
+        raise ApetStateError(_FSDP1)  # (FSDP1 hands the layer plain views of its flat parameter)
     if w is not None and not isinstance(w, torch.nn.Parameter):
         raise ApetStateError("this merged layer's weight was swapped for a plain tensor (torch.func.functional_call, "
                              "torch.func.grad): W + S is written into the layer's own weight, never into a tensor "

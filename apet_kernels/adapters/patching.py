@@ -31,17 +31,18 @@ def add_adapter_to_model(model: nn.Module, config: ApetConfig, adapter_name: str
     if any(adapter_name in m.deltas for m in existing.values()):
         raise ApetValueError(f"this model's APET layers hold an adapter named {adapter_name!r} already")
     plain = {n: model.get_submodule(n) for n in indices if n not in existing}
-    others = list(next(iter(existing.values())).deltas) if existing else []
-    active = next(iter(existing.values())).active_adapters if existing else None
+    first = next(iter(existing.values()), None)  # (every APET layer knows every adapter)
+    others, active = (list(first.deltas), first.active_adapters) if first is not None else ([], None)
     check_shared_weights(plain)
     shared = shared_parameter_ids(model)
     new = replace_linears(model, lambda name, module: SparseDeltaLinear.from_linear(
         module, indices=indices[name], strategy=config.strategy, backend=config.backend,
         weight_shared=id(module.weight) in shared, adapter_name=adapter_name), plain) if plain else {}
     try:
-        for layer in new.values():
-            if values.get(_name_of(new, layer)) is not None:
-                layer.deltas[adapter_name].values.data.copy_(values[_name_of(new, layer)])
+        for name, layer in new.items():
+            if values.get(name) is not None:
+                with torch.no_grad():
+                    layer.deltas[adapter_name].values.copy_(values[name])
             for other in others:
                 layer.add_adapter(other, layer.empty_indices())
             if active is not None:
@@ -130,10 +131,6 @@ def note_lr_hint(model: nn.Module, name: str, config: ApetConfig) -> None:
     layers = [layer for layer in model.modules() if isinstance(layer, SparseDeltaLinear) and name in layer.deltas]
     values = [layer.deltas[name].values for layer in layers]
     learning_rate.note_adapter(layers, values, config.method, sum(int(v.numel()) for v in values))
-
-
-def _name_of(layers: dict[str, nn.Module], layer: nn.Module) -> str:
-    return next(n for n, m in layers.items() if m is layer)
 
 
 def check_shared_weights(targets: dict[str, nn.Module]) -> None:

@@ -42,11 +42,17 @@ def check_shape(name: str, info: dict, shape, where: str = "") -> None:
                                 f"{tuple(shape)}{where}")
 
 
+def stores_positions(config: ApetConfig, info: dict) -> bool:
+    """Whether a layer record's positions are stored with its adapter (data-driven or moved), not drawn from a
+    seed."""
+    return not is_seeded(config.method) or info.get("positions") == "stored"
+
+
 def seeded_indices(config: ApetConfig, name: str, info: dict) -> torch.Tensor | None:
     """The positions a layer record's seed gives (its config's scheme and seed, the layer's name, shape and K), or
     None where the record says its positions are stored, not seeded. Every site that regenerates positions asks
     here, and checks them with ``check_record``."""
-    if not is_seeded(config.method) or info.get("positions") == "stored":
+    if stores_positions(config, info):
         return None
     return select_indices(tuple(info["shape"]), int(info["k"]), method=config.method, seed=config.seed, key=name)
 

@@ -89,7 +89,8 @@ class AdapterRegistry:
 
     def delete(self, layers: dict, names) -> None:
         """Delete adapters (the last one too: the layers then compute as their base layers, as PEFT's do)."""
-        names = self.check_delete(names, active_ok=len(names if isinstance(names, list) else [names]) == len(self.configs))
+        listed = self.known(names, "delete_adapter")
+        names = self.check_delete(listed, active_ok=set(listed) == set(self.configs))  # (all of them: active ones too)
         merged = sorted({n for m in layers.values() for n in m.merged_adapters if n in names})
         if merged:
             raise ApetValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")

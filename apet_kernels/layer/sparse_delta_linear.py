@@ -36,6 +36,10 @@ from .names import DEFAULT_ADAPTER, budget, check_adapter_name, known_adapters
 from .ownership import claim, memory_owner, release
 
 
+_SEVERAL_ACTIVE = ("cannot merge: other adapters are applied together with this one (unmerged); set_adapter() a "
+                   "single adapter first")
+
+
 class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
     """A linear layer with K tunable scalars at arbitrary positions of its frozen weight.
 
@@ -194,8 +198,7 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
         if not adapter_names:
             return
         if len(self.active_adapters) > 1 and adapter_names == self.active_adapters:
-            raise ApetStateError("cannot merge: other adapters are applied together with this one (unmerged); "
-                                 "set_adapter() a single adapter first")
+            raise ApetStateError(_SEVERAL_ACTIVE)
         if list(adapter_names) != [self.active_adapter]:
             raise ApetValueError(f"an APET layer merges its active adapter only ({self.active_adapter!r}), not "
                              f"{list(adapter_names)}: set_adapter() the one to merge first")
@@ -210,8 +213,7 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
         if not legal:
             raise ApetStateError(f"cannot merge: {why}")
         if len(self.active_adapters) > 1:
-            raise ApetStateError("cannot merge: other adapters are applied together with this one (unmerged); "
-                                 "set_adapter() a single adapter first")
+            raise ApetStateError(_SEVERAL_ACTIVE)
         if self._mixed is not None:
             raise ApetStateError("cannot merge inside a mixed-adapter batch")
         if self._strategy is not MERGED:

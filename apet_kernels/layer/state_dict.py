@@ -25,11 +25,11 @@ _LEGACY_DELTA_KEYS = {"delta_values": "values", "delta_indices": "indices", "del
 # merged layer's weight is saved as W + S of its active adapter, whose ``merged`` flag says so; a load puts
 # the pure W back at that adapter's positions from the base saved with it, whatever adapter is active here.
 def before_state_dict(module, prefix, keep_vars) -> None:
-    merged = module._strategy.sum_in_state_dict(module)  # (merged: W + S synced for the values saved with it)
-    with torch.no_grad():
-        for name, delta in module.deltas.items():
+    module._strategy.before_state_dict(module)  # (merged: W restored at the K positions)
+    with torch.no_grad():  # no weight saved now holds W + S (a flag loaded from a 0.3 checkpoint is cleared)
+        for delta in module.deltas.values():
             if not delta.merged.is_meta:
-                delta.merged.fill_(merged and name == module.active_adapter)
+                delta.merged.fill_(False)
 
 
 def upgrade(layer, state_dict, prefix: str) -> None:

@@ -33,13 +33,12 @@ from ..learning_rate import describe_config
 from .. import process_hooks
 from ..load_guard import StrictFirst, needed_by, unguard_tree
 from ..merging import requantization_summary
-from ..schemes import is_seeded
 from ..serialization import (INDICES, VALUES, SavedAdapter, index_checksum)
 from ..targets import targeted
 from ..adapters.choosing import choose_positions
 from ..adapters.patching import (adapter_dtype, add_adapter_to_model, give_back_layers, merged_replacements, note_lr_hint,
                                 patched_in_place, values_on_meta)
-from ..adapters.records import resolve_positions, saved_entry
+from ..adapters.records import resolve_positions, saved_entry, stores_positions
 from .loading import _CALIBRATION, _AllOrNothingLoadAdapter, saved_positions
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import AuxiliaryTrainingWrapper
@@ -154,13 +153,11 @@ class ApetTuner(BaseTuner):
             if not _apet_layers(model):
                 unguard_tree(model)
             raise
-        if not layers:
-            flags = []
         config.__dict__[_INJECTED] = not saved
         if saved:
             self.__dict__.setdefault("_never_loaded", set()).add(adapter_name)  # (built from a folder's config)
             for name, info in saved.items():  # stored positions: placeholders until the checkpoint's indices come
-                if not (is_seeded(config.method) and info.get("positions") != "stored"):
+                if stores_positions(config, info):
                     model.get_submodule(name).expect_positions(adapter_name)
             config.layers = saved
             config.__dict__["_records_to_check"] = copy.deepcopy(saved)  # (by the load that follows: checksums,
@@ -173,7 +170,7 @@ class ApetTuner(BaseTuner):
         self._mark_only_adapters_as_trainable(model)
         set_additional_trainable_modules(model=model, peft_config=config, model_config=BaseTuner.get_model_config(self),
                                          adapter_name=adapter_name, activate_adapter=adapter_name in self.active_adapters)
-        for p, requires_grad in flags:
+        for p, requires_grad in flags if layers else ():  # (the first adapter: the base stays frozen)
             p.requires_grad_(requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
