@@ -105,6 +105,28 @@ def test_the_config_given_for_a_further_adapter_is_refused_for_gradient_position
     assert torch.equal(_logits(model), before) and all("b" not in m.deltas for m in _layers(model).values())
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_further_adapter_that_fails_half_way_leaves_the_model_as_it_was(entry, monkeypatch):
+    model = _wrap(entry, tiny_llama(), ApetConfig(num_params=400, target_modules=["q_proj"]))
+    _values(model, "default")
+    before = _logits(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    real = SparseDeltaLinear.add_adapter
+
+    def fail_on_the_last(layer, name, *args, **kwargs):  # (the new v_proj layers are wrapped by then)
+        if layer is list(_layers(model).values())[-1]:
+            raise RuntimeError("injected failure")
+        return real(layer, name, *args, **kwargs)
+    monkeypatch.setattr(SparseDeltaLinear, "add_adapter", fail_on_the_last)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _add(entry, model, "b", ApetConfig(num_params=400, target_modules=["q_proj", "v_proj"]))
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(set(m.deltas) == {"default"} for m in _layers(model).values())
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- the base model's state dict
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("strategy", ["auto", "unmerged"])

@@ -193,10 +193,11 @@ class ApetModel(nn.Module):
         config = copy.deepcopy(adapter_config)
         config.layers = {}
         flags = [(p, p.requires_grad) for p in self.parameters()]
-        indices = choose_positions(self, config)
-        add_adapter_to_model(self, config, adapter_name, indices)
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
+        try:
+            add_adapter_to_model(self, config, adapter_name, choose_positions(self, config))
+        finally:  # (wrapping freezes a base layer: the flags go back whether it succeeded or not)
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
         _patch_of(self).adapters.configs[adapter_name] = config
         note_lr_hint(self, adapter_name, config)
 
