@@ -3,6 +3,8 @@
 strategy keeps W + S in W between calls (apet_kernels.merged_weight, its private state, writes through this).
 
 Under FSDP2, between steps, reads gather the sharded weight (a collective) and writes go to each rank's own block.
+Under DeepSpeed ZeRO-3, reads between gathers gather the weight (a collective) and writes happen only while it is
+gathered (a forward or a backward): its partitions are never written, so they always hold the pure weight.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from .errors import ApetStateError
 from .linear_like import stored_weight
 from .quantized import values_at
 from .sharded import is_dtensor, local_block
+from .zero3 import gathered, is_gathered, is_partitioned
 
 
 def _sharded(w: torch.Tensor):
@@ -67,6 +70,8 @@ class BaseWeight:
         """W[indices] = content (one value per position, cast to W's dtype), into a plain weight or into the
         local block of a sharded one (each rank writes the positions it holds)."""
         w = self.stored(write=True)
+        if is_partitioned(w) and not is_gathered(w):
+            return  # (ZeRO-3 between gathers: the partitions hold the pure weight, and the next gather brings it)
         if _sharded(w) is None:
             storage = self.storage(write=True)
             storage.index_put_(self._rows_cols(indices.to(storage.device)), content.to(storage.device, storage.dtype))
@@ -79,6 +84,9 @@ class BaseWeight:
         """W at the positions; a sharded weight is gathered by every rank together (a collective, one layer at a
         time: a switch of adapters or a regrowth under FSDP2 runs on every rank anyway)."""
         w = self.stored(write=False)
+        if is_partitioned(w) and not is_gathered(w):
+            with gathered([w]):
+                return self.storage()[self._rows_cols(indices.to(w.device))].clone()
         if _sharded(w) is None:
             return self.storage()[self._rows_cols(indices.to(w.device))]
         full = w.full_tensor()

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .quantized import dims as quantized_dims
 from .quantized import quantization_of
+from .zero3 import full_shape
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -43,8 +44,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     a quantized weight may be packed (bitsandbytes 4-bit: (n, 1) bytes)."""
     if quantization_of(module) is not None:
         return quantized_dims(module)
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+    shape = full_shape(module.weight)  # (ZeRO-3 keeps a slice: its .data is empty between gathers)
+    return (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
 
 
 def weight_oi(module: nn.Module) -> torch.Tensor:

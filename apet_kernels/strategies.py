@@ -24,6 +24,7 @@ from .linear_like import is_plain_linear, runs_as_plain_gemm
 from .merged_weight import LinearOverBaseWeight, MergedWeight
 from .ops.library import add_sparse_term, linear_sparse
 from .quantized import repacked_for_cpu
+from .zero3 import gathered, is_gathered, is_partitioned
 
 
 class Strategy:
@@ -119,6 +120,11 @@ class Merged(Strategy):
 
     def forward(self, layer, x):
         backend, values, merge = layer._backend_name(), layer._active.values, MergedWeight.of(layer)
+        if is_partitioned(layer.base_layer._parameters.get("weight")):
+            y = _run_on_zero3_gathered_weight(layer, x, lambda: merge.write(values, backend))
+            if not (values.requires_grad and torch.is_grad_enabled()):
+                return y
+            return _with_sparse_terms(layer, x, y, values, backend, merged=True)
         w, own = layer.base_layer._parameters.get("weight"), layer.__dict__.get("_own_weight")
         regathered = _check_mergeable_now(w, own) is not own
         if regathered:  # gathered from shards that never hold S (a recompute's gather too): always written
@@ -137,6 +143,8 @@ class Merged(Strategy):
     @torch.compiler.disable
     def forward_disabled(self, layer, x):
         layer._weight.base()
+        if is_partitioned(layer.base_layer._parameters.get("weight")):  # (a persistent one may hold W + S)
+            return _run_on_zero3_gathered_weight(layer, x, MergedWeight.of(layer).restore)
         return LinearOverBaseWeight.apply(x, layer.bias, layer)
 
     def enter(self, layer) -> None:
@@ -152,8 +160,11 @@ class Merged(Strategy):
         state.structural_change()
 
     def bake(self, layer) -> None:
-        """W + S into W for good, whatever strategy the layer runs (merge_and_unload)."""
-        MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
+        """W + S into W for good, whatever strategy the layer runs (merge_and_unload); under ZeRO-3 into its
+        partitions (a collective: every rank unloads)."""
+        w = layer.base_layer._parameters.get("weight")
+        with gathered([w] if is_partitioned(w) and not is_gathered(w) else [], write=True):
+            MergedWeight.of(layer).write(layer.delta_values, layer._backend_name())
 
     @contextlib.contextmanager
     def changing(self, layer):
@@ -201,10 +212,33 @@ def _check_mergeable_now(w, own):
                              "unmerged)")
     if getattr(w, "_fsdp_flattened", False):
         raise ApetStateError(_FSDP1)
-    if hasattr(w, "ds_id"):
-        raise ApetStateError("DeepSpeed ZeRO-3 partitions this layer's weight: the merged strategy is not supported "
-                             "there; use strategy='unmerged' (or FSDP2, torch.distributed.fsdp.fully_shard)")
     return w
+
+
+def _run_on_zero3_gathered_weight(layer, x: torch.Tensor, fill) -> torch.Tensor:
+    """base_layer(x) where DeepSpeed ZeRO-3 partitions W: it gathers W in a forward pre-hook of the base layer and
+    again for its backward, from partitions that are never written. ``fill`` writes W's K positions (W + S, or the
+    base) into the gathered W: in a pre-hook appended after ZeRO-3's, and in a gradient hook on the base layer's own
+    output, which runs after ZeRO-3's re-gather (its hook wraps that output later) and before the dx GEMM."""
+    base = layer.base_layer
+
+    def checked_fill(*_):
+        if not is_gathered(base.weight):
+            raise ApetStateError("DeepSpeed ZeRO-3 has not gathered this merged layer's weight where its forward or "
+                                 "backward reads it (a DeepSpeed version whose hooks run elsewhere?): W + S cannot be "
+                                 "written; build the adapter with strategy='unmerged'")
+        fill()
+
+    def before_dx(module, args, y):
+        if isinstance(y, torch.Tensor) and y.requires_grad:
+            y.register_hook(checked_fill)
+
+    handles = (base.register_forward_pre_hook(checked_fill), base.register_forward_hook(before_dx, prepend=True))
+    try:
+        return base(x)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _write_before_dx(layer, values: torch.Tensor, backend: str, grad: torch.Tensor) -> None:

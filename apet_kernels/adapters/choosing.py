@@ -12,7 +12,8 @@ from ..adapters.registry import first_few
 from ..config import ApetConfig
 from ..errors import (ApetValueError)
 from ..layer import SparseDeltaLinear
-from ..linear_like import linear_shape, weight_oi
+from ..linear_like import is_conv1d, linear_shape, weight_oi
+from ..zero3 import is_partitioned, whole
 from ..positions import GradientScores
 from ..quantized import dequantize, quantization_of, values_at
 from ..schemes import SCHEMES
@@ -65,15 +66,21 @@ def base_weight_oi(module: nn.Module) -> torch.Tensor:
 
 
 def float_weight_oi(module: nn.Module) -> torch.Tensor:
-    """A linear-like module's weight as floats (out, in): a view, or a dequantized copy of a quantized one."""
-    return dequantize(module) if quantization_of(module) is not None else weight_oi(module).detach()
+    """A linear-like module's weight as floats (out, in): a view, or a dequantized copy of a quantized one (or a
+    gathered copy of a ZeRO-3 partitioned one: every rank calls this)."""
+    if quantization_of(module) is not None:
+        return dequantize(module)
+    if is_partitioned(module.weight):
+        w = whole(module.weight)
+        return w.t() if is_conv1d(module) else w
+    return weight_oi(module).detach()
 
 
 def weight_at(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """A linear-like module's weight at flat row-major (out, in) positions (dequantized if quantized)."""
     if quantization_of(module) is not None:
         return values_at(module, indices)
-    w = weight_oi(module).detach()
+    w = float_weight_oi(module)
     idx = indices.long().to(w.device)
     return w[idx // w.shape[1], idx % w.shape[1]]
 

@@ -11,13 +11,14 @@ import torch.nn as nn
 from ..adapters.registry import first_few
 from .._checks import check_index_content, check_index_meta
 from ..config import ApetConfig
-from ..errors import (AdapterFileError, BaseMismatchError)
+from ..errors import (AdapterFileError, ApetStateError, BaseMismatchError)
 from ..layer import SparseDeltaLinear
 from ..quantized import quantization_of
 from ..schemes import is_seeded
 from ..selection import select_indices
 from ..serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                              index_checksum, regenerable, sketch_distance)
+from ..zero3 import is_gathered, is_partitioned
 
 
 def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lname: str, info: dict
@@ -32,6 +33,24 @@ def saved_entry(layer: SparseDeltaLinear, adapter: str, config: ApetConfig, lnam
                 base_sketch=base_sketch(base), base_quantization=str(quant) if quant is not None else None,
                 positions="stored" if stored else "seed", k=int(delta.k))
     return {VALUES: delta.values, INDICES: delta.indices} if stored else {VALUES: delta.values}
+
+
+def saved_tensor(state_dict: dict | None, key: str, own: torch.Tensor, written: bool = True) -> torch.Tensor:
+    """The tensor a save writes under ``key``: the given state dict's where it holds it whole (a gathered one, from
+    Trainer or accelerate), else the layer's own. A ZeRO-3 partitioned tensor is whole only while gathered: a save
+    that would write it outside a gather is refused (gathering here would hang a save that one rank makes alone);
+    ``written``: False where the caller computes the state dict but does not write it (a rank that is not the main
+    process)."""
+    given = state_dict.get(key) if state_dict else None
+    whole_numel = own.ds_numel if is_partitioned(own) else own.numel()
+    if given is not None and given.numel() == whole_numel:
+        return given
+    if is_partitioned(own) and not is_gathered(own) and written:
+        raise ApetStateError(
+            f"{key} is partitioned by DeepSpeed ZeRO-3 (each rank holds a slice) and no gathered state dict was given: "
+            "nothing was written. Save on every rank inside `with deepspeed.zero.GatheredParameters([p for p in "
+            "model.parameters() if p.requires_grad]):` (the main process writes), or through Trainer.save_model")
+    return own
 
 
 # ----------------------------------------------------------------------------- loading

@@ -38,7 +38,7 @@ from ..serialization import (INDICES, VALUES, delta_key, index_checksum, read_fo
 from ..sharded import full_tensor, is_dtensor
 from ..adapters.choosing import choose_positions
 from ..adapters.patching import add_adapter_to_model, add_entries, give_back_layers, merged_replacements, note_lr_hint
-from ..adapters.records import check_record, resolve_positions, saved_entry, seeded_indices
+from ..adapters.records import check_record, resolve_positions, saved_entry, saved_tensor, seeded_indices
 from .hooks import _BaseRows, _remove_model_hooks
 from .state import _patch_of, is_patched
 
@@ -367,10 +367,10 @@ class ApetModel(nn.Module):
             for lname, info in config.layers.items():
                 for what, own in saved_entry(layers[lname], name, config, lname, info).items():
                     key = delta_key(lname, name, what)
-                    tensors[key] = state_dict[key] if state_dict is not None and key in state_dict else own
+                    tensors[key] = saved_tensor(state_dict, key, own)
         params = dict(self.named_parameters(remove_duplicate=False))
         for pname in _patch_of(self).saved_modules:  # modules_to_save, under every name of a tied parameter
-            tensors[pname] = state_dict[pname] if state_dict is not None and pname in state_dict else params[pname]
+            tensors[pname] = saved_tensor(state_dict, pname, params[pname])
         return configs, active, {k: full_tensor(t).detach() for k, t in tensors.items()}
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:

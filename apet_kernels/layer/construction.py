@@ -10,6 +10,7 @@ from ..errors import ApetTypeError, ApetValueError
 from ..linear_like import linear_shape, merge_is_legal
 from ..ops.dispatch import CHOICES
 from ..quantized import quantization_of
+from ..zero3 import full_shape
 from .names import check_adapter_name
 from .ownership import check_not_wrapped, refuse_memory_of_a_merged_layer
 
@@ -29,7 +30,7 @@ def check_wrappable(base_layer: nn.Module, indices: torch.Tensor, strategy: str,
     check_adapter_name(adapter_name)
     weight = getattr(base_layer, "weight", None)
     quantized = quantization_of(base_layer) is not None
-    if not isinstance(weight, torch.Tensor) or (weight.dim() != 2 and not quantized):
+    if not isinstance(weight, torch.Tensor) or (len(full_shape(weight)) != 2 and not quantized):
         raise ApetTypeError(f"{type(base_layer).__name__} has no 2-D .weight: not a linear layer")
     out_features, in_features = linear_shape(base_layer)
     numel = out_features * in_features

@@ -8,6 +8,7 @@ import weakref
 import torch
 
 from ..errors import ApetValueError
+from ..zero3 import is_partitioned
 
 # id(weight Parameter) -> (weak) the SparseDeltaLinear wrapping it. Two wrappers over one weight would
 # both write it in the merged strategy and neither could restore it. Keyed by id, validated by identity on
@@ -29,7 +30,8 @@ _MEMORY: dict[int, weakref.ref] = {}
 
 
 def _address(weight: torch.Tensor) -> int | None:
-    if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight).__name__ == "DTensor":
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or type(weight).__name__ == "DTensor" or \
+            is_partitioned(weight):  # (ZeRO-3 gathers it into new memory at every forward)
         return None
     try:
         return weight.data_ptr() or None

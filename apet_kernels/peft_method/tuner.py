@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 
 import torch
@@ -38,7 +39,7 @@ from ..targets import targeted
 from ..adapters.choosing import choose_positions
 from ..adapters.patching import (adapter_dtype, add_adapter_to_model, give_back_layers, merged_replacements, note_lr_hint,
                                 patched_in_place, values_on_meta)
-from ..adapters.records import resolve_positions, saved_entry, stores_positions
+from ..adapters.records import resolve_positions, saved_entry, saved_tensor, stores_positions
 from .loading import _CALIBRATION, _AllOrNothingLoadAdapter, saved_positions
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import AuxiliaryTrainingWrapper
@@ -58,6 +59,19 @@ def _without_wrappers(name: str) -> str:
     for wrapper in _WRAPPER_NAMES:
         name = name.replace(wrapper, "")
     return name
+
+
+def _written_by_peft_save() -> bool:
+    """Whether the adapter state dict being computed will be written: False only inside ``PeftModel.save_pretrained``
+    called with ``is_main_process=False`` (Trainer's other ranks under ZeRO-3, which compute it and write nothing).
+    PEFT passes no such flag down to a tuner, so its frame is asked."""
+    from peft import PeftModel
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is PeftModel.save_pretrained.__code__:
+            return bool(frame.f_locals.get("is_main_process", True))
+        frame = frame.f_back
+    return True
 
 
 def _apet_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
@@ -278,7 +292,7 @@ class ApetTuner(BaseTuner):
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, ApetTuner):
             tuner.refuse_if_unloaded("save_pretrained()")
-        out, records = {}, copy.deepcopy(config.layers)
+        out, records, written = {}, copy.deepcopy(config.layers), _written_by_peft_save()
         for name, layer in _apet_layers(model).items():
             name = _without_wrappers(name)  # (FSDP1 and activation checkpointing wrap modules; state dicts drop it)
             lname = name.removeprefix(_PEFT_PREFIX)
@@ -286,7 +300,7 @@ class ApetTuner(BaseTuner):
                 continue
             for what, own in saved_entry(layer, adapter_name, config, lname, records[lname]).items():
                 key = f"{name}.deltas.{adapter_name}.{what}"
-                out[key] = state_dict.get(key, own)
+                out[key] = saved_tensor(state_dict, key, own, written)
         config.layers_as_saved = records
         return out
 

@@ -1,0 +1,121 @@
+"""Worker for tests/test_engines.py: one engine a user reaches for past one GPU, driven the way its docs show, on
+this CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu).
+
+    torchrun --nproc_per_node 2 engines_worker.py ENGINE METHOD BASE OUT
+
+ENGINE: single (one process, the reference), zero2, zero3 (the model built before TrainingArguments), zero3_init
+(TrainingArguments first, so from_pretrained partitions the weights under zero.Init, as transformers documents).
+METHOD: merged, unmerged (APET through get_peft_model) or lora (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
+
+Trains STEPS steps on the same global batches in every engine, saves through Trainer and by hand, and writes on rank 0
+OUT/result.pt: the losses, each save's tensors, and what a save outside a gather said.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import transformers
+
+STEPS, PER_RANK, SEQ = 3, 2, 12
+
+
+def enable_accelerate_on_cpu() -> None:
+    """accelerate runs DeepSpeed and FSDP only over accelerators: on a CPU it counts one process whatever torchrun
+    started. Its backend choice is given gloo where several processes run (test harness only)."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+    original = state.PartialState._prepare_backend
+    if getattr(original, "_apet_cpu", False):
+        return
+
+    def prepare(self, cpu=False, sagemaker_dp=False, backend=None):
+        chosen, kind = original(self, cpu, sagemaker_dp, backend)
+        if chosen is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, kind
+    prepare._apet_cpu = True
+    state.PartialState._prepare_backend = prepare
+
+
+def examples() -> list[dict]:
+    """Taken in order (a sequential sampler): one process takes WORLD x PER_RANK rows per step and the ranks split
+    those same rows between them (accelerate's batch sharding)."""
+    gen = torch.Generator().manual_seed(0)
+    return [{"input_ids": row, "labels": row} for row in torch.randint(0, 99, (64, SEQ), generator=gen).tolist()]
+
+
+def save_base(path: str) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def peft_config(method: str):
+    from peft import LoraConfig
+    from apet_kernels import ApetConfig
+    if method == "lora":
+        return LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"], init_lora_weights=True)
+    return ApetConfig(density=0.05, strategy=method)
+
+
+def deepspeed_config(stage: int, gather_on_save: bool = True) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:  # nothing persistent: every weight and every delta partitioned, as on a real model
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=gather_on_save)
+    return {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+            "gradient_clipping": 1.0}
+
+
+def arguments(out: str, engine: str, world: int) -> transformers.TrainingArguments:
+    engine_args = {}
+    if engine.startswith("zero"):
+        engine_args["deepspeed"] = deepspeed_config(int(engine[4]))
+    return transformers.TrainingArguments(
+        out, per_device_train_batch_size=PER_RANK * (world if engine == "single" else 1), max_steps=STEPS,
+        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+        report_to=[], seed=0, train_sampling_strategy="sequential", **engine_args)
+
+
+def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict:
+    from peft import get_peft_model
+    import apet_kernels  # noqa: F401  (registers APET with PEFT)
+    if engine == "zero3_init":
+        args = arguments(out, engine, world)
+        args.device  # the process group first: zero.Init partitions over it
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+        assert model.model.layers[0].mlp.up_proj.weight.numel() == 0, "zero.Init did not partition the weights"
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(0)  # (LoRA's A is drawn here: the same in every engine)
+    model = get_peft_model(model, peft_config(method))
+    if engine != "zero3_init":
+        args = arguments(out, engine, world)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples())
+    trainer.train()
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    trainer.save_model(f"{out}/trainer")
+    if engine.startswith("zero3"):
+        try:  # outside a gather the deltas are slices: refused, nothing written
+            model.save_pretrained(f"{out}/refused", is_main_process=trainer.is_world_process_zero())
+        except RuntimeError as e:
+            result["refused"] = str(e)
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
+            model.save_pretrained(f"{out}/hand", is_main_process=trainer.is_world_process_zero())
+    else:
+        model.save_pretrained(f"{out}/hand", is_main_process=trainer.is_world_process_zero())
+    result["wrote_refused"] = os.path.exists(f"{out}/refused/adapter_model.safetensors")
+    return result
+
+
+if __name__ == "__main__":
+    engine, method, base, out = sys.argv[1:5]
+    enable_accelerate_on_cpu()
+    result = train(engine, method, base, out)  # (one process: the 2 ranks' global batches)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(result, f"{out}/result.pt")
