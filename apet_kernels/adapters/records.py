@@ -18,6 +18,7 @@ from ..schemes import is_seeded
 from ..selection import select_indices
 from ..serialization import (INDICES, SKETCH_QUANTIZATION_ONLY, VALUES, SavedAdapter, base_fingerprint, base_sketch,
                              index_checksum, regenerable, sketch_distance)
+from ..sharded import full_tensor
 from ..zero3 import is_gathered, is_partitioned
 
 
@@ -40,17 +41,18 @@ def saved_tensor(state_dict: dict | None, key: str, own: torch.Tensor, written: 
     Trainer or accelerate), else the layer's own. A ZeRO-3 partitioned tensor is whole only while gathered: a save
     that would write it outside a gather is refused (gathering here would hang a save that one rank makes alone);
     ``written``: False where the caller computes the state dict but does not write it (a rank that is not the main
-    process)."""
+    process). A DTensor (FSDP2's sharded values) is gathered: a collective, so every rank saves, as with the
+    in-place ``save_pretrained``."""
     given = state_dict.get(key) if state_dict else None
     whole_numel = own.ds_numel if is_partitioned(own) else own.numel()
     if given is not None and given.numel() == whole_numel:
-        return given
+        return full_tensor(given)
     if is_partitioned(own) and not is_gathered(own) and written:
         raise ApetStateError(
             f"{key} is partitioned by DeepSpeed ZeRO-3 (each rank holds a slice) and no gathered state dict was given: "
             "nothing was written. Save on every rank inside `with deepspeed.zero.GatheredParameters([p for p in "
             "model.parameters() if p.requires_grad]):` (the main process writes), or through Trainer.save_model")
-    return own
+    return full_tensor(own)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -4,7 +4,8 @@ this CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu).
     torchrun --nproc_per_node 2 engines_worker.py ENGINE METHOD BASE OUT
 
 ENGINE: single (one process, the reference), zero2, zero3 (the model built before TrainingArguments), zero3_init
-(TrainingArguments first, so from_pretrained partitions the weights under zero.Init, as transformers documents).
+(TrainingArguments first, so from_pretrained partitions the weights under zero.Init, as transformers documents),
+fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer).
 METHOD: merged, unmerged (APET through get_peft_model) or lora (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
 
 Trains STEPS steps on the same global batches in every engine, saves through Trainer and by hand, and writes on rank 0
@@ -24,7 +25,8 @@ STEPS, PER_RANK, SEQ = 3, 2, 12
 
 def enable_accelerate_on_cpu() -> None:
     """accelerate runs DeepSpeed and FSDP only over accelerators: on a CPU it counts one process whatever torchrun
-    started. Its backend choice is given gloo where several processes run (test harness only)."""
+    started, and runs DDP where FSDP is asked for. Here (test harness only) its backend choice is given gloo where
+    several processes run, and FSDP turns on over them as it would over GPUs."""
     import accelerate.state as state
     from accelerate.utils import DistributedType
     original = state.PartialState._prepare_backend
@@ -38,6 +40,15 @@ def enable_accelerate_on_cpu() -> None:
         return chosen, kind
     prepare._apet_cpu = True
     state.PartialState._prepare_backend = prepare
+    original_init = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.AcceleratorState.__init__ = init
 
 
 def examples() -> list[dict]:
@@ -75,6 +86,9 @@ def arguments(out: str, engine: str, world: int) -> transformers.TrainingArgumen
     engine_args = {}
     if engine.startswith("zero"):
         engine_args["deepspeed"] = deepspeed_config(int(engine[4]))
+    if engine == "fsdp2":  # transformers' documented FSDP2 setup
+        engine_args.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                                           "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     return transformers.TrainingArguments(
         out, per_device_train_batch_size=PER_RANK * (world if engine == "single" else 1), max_steps=STEPS,
         learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
@@ -108,7 +122,10 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
             model.save_pretrained(f"{out}/hand", is_main_process=trainer.is_world_process_zero())
     else:
-        model.save_pretrained(f"{out}/hand", is_main_process=trainer.is_world_process_zero())
+        try:  # (every rank calls it: sharded values are gathered)
+            model.save_pretrained(f"{out}/hand", is_main_process=trainer.is_world_process_zero())
+        except RuntimeError as e:  # (PEFT's LoRA under FSDP2: "invalid python storage")
+            result["hand_error"] = str(e)
     result["wrote_refused"] = os.path.exists(f"{out}/refused/adapter_model.safetensors")
     return result
 
