@@ -91,7 +91,10 @@ def merge_is_legal(base_layer: nn.Module, shared: bool = False) -> tuple[bool, s
     if not weight.is_floating_point():
         return False, f"weight dtype {weight.dtype} is not floating point (quantized?)"
     if type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor":
-        return False, "weight is sharded (DTensor)"
+        return False, ("the weight is already sharded (a DTensor: FSDP2's fully_shard, or transformers' "
+                       "DistributedConfig at from_pretrained), and W + S cannot be kept in shards that are gathered "
+                       "anew at every forward: patch before sharding to run merged (fully_shard after get_peft_model, "
+                       "or Trainer's fsdp_config), or use strategy 'auto' or 'unmerged'")
     if shared:
         return False, "weight is shared with another module (tied, or another model's APET layer over its memory)"
     return True, ""

@@ -35,3 +35,23 @@ def assign_full(t: torch.Tensor, full: torch.Tensor) -> None:
     for dim, (o, n) in enumerate(zip(offset, shape)):
         block = block.narrow(dim, o, n)
     local.copy_(block)
+
+
+def average_gradient_over_ranks(param: torch.nn.Parameter) -> None:
+    """A trainable Parameter added beside weights that are already sharded (an adapter patched after ``fully_shard``,
+    or into a model transformers sharded as it loaded): FSDP2 reduces only what it sharded, so each rank would train
+    its own copy on its own batch. As DDP would, it starts equal on every rank (broadcast from rank 0: a collective,
+    every rank patches) and its gradient is averaged over the ranks after each backward. transformers' Trainer does
+    the same for such parameters and skips those carrying the mark set here, so nothing is reduced twice."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1 or \
+            getattr(param, "_replicated_grad_hook_registered", False):
+        return
+    with torch.no_grad():
+        dist.broadcast(param.data, src=0)
+
+    def average(p):
+        dist.all_reduce(p.grad)  # (a sum, then / world: gloo has no AVG)
+        p.grad /= dist.get_world_size()
+    param.register_post_accumulate_grad_hook(average)
+    param._replicated_grad_hook_registered = True

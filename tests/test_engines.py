@@ -1,6 +1,7 @@
 """Engines past one GPU, driven as their docs show, each against one process on the same global batches: DeepSpeed
-ZeRO-2 and ZeRO-3 (through Trainer, the model built before TrainingArguments and under zero.Init), for APET merged
-and unmerged and PEFT's LoRA as the control. 2 ranks on this CPU: gloo, DeepSpeed with DS_ACCELERATOR=cpu
+ZeRO-2 and ZeRO-3 (through Trainer, the model built before TrainingArguments and under zero.Init), FSDP2 through
+Trainer's fsdp_config and through transformers' DistributedConfig(fsdp_size=2) (Trainer and a hand loop), for APET
+merged and unmerged and PEFT's LoRA as the control. 2 ranks on this CPU: gloo, DeepSpeed with DS_ACCELERATOR=cpu
 (tests/distributed/engines_worker.py)."""
 
 from __future__ import annotations
@@ -66,17 +67,26 @@ def _saved(out: Path, save: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _single(method: str, base: str) -> tuple[dict, dict]:
-    """One process on the whole global batches: the reference, once per method."""
-    out = Path(base).parent / f"single-{method}"
-    return _run("single", method, base, out), _saved(out, "trainer")
+def _single(engine: str, method: str, base: str) -> tuple[dict, dict]:
+    """One process on the whole global batches: the reference, once per method (Trainer's or a hand loop)."""
+    out = Path(base).parent / f"{engine}-{method}"
+    return _run(engine, method, base, out), _saved(out, "trainer")
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3_init", "fsdp2"])
+ENGINES = ["zero2", "zero3", "zero3_init", "fsdp2", "fsdp_size", "fsdp_size_loop"]
+_UPSTREAM = {("fsdp_size_loop", "lora"): "PEFT's LoRA added after sharding trains on each rank alone in a hand loop "
+                                         "(nothing reduces its gradients): the control's own fault, not APET's"}
+CASES = [pytest.param(e, m, marks=pytest.mark.xfail(strict=True, reason=_UPSTREAM[e, m]) if (e, m) in _UPSTREAM else ())
+         for e in ENGINES for m in METHODS]
+
+
+@pytest.mark.parametrize(("engine", "method"), CASES)
 def test_engine_trains_and_saves_as_one_process(engine, method, base, tmp_path):
-    single, reference = _single(method, base)
     result = _run(engine, method, base, tmp_path)
+    if engine.startswith("fsdp_size") and method == "merged":  # sharded before patching: refused, naming the fix
+        assert "already sharded" in result["refused"] and "patch before sharding" in result["refused"]
+        return
+    single, reference = _single("single_loop" if engine.endswith("_loop") else "single", method, base)
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
     saves = ["trainer", "hand"]  # Trainer's save_model and save_pretrained (under ZeRO-3: in a gather)
     if method == "lora" and "hand_error" in result:

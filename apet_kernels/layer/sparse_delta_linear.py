@@ -24,7 +24,7 @@ from ..ops.dispatch import resolve
 from ..optimizer_guard import note_active_values
 from ..quantized import float_dtype, quantization_of, values_at
 from ..selection import select_indices
-from ..sharded import is_dtensor
+from ..sharded import average_gradient_over_ranks, is_dtensor
 from ..strategies import BY_NAME, DEQUANTIZED, MERGED, UNMERGED
 from . import auto_merge, awaited
 from . import state_dict as state_dict_rules
@@ -88,6 +88,8 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
         # K = 0: nothing to train. An empty trainable tensor gets an empty gradient, which FSDP2's reduce-scatter
         # refuses (_chunk_cat expects non-empty tensors; issue 33)
         self.delta_values.requires_grad_(self._active.k > 0)
+        if is_dtensor(weight) and self._active.k:  # patched after sharding: no engine reduces these values
+            average_gradient_over_ranks(self.delta_values)
         self._weight = BaseWeight(self)  # W at the positions (the merged strategy's own state: merged_weight)
         self._weight.read_base()
         self._claim_weight()

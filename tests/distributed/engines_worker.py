@@ -5,7 +5,9 @@ this CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu).
 
 ENGINE: single (one process, the reference), zero2, zero3 (the model built before TrainingArguments), zero3_init
 (TrainingArguments first, so from_pretrained partitions the weights under zero.Init, as transformers documents),
-fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer).
+fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer), fsdp_size (transformers
+shards the model as it loads: DistributedConfig(fsdp_size=2)), single_loop and fsdp_size_loop (the same two in a
+hand loop, no Trainer).
 METHOD: merged, unmerged (APET through get_peft_model) or lora (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
 
 Trains STEPS steps on the same global batches in every engine, saves through Trainer and by hand, and writes on rank 0
@@ -103,11 +105,19 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         args.device  # the process group first: zero.Init partitions over it
         model = transformers.LlamaForCausalLM.from_pretrained(base)
         assert model.model.layers[0].mlp.up_proj.weight.numel() == 0, "zero.Init did not partition the weights"
+    elif engine == "fsdp_size":
+        args = arguments(out, engine, world)
+        args.device  # (the process group the sharding needs)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            base, distributed_config=transformers.DistributedConfig(fsdp_size=world))
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(base)
     torch.manual_seed(0)  # (LoRA's A is drawn here: the same in every engine)
-    model = get_peft_model(model, peft_config(method))
-    if engine != "zero3_init":
+    try:
+        model = get_peft_model(model, peft_config(method))
+    except ValueError as e:  # (merged over weights sharded already)
+        return {"refused": str(e)}
+    if engine not in ("zero3_init", "fsdp_size"):
         args = arguments(out, engine, world)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples())
     trainer.train()
@@ -130,9 +140,52 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
     return result
 
 
+def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
+    """A hand loop (AdamW, no Trainer) on the same global batches: ``single_loop`` in one process, ``fsdp_size_loop``
+    on a model transformers shards as it loads (DistributedConfig(fsdp_size=2)), the adapter added after sharding."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    import apet_kernels  # noqa: F401
+    world, rank = (1, 0) if engine == "single_loop" else (2, int(os.environ["RANK"]))
+    if world > 1:
+        dist.init_process_group("gloo")
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            base, distributed_config=transformers.DistributedConfig(fsdp_size=world))
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(0)
+    try:
+        model = get_peft_model(model, peft_config(method))
+    except ValueError as e:  # (merged over weights sharded already)
+        return {"refused": str(e)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([e["input_ids"] for e in examples()])
+    rows = PER_RANK * 2 // world
+    losses = []
+    for step in range(STEPS):
+        batch = ids[step * PER_RANK * 2 + rank * rows:][:rows]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if world > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    model.save_pretrained(f"{out}/hand", is_main_process=rank == 0)
+    model.save_pretrained(f"{out}/trainer", is_main_process=rank == 0)  # (the test reads this name)
+    if world > 1:
+        dist.barrier()
+    return {"losses": losses}
+
+
 if __name__ == "__main__":
     engine, method, base, out = sys.argv[1:5]
     enable_accelerate_on_cpu()
-    result = train(engine, method, base, out)  # (one process: the 2 ranks' global batches)
+    if engine.endswith("_loop"):
+        result = train_by_hand(engine, method, base, out)
+    else:
+        result = train(engine, method, base, out)  # (one process: the 2 ranks' global batches)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, f"{out}/result.pt")
