@@ -1,5 +1,6 @@
-"""Engines past one GPU, driven as their docs show, each against one process on the same global batches: DeepSpeed
-ZeRO-2 and ZeRO-3 (through Trainer, the model built before TrainingArguments and under zero.Init), FSDP2 through
+"""Engines past one GPU, driven as their docs show, each against one process on the same global batches: DDP with
+gradient accumulation, DeepSpeed ZeRO-2 and ZeRO-3 (through Trainer, the model built before TrainingArguments and
+under zero.Init, gathering 16-bit weights on save or not), FSDP2 through
 Trainer's fsdp_config and through transformers' DistributedConfig(fsdp_size=2) (Trainer and a hand loop), for APET
 merged and unmerged and PEFT's LoRA as the control. 2 ranks on this CPU: gloo, DeepSpeed with DS_ACCELERATOR=cpu
 (tests/distributed/engines_worker.py)."""
@@ -73,7 +74,7 @@ def _single(engine: str, method: str, base: str) -> tuple[dict, dict]:
     return _run(engine, method, base, out), _saved(out, "trainer")
 
 
-ENGINES = ["zero2", "zero3", "zero3_init", "fsdp2", "fsdp_size", "fsdp_size_loop"]
+ENGINES = ["ddp_accum", "zero2", "zero3", "zero3_init", "zero3_nogather", "fsdp2", "fsdp_size", "fsdp_size_loop"]
 _UPSTREAM = {("fsdp_size_loop", "lora"): "PEFT's LoRA added after sharding trains on each rank alone in a hand loop "
                                          "(nothing reduces its gradients): the control's own fault, not APET's"}
 CASES = [pytest.param(e, m, marks=pytest.mark.xfail(strict=True, reason=_UPSTREAM[e, m]) if (e, m) in _UPSTREAM else ())

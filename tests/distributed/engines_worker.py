@@ -5,6 +5,8 @@ this CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu).
 
 ENGINE: single (one process, the reference), zero2, zero3 (the model built before TrainingArguments), zero3_init
 (TrainingArguments first, so from_pretrained partitions the weights under zero.Init, as transformers documents),
+zero3_nogather (the same with stage3_gather_16bit_weights_on_model_save false), ddp_accum (DDP with gradient
+accumulation),
 fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer), fsdp_size (transformers
 shards the model as it loads: DistributedConfig(fsdp_size=2)), single_loop and fsdp_size_loop (the same two in a
 hand loop, no Trainer).
@@ -85,14 +87,16 @@ def deepspeed_config(stage: int, gather_on_save: bool = True) -> dict:
 
 
 def arguments(out: str, engine: str, world: int) -> transformers.TrainingArguments:
-    engine_args = {}
+    engine_args, per_device = {}, PER_RANK * (world if engine == "single" else 1)
     if engine.startswith("zero"):
-        engine_args["deepspeed"] = deepspeed_config(int(engine[4]))
+        engine_args["deepspeed"] = deepspeed_config(int(engine[4]), gather_on_save=engine != "zero3_nogather")
+    if engine == "ddp_accum":  # the same global batch in 2 micro-batches per rank, under DDP's no_sync
+        engine_args["gradient_accumulation_steps"], per_device = 2, PER_RANK // 2
     if engine == "fsdp2":  # transformers' documented FSDP2 setup
         engine_args.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                                            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     return transformers.TrainingArguments(
-        out, per_device_train_batch_size=PER_RANK * (world if engine == "single" else 1), max_steps=STEPS,
+        out, per_device_train_batch_size=per_device, max_steps=STEPS,
         learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
         report_to=[], seed=0, train_sampling_strategy="sequential", **engine_args)
 
@@ -100,7 +104,7 @@ def arguments(out: str, engine: str, world: int) -> transformers.TrainingArgumen
 def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict:
     from peft import get_peft_model
     import apet_kernels  # noqa: F401  (registers APET with PEFT)
-    if engine == "zero3_init":
+    if engine in ("zero3_init", "zero3_nogather"):
         args = arguments(out, engine, world)
         args.device  # the process group first: zero.Init partitions over it
         model = transformers.LlamaForCausalLM.from_pretrained(base)
@@ -117,7 +121,7 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         model = get_peft_model(model, peft_config(method))
     except ValueError as e:  # (merged over weights sharded already)
         return {"refused": str(e)}
-    if engine not in ("zero3_init", "fsdp_size"):
+    if engine not in ("zero3_init", "zero3_nogather", "fsdp_size"):
         args = arguments(out, engine, world)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples())
     trainer.train()
