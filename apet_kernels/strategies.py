@@ -24,6 +24,8 @@ from .linear_like import is_plain_linear, runs_as_plain_gemm
 from .merged_weight import LinearOverBaseWeight, MergedWeight
 from .ops.library import add_sparse_term, linear_sparse
 from .quantized import repacked_for_cpu
+from .sharded import is_dtensor
+from .tensor_parallel import owned_deltas, tensor_parallel_block
 from .zero3 import gathered, is_gathered, is_partitioned
 
 
@@ -120,6 +122,10 @@ class Merged(Strategy):
 
     def forward(self, layer, x):
         backend, values, merge = layer._backend_name(), layer._active.values, MergedWeight.of(layer)
+        if is_dtensor(layer.base_layer._parameters.get("weight")):
+            block = tensor_parallel_block(layer.base_layer)
+            if block is not None:
+                return _forward_tensor_parallel(layer, x, block, values, backend)
         if is_partitioned(layer.base_layer._parameters.get("weight")):
             y = _run_on_zero3_gathered_weight(layer, x, lambda: merge.write(values, backend))
             if not (values.requires_grad and torch.is_grad_enabled()):
@@ -213,6 +219,30 @@ def _check_mergeable_now(w, own):
     if getattr(w, "_fsdp_flattened", False):
         raise ApetStateError(_FSDP1)
     return w
+
+
+def _forward_tensor_parallel(layer, x: torch.Tensor, block, values: torch.Tensor, backend: str) -> torch.Tensor:
+    """A merged layer under tensor parallelism: this rank's deltas written into its shard (K writes), the engine's
+    forward, and the SDDMM of this rank's deltas over its local dy and x (colwise: its slice of y and the whole x;
+    rowwise: the whole y and its slice of x)."""
+    MergedWeight.of(layer).write(values, backend)
+    y = layer.base_layer(x)
+    if not (values.requires_grad and torch.is_grad_enabled()):
+        return y
+    if is_dtensor(y):
+        raise ApetStateError("this tensor-parallel layer returns a DTensor (use_local_output=False): APET's SDDMM takes "
+                             "the local output; parallelize with use_local_output=True (the default)")
+    owned = owned_deltas(layer, block)
+    if y.shape[-1] != owned.shape[0] or x.shape[-1] != owned.shape[1]:
+        raise ApetStateError(f"this tensor-parallel layer's input and output ({x.shape[-1]}, {y.shape[-1]} features) are "
+                             f"not this rank's slices of its block {owned.shape}: APET supports ColwiseParallel with "
+                             "its output sharded and RowwiseParallel with its input sharded (transformers' 'colwise' "
+                             "and 'rowwise'), not styles that gather the output or split a replicated input")
+    mine = values[owned.own]  # (a gather: its gradient lands in the K-sized one, zeros where other ranks own)
+    if not owned.own.numel():
+        return y + mine.sum()  # (no deltas here: a zero gradient all the same, for the group's sum)
+    return add_sparse_term(y, x if x.dtype == y.dtype else x.to(y.dtype), mine, owned.indices, owned.layout, True,
+                           backend)
 
 
 def _run_on_zero3_gathered_weight(layer, x: torch.Tensor, fill) -> torch.Tensor:

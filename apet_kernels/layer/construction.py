@@ -7,9 +7,10 @@ import torch.nn as nn
 
 from .._checks import check_index_content, check_index_meta
 from ..errors import ApetTypeError, ApetValueError
-from ..linear_like import linear_shape, merge_is_legal
+from ..linear_like import is_plain_linear, linear_shape, merge_is_legal
 from ..ops.dispatch import CHOICES
 from ..quantized import quantization_of
+from ..tensor_parallel import tensor_parallel_block
 from ..zero3 import full_shape
 from .names import check_adapter_name
 from .ownership import check_not_wrapped, refuse_memory_of_a_merged_layer
@@ -38,10 +39,25 @@ def check_wrappable(base_layer: nn.Module, indices: torch.Tensor, strategy: str,
     check_index_content(indices, numel)
     check_not_wrapped(weight)
     shared_memory = refuse_memory_of_a_merged_layer(weight, strategy == "merged")
-    legal, why = merge_is_legal(base_layer, weight_shared or shared_memory)
+    if tensor_parallel_block(base_layer) is not None:
+        _check_tensor_parallel(base_layer, strategy)
+        legal, why = True, ""  # (each rank keeps its own deltas in its own shard: apet_kernels.tensor_parallel)
+    else:
+        legal, why = merge_is_legal(base_layer, weight_shared or shared_memory)
     if strategy == "merged" and not legal:
         raise ApetValueError(f"strategy 'merged' is not legal here: {why}")
     if strategy == "dequantized" and not quantized:
         raise ApetValueError("strategy 'dequantized' scatters the deltas into a quantized base's dequantized weight, "
                          "and this layer's weight is not quantized (use 'merged' or 'auto')")
     return weight, quantized, legal
+
+
+def _check_tensor_parallel(base_layer: nn.Module, strategy: str) -> None:
+    """Tensor parallelism runs merged: each rank writes its own deltas into its own shard, and the engine's GEMMs and
+    collectives do the rest (an unmerged term would need its own collectives, which are not built)."""
+    if type(base_layer) is not nn.Linear or not is_plain_linear(base_layer):
+        raise ApetTypeError(f"a tensor-parallel {type(base_layer).__name__}: APET supports tensor parallelism on "
+                            "nn.Linear layers (ColwiseParallel, RowwiseParallel)")
+    if strategy not in ("auto", "merged"):
+        raise ApetValueError(f"strategy {strategy!r} under tensor parallelism: each rank keeps its own deltas in its "
+                             "own shard of the weight, which is the merged strategy; use strategy 'auto' or 'merged'")

@@ -25,6 +25,7 @@ from ..optimizer_guard import note_active_values
 from ..quantized import float_dtype, quantization_of, values_at
 from ..selection import select_indices
 from ..sharded import average_gradient_over_ranks, is_dtensor
+from ..tensor_parallel import sum_gradient_over_group, tensor_parallel_block
 from ..strategies import BY_NAME, DEQUANTIZED, MERGED, UNMERGED
 from . import auto_merge, awaited
 from . import state_dict as state_dict_rules
@@ -89,7 +90,11 @@ class SparseDeltaLinear(AdapterAccess, nn.Module, BaseTunerLayer):
         # refuses (_chunk_cat expects non-empty tensors; issue 33)
         self.delta_values.requires_grad_(self._active.k > 0)
         if is_dtensor(weight) and self._active.k:  # patched after sharding: no engine reduces these values
-            average_gradient_over_ranks(self.delta_values)
+            block = tensor_parallel_block(base_layer)
+            if block is not None:  # each rank computes its own deltas' gradient (apet_kernels.tensor_parallel)
+                sum_gradient_over_group(self.delta_values, block.group)
+            else:
+                average_gradient_over_ranks(self.delta_values)
         self._weight = BaseWeight(self)  # W at the positions (the merged strategy's own state: merged_weight)
         self._weight.read_base()
         self._claim_weight()

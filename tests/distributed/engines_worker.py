@@ -9,7 +9,8 @@ zero3_nogather (the same with stage3_gather_16bit_weights_on_model_save false), 
 accumulation),
 fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer), fsdp_size (transformers
 shards the model as it loads: DistributedConfig(fsdp_size=2)), single_loop and fsdp_size_loop (the same two in a
-hand loop, no Trainer).
+hand loop, no Trainer), tp_size_loop (DistributedConfig(tp_size=2)) and tp_torch_loop (torch's parallelize_module),
+hand loops where every rank takes the whole batch.
 METHOD: merged, unmerged (APET through get_peft_model) or lora (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
 
 Trains STEPS steps on the same global batches in every engine, saves through Trainer and by hand, and writes on rank 0
@@ -109,11 +110,12 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         args.device  # the process group first: zero.Init partitions over it
         model = transformers.LlamaForCausalLM.from_pretrained(base)
         assert model.model.layers[0].mlp.up_proj.weight.numel() == 0, "zero.Init did not partition the weights"
-    elif engine == "fsdp_size":
+    elif engine in ("fsdp_size", "tp_size"):
         args = arguments(out, engine, world)
         args.device  # (the process group the sharding needs)
+        size = {f"{engine}": world}
         model = transformers.LlamaForCausalLM.from_pretrained(
-            base, distributed_config=transformers.DistributedConfig(fsdp_size=world))
+            base, distributed_config=transformers.DistributedConfig(**size))
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(base)
     torch.manual_seed(0)  # (LoRA's A is drawn here: the same in every engine)
@@ -121,11 +123,11 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         model = get_peft_model(model, peft_config(method))
     except ValueError as e:  # (merged over weights sharded already)
         return {"refused": str(e)}
-    if engine not in ("zero3_init", "zero3_nogather", "fsdp_size"):
+    if engine not in ("zero3_init", "zero3_nogather", "fsdp_size", "tp_size"):
         args = arguments(out, engine, world)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples())
     trainer.train()
-    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], **layout_of(model)}
     trainer.save_model(f"{out}/trainer")
     if engine.startswith("zero3"):
         try:  # outside a gather the deltas are slices: refused, nothing written
@@ -144,6 +146,28 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
     return result
 
 
+def layout_of(model) -> dict:
+    """What the engine made of the model: the APET layers' strategies and their weights' placements."""
+    from apet_kernels import SparseDeltaLinear
+    layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+    return {"strategies": sorted({m.strategy for m in layers}),
+            "placements": sorted({str(getattr(m.weight, "placements", "plain")) for m in layers})}
+
+
+def parallelize_by_torch(model, world: int):
+    """torch's own tensor parallelism (torchtitan's plan for LLaMA): q, k, v, gate and up by rows of the weight
+    (ColwiseParallel), o and down by columns (RowwiseParallel)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    mesh = init_device_mesh("cpu", (world,))
+    plan = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+    plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                 "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, plan)
+    return model
+
+
 def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
     """A hand loop (AdamW, no Trainer) on the same global batches: ``single_loop`` in one process, ``fsdp_size_loop``
     on a model transformers shards as it loads (DistributedConfig(fsdp_size=2)), the adapter added after sharding."""
@@ -153,10 +177,18 @@ def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
     world, rank = (1, 0) if engine == "single_loop" else (2, int(os.environ["RANK"]))
     if world > 1:
         dist.init_process_group("gloo")
+    if engine == "fsdp_size_loop":
         model = transformers.LlamaForCausalLM.from_pretrained(
             base, distributed_config=transformers.DistributedConfig(fsdp_size=world))
+    elif engine == "tp_size_loop":
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            base, distributed_config=transformers.DistributedConfig(tp_size=world))
+    elif engine == "tp_torch_loop":
+        model = parallelize_by_torch(transformers.LlamaForCausalLM.from_pretrained(base), world)
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(base)
+    if engine.startswith("tp_"):  # every rank computes the whole batch: its share of each layer
+        world, rank = 1, 0
     torch.manual_seed(0)
     try:
         model = get_peft_model(model, peft_config(method))
@@ -177,11 +209,12 @@ def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
             dist.all_reduce(loss)
             loss /= world
         losses.append(loss.item())
-    model.save_pretrained(f"{out}/hand", is_main_process=rank == 0)
-    model.save_pretrained(f"{out}/trainer", is_main_process=rank == 0)  # (the test reads this name)
-    if world > 1:
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    model.save_pretrained(f"{out}/hand", is_main_process=main)
+    model.save_pretrained(f"{out}/trainer", is_main_process=main)  # (the test reads this name)
+    if dist.is_initialized():
         dist.barrier()
-    return {"losses": losses}
+    return {"losses": losses, **layout_of(model)}
 
 
 if __name__ == "__main__":
