@@ -66,7 +66,8 @@ def _run(engine: str, method: str, base: str, out: Path) -> dict:
 
 
 def _saved(out: Path, save: str) -> dict:
-    return load_file(str(out / save / "adapter_model.safetensors"))
+    peft = out / save / "adapter_model.safetensors"  # (get_apet_model's folders: model.safetensors, apet_config.json)
+    return load_file(str(peft if peft.exists() else out / save / "model.safetensors"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +78,8 @@ def _single(engine: str, method: str, base: str) -> tuple[dict, dict]:
 
 
 def _config(out: Path, save: str) -> dict:
-    return json.loads((out / save / "adapter_config.json").read_text())
+    peft = out / save / "adapter_config.json"
+    return json.loads((peft if peft.exists() else out / save / "apet_config.json").read_text())
 
 
 ENGINES = ["ddp_accum", "zero2", "zero3", "zero3_init", "zero3_nogather", "fsdp2", "fsdp_size", "fsdp_size_loop",
@@ -93,6 +95,9 @@ _REFUSED = {("fsdp_size", "merged"): ("already sharded", "patch before sharding"
             ("tp_torch_loop", "unmerged"): ("tensor parallelism", "'auto' or 'merged'")}
 CASES = [pytest.param(e, m, marks=pytest.mark.xfail(strict=True, reason=_UPSTREAM[e, m]) if (e, m) in _UPSTREAM else ())
          for e in ENGINES for m in METHODS]
+# the in-place entry point (get_apet_model) runs the same layers and saves through the same code: one engine of each
+# kind through it too
+CASES += [pytest.param(e, "inplace") for e in ("zero3_init", "fsdp2", "fsdp_size_loop", "tp_torch_loop")]
 
 
 @pytest.mark.parametrize(("engine", "method"), CASES)

@@ -11,7 +11,8 @@ fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decode
 shards the model as it loads: DistributedConfig(fsdp_size=2)), single_loop and fsdp_size_loop (the same two in a
 hand loop, no Trainer), tp_size_loop (DistributedConfig(tp_size=2)) and tp_torch_loop (torch's parallelize_module),
 hand loops where every rank takes the whole batch.
-METHOD: merged, unmerged (APET through get_peft_model) or lora (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
+METHOD: merged, unmerged (APET through get_peft_model), inplace (APET through get_apet_model, strategy "auto") or lora
+(PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
 
 Trains STEPS steps on the same global batches in every engine, saves through Trainer and by hand, and writes on rank 0
 OUT/result.pt: the losses, each save's tensors, and what a save outside a gather said.
@@ -70,6 +71,15 @@ def save_base(path: str) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
 
+def patched(model, method: str):
+    """The model with its adapter, through the method's entry point."""
+    from peft import get_peft_model
+    from apet_kernels import ApetConfig, get_apet_model
+    if method == "inplace":
+        return get_apet_model(model, ApetConfig(density=0.05))
+    return get_peft_model(model, peft_config(method))
+
+
 def peft_config(method: str):
     from peft import LoraConfig
     from apet_kernels import ApetConfig
@@ -103,7 +113,6 @@ def arguments(out: str, engine: str, world: int) -> transformers.TrainingArgumen
 
 
 def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict:
-    from peft import get_peft_model
     import apet_kernels  # noqa: F401  (registers APET with PEFT)
     if engine in ("zero3_init", "zero3_nogather"):
         args = arguments(out, engine, world)
@@ -120,7 +129,7 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         model = transformers.LlamaForCausalLM.from_pretrained(base)
     torch.manual_seed(0)  # (LoRA's A is drawn here: the same in every engine)
     try:
-        model = get_peft_model(model, peft_config(method))
+        model = patched(model, method)
     except ValueError as e:  # (merged over weights sharded already)
         return {"refused": str(e)}
     if engine not in ("zero3_init", "zero3_nogather", "fsdp_size", "tp_size"):
@@ -172,8 +181,6 @@ def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
     """A hand loop (AdamW, no Trainer) on the same global batches: ``single_loop`` in one process, ``fsdp_size_loop``
     on a model transformers shards as it loads (DistributedConfig(fsdp_size=2)), the adapter added after sharding."""
     import torch.distributed as dist
-    from peft import get_peft_model
-    import apet_kernels  # noqa: F401
     world, rank = (1, 0) if engine == "single_loop" else (2, int(os.environ["RANK"]))
     if world > 1:
         dist.init_process_group("gloo")
@@ -191,7 +198,7 @@ def train_by_hand(engine: str, method: str, base: str, out: str) -> dict:
         world, rank = 1, 0
     torch.manual_seed(0)
     try:
-        model = get_peft_model(model, peft_config(method))
+        model = patched(model, method)
     except ValueError as e:  # (merged over weights sharded already)
         return {"refused": str(e)}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
