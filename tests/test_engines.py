@@ -52,14 +52,14 @@ def base(tmp_path_factory) -> str:
     return _base(str(tmp_path_factory.mktemp("engines")))
 
 
-def _run(engine: str, method: str, base: str, out: Path) -> dict:
+def _run(engine: str, method: str, base: str, out: Path, **env) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if engine == "single":
         args = [sys.executable, str(WORKER)]
     else:
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "3",
                 str(WORKER)]
-    proc = subprocess.run(args + [engine, method, base, str(out)], cwd=out, env=_env(), capture_output=True,
+    proc = subprocess.run(args + [engine, method, base, str(out)], cwd=out, env={**_env(), **env}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, _failure(proc)
     return torch.load(out / "result.pt")
@@ -124,3 +124,24 @@ def test_engine_trains_and_saves_as_one_process(engine, method, base, tmp_path):
         assert _config(tmp_path, save) == config, save  # (APET's: layer records, base fingerprints)
     if engine.startswith("zero3") and method != "lora":  # (LoRA writes empty tensors there, with a warning)
         assert "GatheredParameters" in result["refused"] and not result["wrote_refused"]
+
+
+@pytest.mark.parametrize("method", ["merged", "unmerged"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resuming_a_zero3_checkpoint_equals_the_straight_run(dtype, method, base, tmp_path):
+    """ZeRO-3 under zero.Init, 4 steps with a DeepSpeed checkpoint at step 2; a second run resumes from it (Trainer's
+    resume_from_checkpoint: DeepSpeed's own load, the partitions and the optimizer's state): the same losses after
+    the checkpoint and the same saved adapter."""
+    engine = "zero3_resume" + ("_bf16" if dtype == "bf16" else "")
+    straight = _run(engine, method, base, tmp_path / "straight")
+    assert (tmp_path / "straight" / "checkpoint-2").is_dir()
+    assert straight["dtypes"] == [f"torch.{'bfloat16' if dtype == 'bf16' else 'float32'}"], straight["dtypes"]
+    resumed = _run(engine, method, base, tmp_path / "resumed",
+                   APET_RESUME_FROM=str(tmp_path / "straight" / "checkpoint-2"))
+    assert len(straight["losses"]) == len(resumed["losses"]) == 4  # (the first two from the checkpoint's log)
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"]), rtol=0, atol=0)
+    reference = _saved(tmp_path / "straight", "trainer")
+    tensors = _saved(tmp_path / "resumed", "trainer")
+    assert tensors.keys() == reference.keys()
+    for key, ref in reference.items():
+        assert ref.numel() > 0 and torch.equal(tensors[key], ref), key

@@ -14,6 +14,7 @@ from .._checks import check_finite, check_index_content, check_index_meta
 from ..errors import ApetValueError
 from ..ops.layout import build_layout
 from ..load_guard import already_checked
+from ..zero3 import is_gathered, is_partitioned
 from .ownership import claim, refuse_memory_of_a_merged_layer
 
 # state-dict keys of 0.1 layers (one adapter, flat keys) -> where they live now
@@ -88,7 +89,9 @@ def check(layer, state_dict, prefix: str = "", assign: bool = False) -> None:
                     check_index_content(idx, numel)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{key}indices: {exc}") from None
-        check_float_entry(state_dict.get(key + "values"), key + "values", delta.k, finite=True)
+        values = state_dict.get(key + "values")
+        if not (is_placeholder(delta.values) and torch.is_tensor(values) and values.shape == delta.values.shape):
+            check_float_entry(values, key + "values", delta.k, finite=True)
         check_float_entry(state_dict.get(key + "base"), key + "base", delta.k, finite=False)
     merged = incoming_merged(layer, state_dict, prefix)
     if merged is not None and f"{prefix}deltas.{merged}.base" not in state_dict:
@@ -130,6 +133,12 @@ def after_load(module, incompatible_keys) -> None:
             delta.base.copy_(module.base_values_at(delta.indices))
     module._strategy.after_load(module)
     claim(module)  # assign=True may have brought a new weight
+
+
+def is_placeholder(param: torch.Tensor) -> bool:
+    """A ZeRO-3 partitioned parameter between gathers: DeepSpeed's own checkpoints hold its empty placeholder (the
+    values come back through its optimizer's partitions)."""
+    return is_partitioned(param) and not is_gathered(param)
 
 
 def check_float_entry(t, key: str, k: int, finite: bool) -> None:

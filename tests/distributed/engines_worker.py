@@ -10,7 +10,8 @@ accumulation),
 fsdp2 (Trainer's fsdp_config={"fsdp_version": 2}: accelerate shards every decoder layer), fsdp_size (transformers
 shards the model as it loads: DistributedConfig(fsdp_size=2)), single_loop and fsdp_size_loop (the same two in a
 hand loop, no Trainer), tp_size_loop (DistributedConfig(tp_size=2)) and tp_torch_loop (torch's parallelize_module),
-hand loops where every rank takes the whole batch.
+hand loops where every rank takes the whole batch; zero3_resume and zero3_resume_bf16 (ZeRO-3 under zero.Init with
+a checkpoint at step 2 of 4, resumed from APET_RESUME_FROM where it is set).
 METHOD: merged, unmerged (APET through get_peft_model), inplace (APET through get_apet_model, strategy "auto") or lora
 (PEFT's LoRA, the control). BASE: a saved tiny LLaMA.
 
@@ -89,32 +90,40 @@ def peft_config(method: str):
     return ApetConfig(density=0.05, strategy=method)
 
 
-def deepspeed_config(stage: int, gather_on_save: bool = True) -> dict:
+def deepspeed_config(stage: int, gather_on_save: bool = True, bf16: bool = False) -> dict:
     zero = {"stage": stage}
     if stage == 3:  # nothing persistent: every weight and every delta partitioned, as on a real model
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=gather_on_save)
     return {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-            "gradient_clipping": 1.0}
+            "gradient_clipping": 1.0, "bf16": {"enabled": bf16}}
 
 
 def arguments(out: str, engine: str, world: int) -> transformers.TrainingArguments:
-    engine_args, per_device = {}, PER_RANK * (world if engine == "single" else 1)
+    engine_args, per_device, steps = {}, PER_RANK * (world if engine == "single" else 1), STEPS
+    bf16 = engine.endswith("bf16")
     if engine.startswith("zero"):
         engine_args["deepspeed"] = deepspeed_config(int(engine[4]), gather_on_save=engine != "zero3_nogather")
+    if "resume" in engine:  # a DeepSpeed checkpoint half-way, which a second run resumes from
+        engine_args.update(save_strategy="steps", save_steps=2)
+        steps = 4
     if engine == "ddp_accum":  # the same global batch in 2 micro-batches per rank, under DDP's no_sync
         engine_args["gradient_accumulation_steps"], per_device = 2, PER_RANK // 2
     if engine == "fsdp2":  # transformers' documented FSDP2 setup
         engine_args.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                                            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    return transformers.TrainingArguments(
-        out, per_device_train_batch_size=per_device, max_steps=STEPS,
-        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-        report_to=[], seed=0, train_sampling_strategy="sequential", **engine_args)
+    args = transformers.TrainingArguments(
+        out, per_device_train_batch_size=per_device, max_steps=steps,
+        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=1,
+        report_to=[], seed=0, train_sampling_strategy="sequential", **{"save_strategy": "no", **engine_args})
+    if bf16:  # (TrainingArguments refuses bf16 on a CPU; DeepSpeed's own bf16 runs there: turned on in its config)
+        args.hf_deepspeed_config.config["bf16"] = {"enabled": True}
+    return args
 
 
 def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict:
     import apet_kernels  # noqa: F401  (registers APET with PEFT)
-    if engine in ("zero3_init", "zero3_nogather"):
+    under_init = engine in ("zero3_init", "zero3_nogather") or engine.startswith("zero3_resume")
+    if under_init:
         args = arguments(out, engine, world)
         args.device  # the process group first: zero.Init partitions over it
         model = transformers.LlamaForCausalLM.from_pretrained(base)
@@ -132,10 +141,10 @@ def train(engine: str, method: str, base: str, out: str, world: int = 2) -> dict
         model = patched(model, method)
     except ValueError as e:  # (merged over weights sharded already)
         return {"refused": str(e)}
-    if engine not in ("zero3_init", "zero3_nogather", "fsdp_size", "tp_size"):
+    if not under_init and engine not in ("fsdp_size", "tp_size"):
         args = arguments(out, engine, world)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=os.environ.get("APET_RESUME_FROM"))
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], **layout_of(model)}
     trainer.save_model(f"{out}/trainer")
     if engine.startswith("zero3"):
@@ -160,7 +169,8 @@ def layout_of(model) -> dict:
     from apet_kernels import SparseDeltaLinear
     layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
     return {"strategies": sorted({m.strategy for m in layers}),
-            "placements": sorted({str(getattr(m.weight, "placements", "plain")) for m in layers})}
+            "placements": sorted({str(getattr(m.weight, "placements", "plain")) for m in layers}),
+            "dtypes": sorted({str(getattr(m.weight, "ds_tensor", m.weight).dtype) for m in layers})}
 
 
 def parallelize_by_torch(model, world: int):
