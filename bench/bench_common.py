@@ -81,3 +81,24 @@ def trainable_state_bytes(params, optimizer=None, buffers=()) -> int:
     else:
         total += sum(8 * p.numel() for p in params)
     return total + sum(b.numel() * b.element_size() for b in buffers)
+
+
+def interleaved_step_times(trainees: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Each trainee's ``step()`` (seconds) once per round, all of them in every round: this machine drifts between
+    runs, and ratios taken within one round do not."""
+    for _ in range(warmup):
+        for t in trainees.values():
+            t.step()
+    times = {m: [] for m in trainees}
+    for _ in range(rounds):
+        for m, t in trainees.items():
+            times[m].append(t.step())
+    return times
+
+
+def ratio_quartiles(times: list[float], floor: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios times / floor."""
+    import statistics
+    ratios = [a / b for a, b in zip(times, floor)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]

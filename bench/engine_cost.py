@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench_common import environment, markdown_table  # noqa: E402
+from bench_common import environment, interleaved_step_times, markdown_table, ratio_quartiles  # noqa: E402
 from compare import budget_of, build_model, model_config  # noqa: E402
 from fsdp_cost import norms_only  # noqa: E402
 from methods import METHODS  # noqa: E402
@@ -134,23 +134,16 @@ def main(argv=None) -> None:
             trainees.pop(m, None)
             refused[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             print(f"{m}: {refused[m]}", flush=True)
-    for _ in range(args.warmup):
-        for t in trainees.values():
-            t.step()
-    times = {m: [] for m in trainees}
-    for _ in range(args.rounds):
-        for m, t in trainees.items():
-            times[m].append(t.step())
+    times = interleaved_step_times(trainees, args.warmup, args.rounds)
     floor = "frozen" if "frozen" in trainees else "norms only"
     table = []
     for m in ROWS:
         if m in refused:
             table.append(dict(method=m, trainable="", step_ms="", ratio="", note=refused[m]))
             continue
-        ratios = [a / b for a, b in zip(times[m], times[floor])]
-        q = statistics.quantiles(ratios, n=4)
+        ratio, q1, q3 = ratio_quartiles(times[m], times[floor])
         table.append(dict(method=m, trainable=trainees[m].trainable, step_ms=round(1e3 * statistics.median(times[m]), 1),
-                          ratio=f"{statistics.median(ratios):.3f} ({q[0]:.3f}–{q[2]:.3f})",
+                          ratio=f"{ratio:.3f} ({q1:.3f}–{q3:.3f})",
                           note=f"rank {trainees[m].extra['rank']}" if "rank" in trainees[m].extra else ""))
     result["rows"], result["floor"] = table, floor
     if rank == 0:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from bench_common import environment, markdown_table  # noqa: E402
+from bench_common import environment, interleaved_step_times, markdown_table, ratio_quartiles  # noqa: E402
 from compare import budget_of, build_model, model_config  # noqa: E402
 from methods import METHODS  # noqa: E402
 
@@ -141,19 +141,12 @@ def main(argv=None) -> None:
     dist.all_gather_object(gathered, memory)
     result["memory_per_rank"] = gathered
     if not args.memory_only:
-        for _ in range(args.warmup):
-            for t in trainees.values():
-                t.step()
-        times = {m: [] for m in rows}
-        for _ in range(args.rounds):
-            for m, t in trainees.items():
-                times[m].append(t.step())
+        times = interleaved_step_times(trainees, args.warmup, args.rounds)
         table = []
         for m in rows:
-            ratios = [a / b for a, b in zip(times[m], times["frozen"])]
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            ratio, q1, q3 = ratio_quartiles(times[m], times["frozen"])
             table.append(dict(method=m, trainable=trainees[m].trainable, step_ms=1e3 * statistics.median(times[m]),
-                              ratio=statistics.median(ratios), q1=q[0], q3=q[2],
+                              ratio=ratio, q1=q1, q3=q3,
                               note=f"rank {trainees[m].extra['rank']}" if "rank" in trainees[m].extra else ""))
         result["rows"] = table
         if args.profile:
