@@ -85,6 +85,26 @@ def check_record(indices: torch.Tensor, name: str, info: dict, what: str = "indi
                                "selection code?)")
 
 
+def saved_positions(adapter: SavedAdapter, name: str, path: str) -> torch.Tensor:
+    """A saved layer's positions: stored ones checked as indices into its recorded shape, or regenerated from the
+    seed; either way checked against its record (K, checksum)."""
+    info = adapter.config.layers[name]
+    idx = adapter.indices.get(name)
+    numel = int(info["shape"][0]) * int(info["shape"][1])
+    if idx is None:
+        idx = seeded_indices(adapter.config, name, info)
+        if idx is None:
+            raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
+    else:
+        try:
+            check_index_meta(idx, numel)
+            check_index_content(idx, numel)
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{path}: positions of {name}: {exc}") from None
+    check_record(idx, name, info)
+    return idx
+
+
 def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shape_of, base_at, path: str,
                        strict: bool, what: str) -> dict[str, torch.Tensor]:
     """Each adapter layer's positions, checked against ``modules`` (shape, checksum, base fingerprint)."""
@@ -95,18 +115,7 @@ def resolve_positions(adapter: SavedAdapter, modules: dict[str, nn.Module], shap
             raise BaseMismatchError(f"adapter layer {name!r} is not a linear layer of this model {what}")
         shape = shape_of(module)
         check_shape(name, info, shape)
-        idx = adapter.indices.get(name)
-        if idx is None:
-            idx = seeded_indices(config, name, info)
-            if idx is None:
-                raise AdapterFileError(f"{path} lacks the stored positions of adapter layer {name!r}")
-        else:
-            try:
-                check_index_meta(idx, shape[0] * shape[1])
-                check_index_content(idx, shape[0] * shape[1])
-            except (TypeError, ValueError) as exc:
-                raise AdapterFileError(f"{path}: positions of {name}: {exc}") from None
-        check_record(idx, name, info)
+        idx = saved_positions(adapter, name, path)
         stored = info.get("base_fingerprint")
         if stored is not None and not module.weight.is_meta:
             base = base_at(module, idx)
