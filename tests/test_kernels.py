@@ -332,3 +332,32 @@ def test_gpu_staged_sddmm_real_sizes(native, shape, density):
     got = native.sddmm_staged(dy, x, idx, layout.row_ptr, out=torch.full((k,), float("nan"), device=DEVICE))
     assert_close_rel(got, ref.sddmm(dy.float(), x.float(), idx), torch.float32, factor=10)
     assert torch.equal(native.sddmm_staged(dy, x, idx, layout.row_ptr), got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 29), (70, 45)])
+def test_slot_spmm_applies_each_tokens_adapter(tk, shape, dtype):
+    """Serving: one launch adds each token's adapter (its slot in a stacked table; -1: none) to its output row. Three
+    adapters of different K, an empty slot, base tokens, and a capacity above every K (the padding must not count)."""
+    from apet_kernels.ops.layout import stack_slots
+    out_f, in_f = shape
+    adapters = [(random_indices(shape, k, dtype=torch.int64), torch.randn(k)) for k in (50, 7, 200)]
+    table = stack_slots([adapters[0], None, adapters[1], adapters[2]], shape, capacity=211, dtype=torch.float32,
+                        device=DEVICE)
+    token_slots = torch.tensor([0, -1, 2, 3, 3, 1, 0, -1, 2, 2, 3, 0, -1], device=DEVICE)
+    x = torch.randn(len(token_slots), in_f, device=DEVICE).to(dtype)
+    y0 = torch.randn(len(token_slots), out_f, device=DEVICE).to(dtype)  # (accumulated into: never zeros)
+    y = y0.clone()
+    tk.slot_spmm_(y, x, token_slots, *table)
+    expected = y0.double()
+    for t, slot in enumerate(token_slots.tolist()):
+        adapter = {0: adapters[0], 2: adapters[1], 3: adapters[2]}.get(slot)
+        if adapter is not None:
+            row = expected[t:t + 1].clone()
+            ref.spmm_(row, x[t:t + 1].double(), adapter[0].to(DEVICE), adapter[1].double().to(DEVICE))
+            expected[t] = row[0]
+    assert_close_rel(y, expected, dtype)
+    assert torch.equal(y[token_slots < 0], y0[token_slots < 0])  # base tokens untouched, bit for bit
+    again = y0.double()
+    ref.slot_spmm_(again, x.double(), token_slots, table.indices, table.values.double(), table.row_ptr)
+    torch.testing.assert_close(again, expected)

@@ -40,3 +40,32 @@ def _offsets(groups: torch.Tensor, n: int) -> torch.Tensor:
         return torch.empty(n + 1, dtype=torch.long, device="meta")
     counts = torch.bincount(groups, minlength=n)
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+class SlotTable(NamedTuple):
+    """Several adapters' deltas on one layer, stacked by slot for slot_spmm_ (serving): slot s's first
+    row_ptr[s, -1] entries of indices[s] / values[s] hold its deltas, sorted by row; an empty slot has none."""
+    indices: torch.Tensor  # (slots, capacity)
+    values: torch.Tensor  # (slots, capacity)
+    row_ptr: torch.Tensor  # (slots, out + 1)
+
+
+def stack_slots(slots: list, shape: tuple[int, int], capacity: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> SlotTable:
+    """A SlotTable of ``slots`` (each None or (indices, values) into ``shape``), ``capacity`` entries per slot."""
+    n = len(slots)
+    indices = torch.zeros(n, capacity, dtype=torch.int64, device=device)
+    values = torch.zeros(n, capacity, dtype=dtype, device=device)
+    row_ptr = torch.zeros(n, shape[0] + 1, dtype=torch.int64, device=device)
+    for s, slot in enumerate(slots):
+        if slot is None:
+            continue
+        idx, val = slot
+        if idx.numel() > capacity:
+            raise ValueError(f"slot {s} holds {idx.numel()} deltas, over the table's capacity {capacity}")
+        order = torch.argsort(idx.long())
+        idx = idx.long()[order].to(device)
+        indices[s, :idx.numel()] = idx
+        values[s, :idx.numel()] = val[order].to(device, dtype)
+        row_ptr[s] = _offsets(idx // shape[1], shape[0])
+    return SlotTable(indices, values, row_ptr)

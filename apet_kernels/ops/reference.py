@@ -70,6 +70,18 @@ def spmm_t_(out: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: 
     _scatter_add_rows(out, dy.t().contiguous(), r, c, values)
 
 
+def slot_spmm_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, indices: torch.Tensor,
+               values: torch.Tensor, row_ptr: torch.Tensor) -> None:
+    """out[t] += x[t] S_slot(t)^T for every token t whose slot is >= 0 (the stacked table of ops.layout.SlotTable)."""
+    for slot in range(indices.shape[0]):
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        k = int(row_ptr[slot, -1])
+        if rows.numel() and k:
+            part = out.index_select(0, rows)
+            spmm_(part, x.index_select(0, rows), indices[slot, :k], values[slot, :k])
+            out.index_copy_(0, rows, part)
+
+
 def scatter_merge_(weight: torch.Tensor, indices: torch.Tensor, base: torch.Tensor,
                    values: torch.Tensor) -> None:
     """weight[p] = cast(base + v). ``weight`` is the (out, in) view; strides may be transposed."""

@@ -42,7 +42,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from . import kernels  # noqa: E402
 from .. import ptxas_log  # noqa: E402
 from ...errors import ApetTypeError
-from ..layout import build_layout  # noqa: E402
+from ..layout import build_layout, stack_slots  # noqa: E402
 
 # (name, SMs): the SM count the grid arithmetic sees for each target (H100 SXM, A100)
 TARGETS = {90: 132, 80: 108}
@@ -102,7 +102,8 @@ def recording(sms: int):
     """Within the block the launchers record their launches (returned list) instead of running kernels."""
     sink: list[Launch] = []
     where = [""]
-    names = [(kernels, "_sddmm_kernel"), (kernels, "_group_spmm_kernel"), (kernels, "_transpose_kernel")]
+    names = [(kernels, "_sddmm_kernel"), (kernels, "_group_spmm_kernel"), (kernels, "_transpose_kernel"),
+             (kernels, "_slot_spmm_kernel")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in names]
     saved += [(kernels, "_num_sms", kernels._num_sms)]
     try:
@@ -136,6 +137,15 @@ def bench_launches(sms: int, shapes=BENCH_SHAPES, tokens=BENCH_TOKENS, densities
                     where[0] = f"spmm_t {tag}"
                     kernels.spmm_t_(torch.empty(tokens, in_f, dtype=dtype), dy, idx, values, layout.col_ptr,
                                     layout.col_perm)
+        # serving (apet_kernels.serving): 4 adapters' slots, LoRA r=16's count each, a decode batch of 256 tokens
+        for out_f, in_f in shapes[:1]:
+            k = 16 * (out_f + in_f)
+            idx = select_indices((out_f, in_f), k, seed=0, key="compile_check")
+            table = stack_slots([(idx, torch.zeros(k))] * 4, (out_f, in_f), k, torch.float32)
+            for dtype in dtypes:
+                where[0] = f"slot_spmm {out_f}x{in_f} 4 slots k={k} {_TRITON_TYPE[dtype]}"
+                kernels.slot_spmm_(torch.empty(256, out_f, dtype=dtype), torch.empty(256, in_f, dtype=dtype),
+                                   torch.zeros(256, dtype=torch.int64), *table)
     return sink
 
 

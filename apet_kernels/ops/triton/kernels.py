@@ -265,6 +265,51 @@ def spmm_t_(out: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: 
     _group_spmm(out, dy, indices, values, col_ptr, col_perm, out.shape[1], src_is_col=False)
 
 
+# --------------------------------------------------------------------------- slot_spmm (serving)
+@triton.jit
+def _slot_spmm_kernel(out, x, token_slot, idx, vals, row_ptr, N_DST, K_CAP, in_features, s_out, s_x,
+                      BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[t, d] += sum over the deltas of token t's slot in row d of v_j * x[t, c_j] (slot < 0: nothing)."""
+    t, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    slot = tl.load(token_slot + t).to(tl.int64)
+    if slot >= 0:
+        d0 = pid_d * BLOCK_D
+        ptr = row_ptr + slot * (N_DST + 1)
+        start = tl.load(ptr + d0).to(tl.int64)
+        end = tl.load(ptr + tl.minimum(d0 + BLOCK_D, N_DST)).to(tl.int64)
+        if start < end:
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j0 in range(start, end, BLOCK_J):
+                offs_j = j0 + tl.arange(0, BLOCK_J)
+                mj = offs_j < end
+                p = tl.load(idx + slot * K_CAP + offs_j, mask=mj, other=0).to(tl.int64)
+                v = tl.load(vals + slot * K_CAP + offs_j, mask=mj, other=0.0).to(tl.float32)
+                r = p // in_features
+                xv = tl.load(x + t * s_x + (p - r * in_features), mask=mj, other=0.0).to(tl.float32)
+                acc += tl.sum(tl.where((r[:, None] == offs_d[None, :]) & mj[:, None], (v * xv)[:, None], 0.0), 0)
+            ptrs = out + t * s_out + offs_d
+            m = offs_d < N_DST
+            prev = tl.load(ptrs, mask=m, other=0.0)
+            tl.store(ptrs, (prev.to(tl.float32) + acc).to(out.dtype.element_ty), mask=m)
+
+
+def slot_spmm_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, indices: torch.Tensor,
+               values: torch.Tensor, row_ptr: torch.Tensor) -> None:
+    """out[t] += x[t] S_slot(t)^T for every token t whose slot is >= 0, one launch for the whole batch: several
+    adapters' deltas stacked by slot (ops.layout.SlotTable: indices and values (slots, capacity), row_ptr (slots,
+    out + 1)). Shapes are fixed by the table's capacity and nothing is read back to the host, so a CUDA graph can
+    capture it (the serving path on a GPU; compiled for sm_80/sm_90 in CI, not yet run on a GPU)."""
+    n_t, n_dst = out.shape
+    if n_t == 0 or indices.shape[1] == 0:
+        return
+    if out.stride(1) != 1 or x.stride(1) != 1:
+        raise ApetValueError("slot_spmm_ needs unit stride along the last dimension of out and x")
+    grid = (n_t, triton.cdiv(n_dst, 32))
+    _slot_spmm_kernel[grid](out, x, token_slots, indices, values, row_ptr, n_dst, indices.shape[1], x.shape[1],
+                            out.stride(0), x.stride(0), BLOCK_D=32, BLOCK_J=32)
+
+
 # --------------------------------------------------------------------------- scatter_merge
 # K writes at every merged forward. index_put_ is a chain of ~7 small ops (60-90 us of host time on an H200
 # per layer); the native extension's scatter is one launch. A Triton twin was written and dropped: Triton's
