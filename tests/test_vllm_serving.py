@@ -21,6 +21,7 @@ WORKER = Path(__file__).parent / "vllm_serving" / "worker.py"
 VLLM_PYTHON = os.environ.get("APET_VLLM_PYTHON")
 ADAPTERS = ["base", "apet_peft", "apet_inplace", "lora", "base", "apet_inplace", "apet_peft", "lora"]  # (worker's)
 APET_ONLY = ["base", "apet_peft", "apet_inplace", "apet_peft"]  # (a batch with no LoRA request: vLLM's term skipped)
+ONE_SLOT = ["apet_peft", "lora", "apet_inplace", "base", "apet_peft"]  # (PROMPTS[0] in turn through one slot)
 
 needs_vllm = pytest.mark.skipif(
     not VLLM_PYTHON and not os.environ.get("APET_REQUIRE_VLLM"),
@@ -64,12 +65,15 @@ def _adapters_matter(reference: dict) -> None:
 
 @needs_vllm
 def test_one_batch_mixes_base_requests_apet_and_lora_adapters_as_hf_peft(folder):
+    """One batch of base, APET (both layouts) and LoRA requests; a batch with no LoRA request; then adapters taking
+    one slot in turn (vLLM evicts each for the next): each as HF/PEFT."""
     _worker("serve", folder)
     reference = torch.load(folder / "reference.pt")
     _adapters_matter(reference)
     served = torch.load(folder / "served.pt")
     _assert_same(served["served"], _expected(reference), ADAPTERS)
     _assert_same(served["apet_only"], [reference[a][i] for i, a in enumerate(APET_ONLY)], APET_ONLY)
+    _assert_same(served["one_slot"], [reference[a][0] for a in ONE_SLOT], ONE_SLOT)
 
 
 @needs_vllm

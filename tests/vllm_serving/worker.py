@@ -19,6 +19,7 @@ PROMPTS = [[5, 17, 42, 9, 33, 71], [88, 3, 14, 15, 92, 65, 35], [2, 7, 1, 8, 28]
 ADAPTERS = ["base", "apet_peft", "apet_inplace", "lora", "base", "apet_inplace", "apet_peft", "lora"]  # per row of
 # PROMPTS * 2: one batch, every prompt under two of them
 APET_ONLY = ["base", "apet_peft", "apet_inplace", "apet_peft"]  # per row of PROMPTS: a batch with no LoRA request
+ONE_SLOT = ["apet_peft", "lora", "apet_inplace", "base", "apet_peft"]  # PROMPTS[0] in turn, through max_loras=1
 NEW_TOKENS = 8
 
 
@@ -104,7 +105,13 @@ def serve(out: Path) -> None:
                            lora_request=[requests.get(a) for a in ADAPTERS])  # (None: the base)
     apet_only = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
                              lora_request=[requests.get(a) for a in APET_ONLY])
-    torch.save({"served": outputs(results), "apet_only": outputs(apet_only)}, out / "served.pt")
+    del llm
+    # one slot, taken in turn by APET, LoRA and APET adapters (each load evicts the last): nothing of an adapter
+    # may stay in the slot after it leaves
+    llm = engine(out, enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
+    one_slot = [outputs(llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], params,
+                                     lora_request=requests.get(a)))[0] for a in ONE_SLOT]
+    torch.save({"served": outputs(results), "apet_only": outputs(apet_only), "one_slot": one_slot}, out / "served.pt")
 
 
 def merged(out: Path) -> None:
