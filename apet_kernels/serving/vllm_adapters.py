@@ -7,9 +7,8 @@ tested with: the names patched here are vLLM's private ones.
   (``qkv_proj``, ``gate_up_proj``) gets each of its Hugging Face layers' deltas at that layer's row offset. Seeded
   positions are regenerated, and each layer's base fingerprint is checked against the weights vLLM loaded.
 - Activation puts each module's deltas in the slot vLLM chose; deactivation takes them out.
-- The forward adds, after vLLM's own LoRA term, each slot's S x for the tokens of that slot (the library's SpMM, one
-  call per slot segment present in the batch); base requests (slot -1) get nothing. A batch holding only base and
-  APET requests skips vLLM's LoRA term (its slots' LoRA weights are zero).
+- The forward adds, after vLLM's own LoRA term, each token's slot's S x (apet_kernels.serving.vllm_slots); base
+  requests (slot -1) get nothing.
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from vllm.lora.utils import get_adapter_absolute_path
 from vllm.lora.worker_manager import WorkerLoRAManager
 
 from ..errors import ApetValueError, BaseMismatchError
-from ..ops.dispatch import implementation, resolve
-from ..ops.layout import build_layout
 from .sparse_adapter import LayerDeltas, checkpoint_values, read_sparse_adapter
+from .vllm_slots import ModuleDeltas, ModuleSlots
 
-SLOTS = "_apet_slots"  # a vLLM LoRA layer's {slot index: ModuleDeltas}
+SLOTS = "_apet_slots"  # a vLLM LoRA layer's ModuleSlots
 
 
 def is_apet_folder(path: str) -> bool:
@@ -41,27 +39,6 @@ def is_apet_folder(path: str) -> bool:
             return json.load(f).get("peft_type") == "APET"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-class ModuleDeltas:
-    """One vLLM module's deltas for one adapter: flat positions into its local (out, in) weight, sorted, with their row
-    offsets (the native SpMM's layout), and values in the module's dtype."""
-
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
-        order = torch.argsort(indices)
-        dtype = torch.int32 if shape[0] * shape[1] < 2 ** 31 else torch.int64
-        self.indices, self.values, self.shape = indices[order].to(dtype), values[order], shape
-        self.row_ptr = build_layout(self.indices, shape, columns=False).row_ptr
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ModuleDeltas":
-        moved = object.__new__(ModuleDeltas)
-        moved.indices, moved.row_ptr, moved.shape = self.indices.to(device), self.row_ptr.to(device), self.shape
-        moved.values = self.values.to(device, dtype)
-        return moved
-
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """out += x S^T, S holding the deltas (out is (T, out_features), x (T, in_features))."""
-        implementation(resolve("auto", x.device)).spmm_(out, x, self.indices, self.values, self.row_ptr)
 
 
 class ApetLoRAModel(LoRAModel):
@@ -140,8 +117,8 @@ def _init(original):
     def init(self: WorkerLoRAManager, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
         self._apet_model_dir = model_folder(vllm_config.model_config)
-        # the per-slot forward branches on the batch's slots (host syncs): right eagerly (vLLM's CPU platform turns
-        # compilation off with LoRA), not inside CUDA graphs, for which a slot-batched GPU kernel is not written yet
+        # vLLM's CPU platform turns compilation off with LoRA; on a GPU the slot table's kernel is written for CUDA
+        # graphs (vllm_slots) but has not run inside vLLM's graphs yet: eager only until a GPU session checks it
         self._apet_refusal = None if self.device.type == "cpu" or vllm_config.model_config.enforce_eager else (
             f"per-request APET adapters on {self.device.type} run eagerly only for now: start vLLM with "
             "enforce_eager=True (--enforce-eager), or merge the adapter as the weights load (load_format=\"apet_merged\")")
@@ -164,6 +141,17 @@ def _create_merged_loras_inplace(original):
     return pack
 
 
+def _slots(manager: LoRAModelManager, module) -> ModuleSlots:
+    """The module's ModuleSlots, made at its first APET adapter."""
+    slots = module.__dict__.get(SLOTS)
+    if slots is None:
+        rows, cols = sum(getattr(module, "output_slices", (module.output_size,))), module.input_size
+        slots = module.__dict__[SLOTS] = ModuleSlots(manager.lora_slots, (rows, cols),
+                                                     manager.lora_config.max_lora_rank * (rows + cols),
+                                                     module.device, module.lora_a_stacked[0].dtype)
+    return slots
+
+
 def _activate_adapter(original):
     def activate(self: LoRAModelManager, lora_id: int) -> bool:
         activated = original(self, lora_id)
@@ -171,10 +159,10 @@ def _activate_adapter(original):
             index = self.lora_index_to_id.index(lora_id)
             deltas = getattr(self._registered_adapters[lora_id], "apet_deltas", {})
             for name, module in self.modules.items():
-                slots = module.__dict__.setdefault(SLOTS, {})
-                slots.pop(index, None)
                 if name in deltas:
-                    slots[index] = deltas[name].to(module.base_layer.weight.device, module.base_layer.weight.dtype)
+                    _slots(self, module).put(index, deltas[name])
+                elif SLOTS in module.__dict__:
+                    module.__dict__[SLOTS].put(index, None)
         return activated
     return activate
 
@@ -184,7 +172,8 @@ def _deactivate_adapter(original):
         if lora_id in self.lora_index_to_id:
             index = self.lora_index_to_id.index(lora_id)
             for module in self.modules.values():
-                module.__dict__.get(SLOTS, {}).pop(index, None)
+                if SLOTS in module.__dict__:
+                    module.__dict__[SLOTS].put(index, None)
         return original(self, lora_id)
     return deactivate
 
@@ -192,35 +181,23 @@ def _deactivate_adapter(original):
 def _remove_all_adapters(original):
     def remove_all(self: LoRAModelManager) -> None:
         for module in self.modules.values():
-            module.__dict__.get(SLOTS, {}).clear()
+            if SLOTS in module.__dict__:
+                module.__dict__[SLOTS].clear()
         return original(self)
     return remove_all
-
-
-def add_slot_deltas(output: torch.Tensor, x: torch.Tensor, slots: dict[int, ModuleDeltas],
-                    token_slots: torch.Tensor) -> None:
-    """output[t] += S_slot(t) x[t] for every token whose slot holds APET deltas (output, x: (T, .))."""
-    for slot, deltas in slots.items():
-        rows = (token_slots == slot).nonzero().squeeze(1)
-        if rows.numel() == x.shape[0] and output.is_contiguous():
-            deltas.add_to(output, x)
-        elif rows.numel():
-            part = output.index_select(0, rows)
-            deltas.add_to(part, x.index_select(0, rows))
-            output.index_copy_(0, rows, part)
 
 
 def _apply_lora_to_output(original):
     def apply(self: BaseLinearLayerWithLoRA, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         slots = self.__dict__.get(SLOTS)
-        if not slots:
+        if slots is None:
             return original(self, x, output)
-        token_slots = self.punica_wrapper.token_lora_indices[:x.reshape(-1, x.shape[-1]).shape[0]]
-        # a batch of base and APET requests only: their LoRA weights are zero, so vLLM's LoRA term is skipped
-        if not set(token_slots.unique().tolist()) <= {-1, *slots}:
+        x2d = x.reshape(-1, x.shape[-1])
+        token_slots = self.punica_wrapper.token_lora_indices[:x2d.shape[0]]
+        if slots.lora_term_needed(token_slots):
             output = original(self, x, output)
-        out2d, x2d = output.reshape(-1, output.shape[-1]), x.reshape(-1, x.shape[-1])
-        add_slot_deltas(out2d, x2d, slots, token_slots)
+        out2d = output.reshape(-1, output.shape[-1])
+        slots.add(out2d, x2d, token_slots)
         if out2d.data_ptr() != output.data_ptr():  # (reshape copied)
             output = out2d.reshape(output.shape)
         return output

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def serve(out: Path) -> None:
     llm = engine(out, enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
     one_slot = [outputs(llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], params,
                                      lora_request=requests.get(a)))[0] for a in ONE_SLOT]
-    torch.save({"served": outputs(results), "apet_only": outputs(apet_only), "one_slot": one_slot}, out / "served.pt")
+    torch.save({"served": outputs(results), "apet_only": outputs(apet_only), "one_slot": one_slot},
+               out / f"served-{os.environ.get('APET_BACKEND', 'auto')}.pt")
 
 
 def merged(out: Path) -> None:
