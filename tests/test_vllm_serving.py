@@ -99,11 +99,15 @@ def test_merge_on_load_equals_the_peft_merged_model(folder):
 
 
 @needs_vllm
-@pytest.mark.parametrize("way", ["foreign_request", "foreign_merged"])
-def test_an_adapter_for_another_model_is_refused_naming_it(way, folder):
-    output = _worker(way, folder, fails=True)
-    assert "BaseMismatchError: adapter layer 'model.layers." in output and "base fingerprint mismatch" in output, \
-        output[-6000:]
+@pytest.mark.parametrize(("step", "says"), [
+    ("foreign_request", ["BaseMismatchError: adapter layer 'model.layers.", "base fingerprint mismatch"]),
+    ("foreign_merged", ["BaseMismatchError: adapter layer 'model.layers.", "base fingerprint mismatch"]),
+    ("over_capacity", ["ApetValueError", "a slot holds at max_lora_rank=1", "larger max_lora_rank"])])
+def test_an_adapter_that_cannot_be_served_is_refused_naming_why(step, says, folder):
+    """Another model's adapter (per request and merged on load), and one over a slot's capacity: refused at load,
+    before vLLM registers anything."""
+    output = _worker(step, folder, fails=True)
+    assert all(words in output for words in says), output[-6000:]
 
 
 # ------------------------------------------------------------------------- what needs no vLLM
@@ -172,3 +176,15 @@ def test_a_checkpoint_is_read_at_the_positions_and_another_base_is_refused(saved
         deltas.check_base(dict(_tiny_llama(seed=1).named_parameters())[f"{name}.weight"].detach(), "the other model")
     with pytest.raises(BaseMismatchError, match="shape"):
         deltas.check_base(weight[:-1], "a smaller model")
+
+
+def test_a_damaged_checkpoint_or_foreign_positions_are_named(tmp_path):
+    from safetensors.torch import save_file
+    from apet_kernels.errors import AdapterFileError, BaseMismatchError
+    from apet_kernels.serving.sparse_adapter import checkpoint_values
+    save_file({"w.weight": torch.randn(4, 5)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(BaseMismatchError, match="positions outside w.weight"):
+        checkpoint_values(str(tmp_path), "w.weight", torch.tensor([3, 20]))
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:40])
+    with pytest.raises(AdapterFileError, match="not a safetensors file|damaged"):
+        checkpoint_values(str(tmp_path), "w.weight", torch.tensor([3]))

@@ -54,18 +54,22 @@ def stack_slots(slots: list, shape: tuple[int, int], capacity: int, dtype: torch
                 device: torch.device | str = "cpu") -> SlotTable:
     """A SlotTable of ``slots`` (each None or (indices, values) into ``shape``), ``capacity`` entries per slot."""
     n = len(slots)
-    indices = torch.zeros(n, capacity, dtype=torch.int64, device=device)
+    index_dtype = torch.int32 if shape[0] * shape[1] < 2 ** 31 else torch.int64  # (as the layers' own indices)
+    indices = torch.zeros(n, capacity, dtype=index_dtype, device=device)
     values = torch.zeros(n, capacity, dtype=dtype, device=device)
-    row_ptr = torch.zeros(n, shape[0] + 1, dtype=torch.int64, device=device)
+    row_ptr = torch.zeros(n, shape[0] + 1, dtype=index_dtype, device=device)
     for s, slot in enumerate(slots):
         if slot is None:
             continue
         idx, val = slot
         if idx.numel() > capacity:
             raise ValueError(f"slot {s} holds {idx.numel()} deltas, over the table's capacity {capacity}")
-        order = torch.argsort(idx.long())
-        idx = idx.long()[order].to(device)
-        indices[s, :idx.numel()] = idx
+        idx = idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape[0] * shape[1]):
+            raise ValueError(f"slot {s} holds positions outside a {tuple(shape)} weight")
+        order = torch.argsort(idx)
+        idx = idx[order].to(device)
+        indices[s, :idx.numel()] = idx.to(index_dtype)
         values[s, :idx.numel()] = val[order].to(device, dtype)
-        row_ptr[s] = _offsets(idx // shape[1], shape[0])
+        row_ptr[s] = _offsets(idx // shape[1], shape[0]).to(index_dtype)
     return SlotTable(indices, values, row_ptr)

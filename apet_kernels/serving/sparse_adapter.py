@@ -5,6 +5,7 @@ weight against the adapter's fingerprint, and merge the deltas into it."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -72,14 +73,26 @@ _SAFETENSORS_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF
                        "F64": (np.float64, None)}
 
 
+@functools.lru_cache(maxsize=64)
+def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    """A safetensors file's header (and its length), read once per file version."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            return length, json.loads(f.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not a safetensors file ({exc})") from None
+
+
 def checkpoint_values(model_dir: str, key: str, indices: torch.Tensor) -> torch.Tensor | None:
     """The tensor ``key`` of a safetensors checkpoint folder at flat ``indices``, read from the file memory-mapped (only
     the pages holding the positions are read; a server has the weights it loaded in other layouts); None where no
     file holds the key. Where a server repacks its weights as they load, this is how the base is checked."""
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+        stat = os.stat(path)
+        length, header = _header(path, stat.st_mtime_ns, stat.st_size)
         entry = header.get(key)
         if entry is None:
             continue
@@ -87,7 +100,14 @@ def checkpoint_values(model_dir: str, key: str, indices: torch.Tensor) -> torch.
         if np_dtype is None:
             raise AdapterFileError(f"{path}: {key} is stored as {entry['dtype']}, not a float weight an adapter applies to")
         start, end = entry["data_offsets"]
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size + start, shape=(end - start,)).view(np_dtype)
+        numel = int(np.prod(entry["shape"]))
+        if end - start != numel * np.dtype(np_dtype).itemsize or 8 + length + end > stat.st_size:
+            raise AdapterFileError(f"{path}: {key}'s bytes do not hold a {entry['dtype']} tensor of shape "
+                                   f"{entry['shape']}: a damaged checkpoint")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise BaseMismatchError(f"positions outside {key} ({entry['shape']} in {path}): a folder for another "
+                                    "model?")
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length + start, shape=(end - start,)).view(np_dtype)
         values = torch.from_numpy(np.ascontiguousarray(data[indices.numpy()]))
         return values.view(view) if view is not None else values
     return None

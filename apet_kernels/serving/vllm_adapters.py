@@ -25,7 +25,7 @@ from vllm.lora.worker_manager import WorkerLoRAManager
 
 from ..errors import ApetValueError, BaseMismatchError
 from .sparse_adapter import LayerDeltas, checkpoint_values, read_sparse_adapter
-from .vllm_slots import ModuleDeltas, ModuleSlots
+from .vllm_slots import ModuleDeltas, ModuleSlots, slot_capacity
 
 SLOTS = "_apet_slots"  # a vLLM LoRA layer's ModuleSlots
 
@@ -85,6 +85,11 @@ def place(layers: dict[str, LayerDeltas], manager: LoRAModelManager, folder: str
             raise ApetValueError(f"vLLM packs {vname} into {len(slices)} slices where the adapter's layers are "
                                  f"{manager.packed_modules_mapping.get(vname.rpartition('.')[2])}: the plugin cannot "
                                  f"place {name!r}; merge it as the weights load instead (load_format=\"apet_merged\")")
+        if not isinstance(module, BaseLinearLayerWithLoRA) or \
+                type(module)._apply_lora_to_output is not BaseLinearLayerWithLoRA._apply_lora_to_output:
+            raise ApetValueError(f"vLLM serves {vname} through {type(module).__name__}, which the APET plugin does not "
+                                 f"apply deltas in: {name!r} cannot be served per request (merge it as the weights "
+                                 "load: load_format=\"apet_merged\")")
         offset, rows, cols = sum(slices[:j]), slices[j], module.input_size
         shapes[vname] = (sum(slices), cols)
         if (rows, cols) != deltas.shape:
@@ -97,8 +102,15 @@ def place(layers: dict[str, LayerDeltas], manager: LoRAModelManager, folder: str
         deltas.check_base_values(base, f"the checkpoint vLLM serves ({model_dir})")
         flat = (deltas.indices // cols + offset) * cols + deltas.indices % cols
         parts.setdefault(vname, []).append((flat, deltas.values))
-    return {vname: ModuleDeltas(torch.cat([i for i, _ in ps]), torch.cat([v for _, v in ps]), shapes[vname])
-            for vname, ps in parts.items()}
+    placed = {vname: ModuleDeltas(torch.cat([i for i, _ in ps]), torch.cat([v for _, v in ps]), shapes[vname])
+              for vname, ps in parts.items()}
+    rank = manager.lora_config.max_lora_rank
+    for vname, deltas in placed.items():  # (before vLLM registers the adapter: a refusal changes nothing)
+        if deltas.indices.numel() > slot_capacity(rank, deltas.shape):
+            raise ApetValueError(f"{folder} puts {deltas.indices.numel():,} deltas on vLLM's {vname} {deltas.shape}, "
+                                 f"over the {slot_capacity(rank, deltas.shape):,} a slot holds at max_lora_rank={rank} "
+                                 "(LoRA's parameter count at that rank): start vLLM with a larger max_lora_rank")
+    return placed
 
 
 def _load_adapter(original):
@@ -108,7 +120,7 @@ def _load_adapter(original):
             return original(self, lora_request)
         if self._apet_refusal:
             raise ApetValueError(self._apet_refusal)
-        deltas = place(read_sparse_adapter(path), self._adapter_manager, path, self._apet_model_dir)
+        deltas = place(read_sparse_adapter(path), self._adapter_manager, path, model_folder(*self._apet_model))
         return ApetLoRAModel(lora_request.lora_int_id, deltas)
     return load
 
@@ -116,22 +128,33 @@ def _load_adapter(original):
 def _init(original):
     def init(self: WorkerLoRAManager, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
-        self._apet_model_dir = model_folder(vllm_config.model_config)
-        # vLLM's CPU platform turns compilation off with LoRA; on a GPU the slot table's kernel is written for CUDA
-        # graphs (vllm_slots) but has not run inside vLLM's graphs yet: eager only until a GPU session checks it
-        self._apet_refusal = None if self.device.type == "cpu" or vllm_config.model_config.enforce_eager else (
-            f"per-request APET adapters on {self.device.type} run eagerly only for now: start vLLM with "
-            "enforce_eager=True (--enforce-eager), or merge the adapter as the weights load (load_format=\"apet_merged\")")
+        self._apet_model = (vllm_config.model_config, vllm_config.load_config)  # (the folder is found at the first
+        self._apet_refusal = refusal(self.device, vllm_config)                  # APET load only)
     return init
 
 
-def model_folder(model_config) -> str:
+def refusal(device: torch.device, vllm_config) -> str | None:
+    """Why this engine cannot serve APET adapters per request, or None."""
+    from vllm import envs
+    if envs.VLLM_LORA_ENABLE_DUAL_STREAM or vllm_config.lora_config.fully_sharded_loras:
+        return ("VLLM_LORA_ENABLE_DUAL_STREAM and fully_sharded_loras run vLLM's LoRA layers through paths the APET "
+                "plugin does not apply deltas in: unset them to serve APET adapters per request")
+    # vLLM's CPU platform turns compilation off with LoRA; on a GPU the slot table's kernel is written for CUDA
+    # graphs (vllm_slots) but has not run inside vLLM's graphs yet: eager only until a GPU session checks it
+    if device.type != "cpu" and not vllm_config.model_config.enforce_eager:
+        return (f"per-request APET adapters on {device.type} run eagerly only for now: start vLLM with "
+                "enforce_eager=True (--enforce-eager), or merge the adapter as the weights load "
+                "(load_format=\"apet_merged\")")
+    return None
+
+
+def model_folder(model_config, load_config) -> str:
     """The local folder of the checkpoint vLLM serves (a hub name: its cached snapshot)."""
     if os.path.isdir(model_config.model):
         return model_config.model
     from huggingface_hub import snapshot_download
-    return snapshot_download(model_config.model, revision=model_config.revision, local_files_only=True,
-                             allow_patterns=["*.safetensors", "*.json"])
+    return snapshot_download(model_config.model, revision=model_config.revision, cache_dir=load_config.download_dir,
+                             local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
 
 
 def _create_merged_loras_inplace(original):
@@ -145,10 +168,9 @@ def _slots(manager: LoRAModelManager, module) -> ModuleSlots:
     """The module's ModuleSlots, made at its first APET adapter."""
     slots = module.__dict__.get(SLOTS)
     if slots is None:
-        rows, cols = sum(getattr(module, "output_slices", (module.output_size,))), module.input_size
-        slots = module.__dict__[SLOTS] = ModuleSlots(manager.lora_slots, (rows, cols),
-                                                     manager.lora_config.max_lora_rank * (rows + cols),
-                                                     module.device, module.lora_a_stacked[0].dtype)
+        shape = (sum(getattr(module, "output_slices", (module.output_size,))), module.input_size)
+        slots = module.__dict__[SLOTS] = ModuleSlots(
+            manager.lora_slots, shape, slot_capacity(manager.lora_config.max_lora_rank, shape), module.device)
     return slots
 
 
@@ -194,6 +216,8 @@ def _apply_lora_to_output(original):
             return original(self, x, output)
         x2d = x.reshape(-1, x.shape[-1])
         token_slots = self.punica_wrapper.token_lora_indices[:x2d.shape[0]]
+        if token_slots.shape[0] < x2d.shape[0]:  # (padded tokens: vLLM's mapping covers the scheduled ones only)
+            token_slots = torch.nn.functional.pad(token_slots, (0, x2d.shape[0] - token_slots.shape[0]), value=-1)
         if slots.lora_term_needed(token_slots):
             output = original(self, x, output)
         out2d = output.reshape(-1, output.shape[-1])

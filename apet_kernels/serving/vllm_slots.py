@@ -16,14 +16,13 @@ import os
 
 import torch
 
-from ..errors import ApetValueError
 from ..ops.dispatch import implementation, resolve
 from ..ops.layout import build_layout, stack_slots
 
 
 class ModuleDeltas:
     """One vLLM module's deltas for one adapter: flat positions into its local (out, in) weight, sorted, with their row
-    offsets (the native SpMM's layout), and values in the module's dtype."""
+    offsets (the native SpMM's layout), and their values."""
 
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
         order = torch.argsort(indices)
@@ -31,10 +30,10 @@ class ModuleDeltas:
         self.indices, self.values, self.shape = indices[order].to(dtype), values[order], shape
         self.row_ptr = build_layout(self.indices, shape, columns=False).row_ptr
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ModuleDeltas":
+    def to(self, device: torch.device) -> "ModuleDeltas":
         moved = object.__new__(ModuleDeltas)
         moved.indices, moved.row_ptr, moved.shape = self.indices.to(device), self.row_ptr.to(device), self.shape
-        moved.values = self.values.to(device, dtype)
+        moved.values = self.values.to(device, torch.float32)  # (values stay fp32, as the library applies them)
         return moved
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
@@ -46,29 +45,34 @@ def uses_table(device: torch.device) -> bool:
     return device.type != "cpu" or os.environ.get("APET_BACKEND") == "triton"
 
 
-class ModuleSlots:
-    """The APET deltas in one vLLM LoRA layer's slots (``n_slots``: vLLM's max_loras)."""
+def slot_capacity(max_lora_rank: int, shape: tuple[int, int]) -> int:
+    """Deltas a slot of a (out, in) layer holds: a LoRA adapter's parameter count at vLLM's max_lora_rank."""
+    return max_lora_rank * (shape[0] + shape[1])
 
-    def __init__(self, n_slots: int, shape: tuple[int, int], capacity: int, device: torch.device,
-                 dtype: torch.dtype):
-        self.shape, self.capacity, self.device, self.dtype = shape, capacity, device, dtype
-        self.held: dict[int, ModuleDeltas] = {}
-        self.table = stack_slots([None] * n_slots, shape, capacity, dtype, device) if uses_table(device) else None
+
+class ModuleSlots:
+    """The APET deltas in one vLLM LoRA layer's slots (``n_slots``: vLLM's max_loras); values in fp32."""
+
+    def __init__(self, n_slots: int, shape: tuple[int, int], capacity: int, device: torch.device):
+        self.shape, self.capacity, self.device = shape, capacity, device
+        self.held: dict[int, ModuleDeltas | None] = {}  # (None in a table: the table holds them)
+        self.table = stack_slots([None] * n_slots, shape, capacity, torch.float32, device) \
+            if uses_table(device) else None
 
     def put(self, slot: int, deltas: ModuleDeltas | None) -> None:
-        """Slot ``slot`` holds ``deltas`` (None: no APET deltas), written in place."""
+        """Slot ``slot`` holds ``deltas`` (None: no APET deltas), written in place. Loading checked the capacity."""
         self.held.pop(slot, None)
-        if deltas is not None:
-            if deltas.indices.numel() > self.capacity:
-                raise ApetValueError(f"an APET adapter puts {deltas.indices.numel():,} deltas on a layer of shape "
-                                     f"{self.shape}, over the {self.capacity:,} a slot holds here (max_lora_rank x "
-                                     "(in + out)): start vLLM with a larger max_lora_rank")
-            self.held[slot] = deltas.to(self.device, self.dtype)
-        if self.table is not None:
-            one = stack_slots([None if deltas is None else (deltas.indices, deltas.values)], self.shape,
-                              self.capacity, self.dtype, self.device)
-            for mine, new in zip(self.table, one):
-                mine[slot].copy_(new[0])
+        if self.table is None:
+            if deltas is not None:
+                self.held[slot] = deltas.to(self.device)
+            return
+        if deltas is None:
+            self.table.row_ptr[slot].zero_()
+            return
+        one = stack_slots([(deltas.indices, deltas.values)], self.shape, self.capacity, torch.float32, self.device)
+        for mine, new in zip(self.table, one):
+            mine[slot].copy_(new[0])
+        self.held[slot] = None
 
     def clear(self) -> None:
         for slot in list(self.held):
@@ -79,7 +83,8 @@ class ModuleSlots:
         return self.table is not None or not set(token_slots.unique().tolist()) <= {-1, *self.held}
 
     def add(self, output: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor) -> None:
-        """output[t] += S_slot(t) x[t] for every token whose slot holds APET deltas (output, x: (T, .))."""
+        """output[t] += S_slot(t) x[t] for every token whose slot holds APET deltas (output, x: (T, .); token_slots:
+        (T,), -1 where a token has none, padding included)."""
         if self.table is not None:
             implementation("triton").slot_spmm_(output, x, token_slots, *self.table)
             return

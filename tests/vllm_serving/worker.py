@@ -6,6 +6,7 @@
     worker.py merged DIR    vLLM's load_format="apet_merged" with the in-place adapter: DIR/merged.pt
     worker.py server DIR    vLLM's OpenAI server, the adapters by model name: DIR/server.pt
     worker.py foreign_request DIR / foreign_merged DIR: the in-place adapter on another base (fails, naming it)
+    worker.py over_capacity DIR    an adapter over a slot's capacity at max_lora_rank=1 (fails, naming the flag)
 """
 
 from __future__ import annotations
@@ -150,6 +151,16 @@ def foreign_request(out: Path) -> None:
                  lora_request=LoRARequest("a", 1, str(out / "apet_inplace")))
 
 
+def over_capacity(out: Path) -> None:
+    """An adapter with more deltas on a layer than a slot holds at max_lora_rank=1 (LoRA's count at rank 1)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+    llm = engine(out, enable_lora=True, max_loras=2, max_lora_rank=1)
+    llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], SamplingParams(max_tokens=2),
+                 lora_request=LoRARequest("a", 1, str(out / "apet_peft")))
+
+
 def foreign_merged(out: Path) -> None:
     """The in-place adapter merged on load into another base: refused as the weights load."""
     engine(out, model=str(other_base(out)), load_format="apet_merged",
@@ -175,7 +186,7 @@ def server(out: Path) -> None:
                             stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
+        for _ in range(480):
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({proc.returncode}): {(out / 'server.log').read_text()[-3000:]}")
             try:
@@ -183,6 +194,8 @@ def server(out: Path) -> None:
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the server did not come up in 4 minutes: {(out / 'server.log').read_text()[-3000:]}")
         models = json.load(urllib.request.urlopen(url + "/v1/models"))
         served = []
         for i, prompt in enumerate(PROMPTS * 2):
@@ -203,4 +216,4 @@ if __name__ == "__main__":
     step, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     {"make": make, "serve": serve, "merged": merged, "server": server,
-     "foreign_request": foreign_request, "foreign_merged": foreign_merged}[step](out)
+     "foreign_request": foreign_request, "foreign_merged": foreign_merged, "over_capacity": over_capacity}[step](out)

@@ -301,10 +301,18 @@ def slot_spmm_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, in
     out + 1)). Shapes are fixed by the table's capacity and nothing is read back to the host, so a CUDA graph can
     capture it (the serving path on a GPU; compiled for sm_80/sm_90 in CI, not yet run on a GPU)."""
     n_t, n_dst = out.shape
-    if n_t == 0 or indices.shape[1] == 0:
+    n_slots, capacity = indices.shape
+    if x.shape[0] != n_t or token_slots.shape != (n_t,) or values.shape != indices.shape or \
+            row_ptr.shape != (n_slots, n_dst + 1):
+        raise ApetValueError(f"slot_spmm_: out {tuple(out.shape)}, x {tuple(x.shape)}, token_slots "
+                             f"{tuple(token_slots.shape)}, indices {tuple(indices.shape)}, values {tuple(values.shape)}, "
+                             f"row_ptr {tuple(row_ptr.shape)} do not fit (one slot per token; row_ptr (slots, out + 1))")
+    if n_t == 0 or capacity == 0:
         return
-    if out.stride(1) != 1 or x.stride(1) != 1:
-        raise ApetValueError("slot_spmm_ needs unit stride along the last dimension of out and x")
+    if out.stride(1) != 1 or x.stride(1) != 1 or not (indices.is_contiguous() and values.is_contiguous()
+                                                       and row_ptr.is_contiguous() and token_slots.is_contiguous()):
+        raise ApetValueError("slot_spmm_ needs unit stride along the last dimension of out and x, and contiguous "
+                             "token_slots and tables")
     grid = (n_t, triton.cdiv(n_dst, 32))
     _slot_spmm_kernel[grid](out, x, token_slots, indices, values, row_ptr, n_dst, indices.shape[1], x.shape[1],
                             out.stride(0), x.stride(0), BLOCK_D=32, BLOCK_J=32)
