@@ -73,10 +73,11 @@ def test_a_rate_far_above_the_suggestion_warns_once_for_data_chosen_positions(me
     assert len(ours) == (1 if method == "magnitude" else 0)
 
 
-def test_the_readme_table_is_what_suggested_lr_gives():
-    """The README's table of rates is written by hand: it must say what the code returns (2 significant digits)."""
+def test_the_docs_table_is_what_suggested_lr_gives():
+    """The positions guide's table of rates is written by hand: it must say what the code returns (2 significant
+    digits)."""
     from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "positions.md").read_text()
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| tuned scalars K |"))
     table = lines[start:next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
