@@ -150,8 +150,11 @@ def select_indices(shape: Sequence[int], k: int, *, method: str = "random", seed
         elif method == "cols":
             pos = _whole_lines(cols, rows, k, gen)  # pos = col * rows + row
             flat = (pos % rows) * cols + pos // rows
-        else:
+        elif method == "blocks":
             flat = _blocks(rows, cols, k, gen)
+        else:  # a seeded scheme in schemes.SCHEMES without its branch here must not fall back to another's positions
+            raise ApetValueError(f"select_indices has no code for the seeded scheme {method!r}: add its branch "
+                                 "(CONTRIBUTING.md, 'Adding a position scheme')")
         return torch.sort(flat).values.to(index_dtype(rows * cols))
 
 
