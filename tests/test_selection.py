@@ -101,3 +101,11 @@ def test_split_budget_errors():
     with pytest.raises(ValueError, match="exceeds"):
         split_budget({"a": (2, 2)}, num_params=5)
     assert split_budget({"a": (2, 2), "b": (1, 1)}, num_params=5) == {"a": 4, "b": 1}
+
+
+def test_a_seeded_scheme_without_its_code_is_refused_not_given_another_schemes_positions(monkeypatch):
+    import apet_kernels.selection as selection
+    from apet_kernels import ApetValueError
+    monkeypatch.setattr(selection, "METHODS", selection.METHODS + ("diagonal",))
+    with pytest.raises(ApetValueError, match="no code for the seeded scheme 'diagonal'.*CONTRIBUTING"):
+        select_indices((16, 16), 8, method="diagonal")
