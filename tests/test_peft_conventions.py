@@ -406,3 +406,18 @@ def test_no_warning_of_apet_escapes_a_plain_peft_lifecycle(tmp_path):
         loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert not [str(w.message) for w in caught if "apet_kernels" in w.filename]
     torch.testing.assert_close(_logits(loaded), _logits(model))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_unloading_takes_the_load_guards_away(entry, merge):
+    """The whole-state-dict check APET gives the modules above its layers goes with the layers: a model given back
+    by unload() / merge_and_unload() loads state dicts as a plain model does, with no hook of ours left on it."""
+    from apet_kernels import load_guard
+    model = _wrap(entry, tiny_llama(), ApetConfig(num_params=300))
+    assert any(m.__dict__.get(load_guard._FLAG) for m in model.modules())
+    plain = model.merge_and_unload() if merge else model.unload()
+    hooks = [h for m in plain.modules() for h in (*m._load_state_dict_pre_hooks.values(),
+                                                   *m._load_state_dict_post_hooks.values())
+             if getattr(h, "hook", h) in (load_guard._pre_hook, load_guard._post_hook)]
+    assert not hooks and not any(m.__dict__.get(load_guard._FLAG) for m in plain.modules())

@@ -276,6 +276,7 @@ class ApetTuner(BaseTuner):
             replacements = {}
         give_back_layers(self.model, layers, merge, replacements)
         model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)  # modules_to_save, config
+        unguard_tree(model)  # the whole-state-dict checks go with the layers, as in place
         self.__dict__["_apet_unloaded"] = True
         process_hooks.release(self)
         if requantize is not False:
