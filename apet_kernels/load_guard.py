@@ -17,12 +17,17 @@ a child) and from ``replace_linears`` / ``get_apet_model`` for trees patched in 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 from . import process_hooks
 from .errors import StateDictError
 
-_CHECKED: dict[int, tuple[list, nn.Module]] = {}  # id(error_msgs) -> (error_msgs, the checking module)
+# id(error_msgs) -> (error_msgs, the checking module, weakly): one entry per load in progress, dropped by the checking
+# module's post-hook. A load that another library's hook breaks off never reaches it: the weak reference keeps that
+# entry from holding the model, and the next load that starts here drops such entries.
+_CHECKED: dict[int, tuple[list, weakref.ref]] = {}
 _FLAG = "_apet_load_guard"
 
 
@@ -94,7 +99,9 @@ def check_strict_keys(module: nn.Module, state_dict) -> None:
 def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     if already_checked(error_msgs):
         return
-    _CHECKED[id(error_msgs)] = (error_msgs, module)
+    for key in [k for k, (_, owner) in _CHECKED.items() if owner() is None or owner() is module]:
+        del _CHECKED[key]  # (broken-off loads: a module starts one load at a time)
+    _CHECKED[id(error_msgs)] = (error_msgs, weakref.ref(module))
     try:
         check_tree_state_dict(module, state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
     except BaseException:
@@ -104,7 +111,7 @@ def _pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, 
 
 def _post_hook(module, incompatible_keys) -> None:
     for key, (_, owner) in list(_CHECKED.items()):
-        if owner is module:
+        if owner() is module:
             del _CHECKED[key]
 
 

@@ -324,3 +324,23 @@ def test_public_helpers_refuse_wrong_arguments_by_name(call, message):
     suggested_lr(-5) / (0) / (True) were accepted, split_budget([...]) raised an AttributeError."""
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_load_another_librarys_hook_breaks_off_does_not_keep_the_model_alive():
+    """APET's load check records the load in progress until its post-hook; a load broken off by a hook of another
+    library never reaches that hook, and the record must not hold the model (a whole model leaked per such load)."""
+    import gc
+    import weakref
+
+    model = get_apet_model(tiny_llama(), ApetConfig(num_params=300))
+    state = model.state_dict()
+
+    def foreign(*args, **kwargs):
+        raise RuntimeError("another library refuses this load")
+    model.model.layers[1].register_load_state_dict_pre_hook(foreign)
+    with pytest.raises(RuntimeError, match="another library"):
+        model.load_state_dict(state)
+    alive = weakref.ref(model)
+    del model, state
+    gc.collect()
+    assert alive() is None, "the interrupted load's record still holds the model"
