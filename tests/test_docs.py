@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import tiny_tokenizer
+
 pytest_codeblocks = pytest.importorskip("pytest_codeblocks", reason="the [test] extra installs pytest-codeblocks")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,18 +59,6 @@ def _sides(diff: str) -> tuple[str, str]:
     return "\n".join(before) + "\n", "\n".join(after) + "\n"
 
 
-def _tokenizer(vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def scratch_template(tmp_path_factory):
     """`base/` and `path/to/model`: a tiny LLaMA with a word-level tokenizer over "w0".."w123" (built offline);
@@ -83,7 +73,7 @@ def scratch_template(tmp_path_factory):
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(root / "base")
-    _tokenizer(config.vocab_size).save_pretrained(root / "base")
+    tiny_tokenizer(config.vocab_size).save_pretrained(root / "base")
     shutil.copytree(root / "base", root / "path" / "to" / "model")  # the placeholder the pages write
     model = ak.get_apet_model(LlamaForCausalLM.from_pretrained(root / "base"), ak.ApetConfig(budget_like="lora:r=2"))
     with torch.no_grad():
